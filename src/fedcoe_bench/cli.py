@@ -1,0 +1,267 @@
+"""``fedbench``: the command line.
+
+    fedbench fit --config benchmarks/mnist10k_dir0.3.yaml --method fedper --seed 1
+    fedbench partition --config benchmarks/mnist10k_dir0.3.yaml
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from fedcoe_bench.data import DataError, DataSource, FederatedData
+from fedcoe_bench.loop import ConfigError, FederatedLoop, TrainingDiverged
+from fedcoe_bench.method import FederatedMethod
+from fedcoe_bench.runs import RunDir, RunError
+
+USER_ERRORS = (DataError, ConfigError, RunError, TrainingDiverged)
+
+
+class UsageError(ValueError):
+    """A command-line or config mistake."""
+
+
+def _known(base: type) -> dict[str, type]:
+    """Short names (lower-cased class names) of the imported subclasses of ``base``."""
+    importlib.import_module("baselines")
+    out, todo = {}, list(base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        out.setdefault(cls.__name__.lower(), cls)
+        todo += cls.__subclasses__()
+    return out
+
+
+def _expand_short_names(argv: list[str]) -> list[str]:
+    """``--method fedavg`` -> ``--method baselines.fedavg.FedAvg`` (likewise ``--data.source``)."""
+    targets = {"--method": FederatedMethod, "--data.source": DataSource}
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        if key in targets and (eq or i + 1 < len(argv)):
+            if not eq:
+                i += 1
+                value = argv[i]
+            known = _known(targets[key])
+            cls = known.get(value.lower())
+            if cls is None and "." not in value and not value.startswith("{"):
+                raise UsageError(f"unknown {key[2:]} '{value}'; choose one of {', '.join(sorted(known))} "
+                                 f"or give a class path (module.Class)")
+            out.append(f"{key}={cls.__module__}.{cls.__qualname__}" if cls else f"{key}={value}")
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _fit_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Train one federated method on one setting.", exit_on_error=False, allow_abbrev=False)
+    p.add_argument("--config", action=ActionConfigFile, help="YAML config file (later flags override it)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the partition, the client sampling and every client")
+    p.add_argument("--run_dir", type=str | None, default=None,
+                   help="output directory (default runs/<dataset>/<scheme><alpha>/<method>/seed<seed>)")
+    p.add_subclass_arguments(FederatedMethod, "method", skip={"num_classes", "in_channels", "image_size"},
+                             default={"class_path": "baselines.fedavg.FedAvg"}, required=False)
+    p.add_class_arguments(FederatedData, "data")
+    p.add_class_arguments(FederatedLoop, "loop")
+    p.add_argument("--fabric.accelerator", type=str, default="auto")
+    p.add_argument("--fabric.devices", type=int | str, default=1)
+    p.add_argument("--fabric.strategy", type=str, default="auto")
+    p.add_argument("--fabric.num_nodes", type=int, default=1)
+    p.add_argument("--fabric.precision", type=str, default="32-true")
+    p.add_argument("--logger", type=str, default="csv", choices=["csv", "wandb"],
+                   help="csv: metrics.csv only; wandb: also Weights & Biases (WANDB_MODE=offline works without account)")
+    p.add_argument("--wandb_project", type=str, default="fedcoe-bench")
+    p.add_argument("--resume", type=bool, default=True, help="continue an unfinished run found in run_dir")
+    p.add_argument("--overwrite", type=bool, default=False, help="replace a finished run in run_dir")
+    p.add_argument("--debug", type=bool, default=False, help="show tracebacks")
+    return p
+
+
+def _partition_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Print the per-client class histogram of a partition.", exit_on_error=False, allow_abbrev=False)
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_class_arguments(FederatedData, "data")
+    p.add_argument("--debug", type=bool, default=False)
+    return p
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="fedbench", description="Federated-learning benchmark: global, personalized "
+                            "and cold-start accuracy.", exit_on_error=False, allow_abbrev=False)
+    sub = parser.add_subcommands()
+    sub.add_subcommand("fit", _fit_parser(), help="train one method on one setting")
+    sub.add_subcommand("partition", _partition_parser(), help="show how a partition deals classes to clients")
+    return parser
+
+
+def short_name(class_path: str) -> str:
+    return class_path.rsplit(".", 1)[-1].lower()
+
+
+def default_run_dir(cfg: Namespace) -> str:
+    src = cfg.data.source
+    dataset = short_name(src.class_path) if isinstance(src, Namespace) else str(src)
+    scheme = cfg.data.scheme + (str(cfg.data.alpha) if cfg.data.scheme == "dirichlet" else "")
+    return os.path.join("runs", dataset, scheme, short_name(cfg.method.class_path), f"seed{cfg.seed}")
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def build_method(cfg: Namespace, source: DataSource) -> FederatedMethod:
+    module, _, name = cfg.method.class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    init = dict(cfg.method.get("init_args") or {})
+    return cls(**init, num_classes=source.num_classes, in_channels=source.in_channels, image_size=source.image_size)
+
+
+def fit(parser: ArgumentParser, cfg: Namespace) -> dict:
+    """Train, evaluate and write the run directory; returns the summary."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.loggers import CSVLogger
+
+    init = parser.instantiate_classes(cfg)
+    data: FederatedData = init.data
+    loop: FederatedLoop = init.loop
+    if os.environ.get("CI"):
+        loop.progress = False
+    config = cfg.as_dict()
+    config.pop("config", None)
+    run = RunDir(cfg.run_dir or default_run_dir(cfg), config)
+    run.prepare(overwrite=cfg.overwrite)
+    resume_state = run.load_checkpoint() if cfg.resume and not cfg.overwrite else None
+
+    # config.yaml and checkpoints share the folder; resumed rows are replayed into the CSV by the loop
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+    loggers = [CSVLogger(run.path, name="", version="", flush_logs_every_n_steps=10)]
+    if cfg.logger == "wandb":
+        from fedcoe_bench.wandb_logging import wandb_logger
+
+        loggers += wandb_logger(run.path, cfg.wandb_project, config)
+    f = cfg.fabric
+    fabric = Fabric(accelerator=f.accelerator, devices=f.devices, strategy=f.strategy, num_nodes=f.num_nodes,
+                    precision=f.precision, loggers=loggers)
+    fabric.launch()
+    if fabric.device.type == "cpu" and fabric.world_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // fabric.world_size))
+    if fabric.is_global_zero:
+        (run.path / "config.yaml").write_text(parser.dump(cfg, skip_none=False))
+
+    t0 = time.perf_counter()
+    fed = data.setup(cfg.seed, fabric.device)
+    fabric.seed_everything(cfg.seed, verbose=False)
+    method = build_method(cfg, data.source)
+    metrics = loop.fit(fabric, method, fed, cfg.seed, run, resume_state)
+    wall = time.perf_counter() - t0
+
+    summary = {
+        "status": "finished",
+        "method": short_name(cfg.method.class_path),
+        "dataset": data.source.name,
+        "scheme": data.scheme,
+        "alpha": data.alpha,
+        "seed": cfg.seed,
+        "rounds": loop.rounds,
+        **{k: metrics.get(k) for k in ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")},
+        "metrics": metrics,
+        "wall_time_s": wall + (resume_state or {}).get("wall_time_s", 0.0),
+        "resumed_from_round": resume_state["round"] if resume_state else None,
+        "clients": {"training": len(fed.clients), "cold_start": len(fed.new_clients)},
+        "config": config,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "lightning": importlib.import_module("lightning").__version__},
+        "git_sha": _git_sha(),
+        "device": str(fabric.device),
+        "world_size": fabric.world_size,
+    }
+    if fabric.is_global_zero:
+        method.save_artifacts(run.path)
+    for logger in fabric.loggers:
+        logger.finalize("success")
+    if fabric.is_global_zero:
+        run.write_summary(summary)
+    return summary
+
+
+def partition(cfg: Namespace) -> None:
+    data: FederatedData = _partition_parser().instantiate_classes(cfg).data
+    fed = data.setup(cfg.seed)
+    hist = fed.label_histogram()
+    ids = [c.id for c in fed.clients] + [c.id for c in fed.new_clients]
+    cold = {c.id for c in fed.new_clients}
+    print(f"{data.source.name}: {len(fed.clients)} training + {len(fed.new_clients)} cold-start clients, "
+          f"scheme {data.scheme}, alpha {data.alpha}, seed {cfg.seed} (train-split label counts)")
+    width = max(4, len(str(int(hist.max()))) + 1)
+    print("client  kind  " + "".join(f"{c:>{width}}" for c in range(hist.shape[1])) + "   total")
+    for cid, row in sorted(zip(ids, hist.tolist())):
+        kind = "new " if cid in cold else "train"
+        print(f"{cid:>6}  {kind:<5}" + "".join(f"{v:>{width}}" for v in row) + f"{sum(row):>8}")
+
+
+def _one_line(err: BaseException, parser: ArgumentParser | None = None) -> str:
+    msg = " ".join(str(err).split())
+    if "does not correspond to a subclass of" in msg:
+        path = msg.split("Import path ")[-1].split(" does not")[0]
+        return f"{path} is not a subclass of {msg.split('subclass of ')[-1]}; give a class that subclasses it"
+    if "unrecognized arguments:" in msg.lower() and parser is not None:
+        keys = _all_keys(parser)
+        bad = [a.split("=")[0] for a in msg.lower().split("unrecognized arguments:")[-1].split() if a.startswith("--")]
+        hints = [f"{b} (did you mean {m[0]}?)" for b in bad if (m := difflib.get_close_matches(b, keys, 1))]
+        if hints:
+            msg += "; " + ", ".join(hints)
+    return msg
+
+
+def _all_keys(parser: ArgumentParser) -> list[str]:
+    sub = parser._subcommands_action._name_parser_map.get("fit") if parser._subcommands_action else None
+    p = sub or parser
+    return [opt for a in p._actions for opt in a.option_strings if opt.startswith("--")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or "--debug=true" in argv
+    parser = build_parser()
+    try:
+        argv = _expand_short_names(argv)
+        cfg = parser.parse_args(argv)
+        if cfg.subcommand == "fit":
+            fit(parser._subcommands_action._name_parser_map["fit"], cfg.fit)
+        elif cfg.subcommand == "partition":
+            partition(cfg.partition)
+    except USER_ERRORS + (UsageError,) as err:
+        if debug:
+            raise
+        print(f"fedbench: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        from jsonargparse import ArgumentError
+
+        if isinstance(err, ArgumentError) and not debug:
+            print(f"fedbench: error: {_one_line(err, parser)}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

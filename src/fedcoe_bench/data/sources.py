@@ -1,0 +1,225 @@
+"""Data sources: where images come from before they are split over clients.
+
+A source is any class with a ``load()`` method that returns a :class:`Images` bundle: uint8 image
+tensors ``[N, C, H, W]`` and int64 labels for a train pool and a global test split, plus the
+normalisation statistics. Built-in sources and user sources use the same interface, so a user's
+data plugs in with ``--data.source my_module.MySource``::
+
+    >>> import torch
+    >>> from fedcoe_bench.data import DataSource, Images
+    >>> class Noise(DataSource):
+    ...     num_classes, in_channels, image_size = 3, 1, 8
+    ...     def load(self):
+    ...         g = torch.Generator().manual_seed(0)
+    ...         x = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8, generator=g)
+    ...         y = torch.arange(60) % 3
+    ...         return Images(x[:50], y[:50], x[50:], y[50:])
+    >>> Noise().load().train_x.shape
+    torch.Size([50, 1, 8, 8])
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import urllib.error
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """A data set or partition the user asked for cannot be built; the message says how to fix it."""
+
+
+@dataclass
+class Images:
+    """Images of one data set: a train pool that is partitioned over clients and a global test split."""
+
+    train_x: torch.Tensor  # uint8 [N, C, H, W]
+    train_y: torch.Tensor  # int64 [N]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    augment: bool = False  # random crop + horizontal flip during local training (natural images)
+
+
+class DataSource:
+    """Base class of data sources. Subclasses set the three class attributes and implement ``load``."""
+
+    num_classes: int = 10
+    in_channels: int = 1
+    image_size: int = 28
+
+    def load(self) -> Images:
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.lower()
+
+    def fingerprint(self) -> dict:
+        """What identifies this source's data in a partition's cache key."""
+        return {"source": f"{type(self).__module__}.{type(self).__qualname__}", **vars(self)}
+
+
+def stratified_split(labels: np.ndarray, first: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into a first part of ``first`` samples and the rest, keeping class proportions."""
+    rng = np.random.default_rng(seed)
+    frac = first / len(labels)
+    head, tail = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(frac * len(idx)))
+        head.append(idx[:k])
+        tail.append(idx[k:])
+    head, tail = np.concatenate(head), np.concatenate(tail)
+    # rounding per class can be off by a few samples: move them so that the sizes are exact
+    if len(head) > first:
+        head, tail = head[:first], np.concatenate([tail, head[first:]])
+    elif len(head) < first:
+        head, tail = np.concatenate([head, tail[: first - len(head)]]), tail[first - len(head) :]
+    return np.sort(head), np.sort(tail)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read a (gzipped) IDX file, the MNIST on-disk format: magic, dims (big-endian int32), uint8 data."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+class MNIST10k(DataSource):
+    """The real MNIST test set (10,000 digits, LeCun, Cortes & Burges), bundled with the package.
+
+    A fixed stratified split (independent of the run seed) gives a 2,000-image global test set
+    and an 8,000-image pool that is partitioned over clients. Data: CC BY-SA 3.0.
+    """
+
+    num_classes, in_channels, image_size = 10, 1, 28
+    test_size = 2000
+
+    def load(self) -> Images:
+        folder = resources.files("fedcoe_bench.data") / "mnist10k"
+        with resources.as_file(folder) as root:
+            x = _read_idx(root / "t10k-images-idx3-ubyte.gz")
+            y = _read_idx(root / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
+        test, pool = stratified_split(y, self.test_size, seed=0)
+        x = torch.from_numpy(x.copy()).unsqueeze(1)
+        y = torch.from_numpy(y)
+        return Images(x[pool], y[pool], x[test], y[test], mean=(0.1325,), std=(0.3105,))
+
+
+class CIFAR10(DataSource):
+    """CIFAR-10 (Krizhevsky, 2009): 50,000 train / 10,000 test 32x32 colour images.
+
+    Looks in ``root`` for the torchvision folder ``cifar-10-batches-py`` (the python pickle
+    batches) or a Hugging Face ``datasets`` copy saved with ``save_to_disk`` in ``root/cifar10``;
+    downloads the torchvision archive when ``download`` is true and the machine is online.
+    """
+
+    num_classes, in_channels, image_size = 10, 3, 32
+    folder = "cifar-10-batches-py"
+    url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    train_files = [f"data_batch_{i}" for i in range(1, 6)]
+    test_files = ["test_batch"]
+    label_key = "labels"
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+
+    def __init__(self, root: str = "data", download: bool = True):
+        self.root = root
+        self.download = download
+
+    def fingerprint(self) -> dict:
+        return {"source": type(self).__name__}  # the data, not where it lies, defines a partition
+
+    def _read_batches(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for name in names:
+            with open(Path(self.root) / self.folder / name, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(entry[self.label_key], dtype=np.int64))
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+    def _from_hf(self, path: Path) -> Images:
+        import datasets
+
+        ds = datasets.load_from_disk(str(path)).with_format("numpy")
+        img_key = "img" if "img" in ds["train"].column_names else "image"
+        lbl_key = self.label_key if self.label_key in ds["train"].column_names else "label"
+
+        def arrays(split):
+            x = torch.from_numpy(np.stack(ds[split][img_key])).permute(0, 3, 1, 2).contiguous()
+            return x, torch.from_numpy(np.asarray(ds[split][lbl_key], dtype=np.int64))
+
+        return Images(*arrays("train"), *arrays("test"), self.mean, self.std, augment=True)
+
+    def load(self) -> Images:
+        root = Path(self.root)
+        if (root / self.name / "dataset_dict.json").exists():
+            return self._from_hf(root / self.name)
+        if not (root / self.folder).is_dir() and self.download:
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            try:
+                download_and_extract_archive(self.url, str(root))
+            except (urllib.error.URLError, OSError) as err:
+                raise DataError(self._missing(f"download failed: {err}")) from None
+        if not (root / self.folder).is_dir():
+            raise DataError(self._missing("not found"))
+        return Images(
+            *self._read_batches(self.train_files), *self._read_batches(self.test_files),
+            self.mean, self.std, augment=True,
+        )
+
+    def _missing(self, why: str) -> str:
+        where = (Path(self.root) / self.folder).resolve()
+        return (
+            f"{self.name}: {why} at {where} (or a Hugging Face copy at {Path(self.root).resolve() / self.name}); "
+            f"on a machine with network run `python -c \"import torchvision; torchvision.datasets."
+            f"{type(self).__name__}('{self.root}', download=True)\"` and copy the folder here, "
+            f"or set --data.source.root to where it lies"
+        )
+
+
+class CIFAR100(CIFAR10):
+    """CIFAR-100 (Krizhevsky, 2009), fine labels; same folder conventions as :class:`CIFAR10`."""
+
+    num_classes = 100
+    folder = "cifar-100-python"
+    url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+    train_files = ["train"]
+    test_files = ["test"]
+    label_key = "fine_labels"
+    mean = (0.5071, 0.4865, 0.4409)
+    std = (0.2673, 0.2564, 0.2762)
+
+
+class Synthetic(DataSource):
+    """Generated class-conditional images for fast tests: a fixed random prototype per class + noise."""
+
+    def __init__(self, num_classes: int = 10, samples: int = 2000, test_samples: int = 400,
+                 image_size: int = 12, in_channels: int = 1, noise: float = 60.0, seed: int = 0):
+        self.num_classes, self.samples, self.test_samples = num_classes, samples, test_samples
+        self.image_size, self.in_channels, self.noise, self.seed = image_size, in_channels, noise, seed
+
+    def load(self) -> Images:
+        g = torch.Generator().manual_seed(self.seed)
+        shape = (self.in_channels, self.image_size, self.image_size)
+        protos = torch.rand((self.num_classes, *shape), generator=g) * 255
+        n = self.samples + self.test_samples
+        y = torch.randint(0, self.num_classes, (n,), generator=g)
+        x = (protos[y] + self.noise * torch.randn((n, *shape), generator=g)).clamp(0, 255).to(torch.uint8)
+        s = self.samples
+        return Images(x[:s], y[:s], x[s:], y[s:])
+
+
+SOURCES = {"mnist10k": MNIST10k, "cifar10": CIFAR10, "cifar100": CIFAR100, "synthetic": Synthetic}

@@ -1,0 +1,219 @@
+"""FederatedLoop: the one round loop, on Lightning Fabric.
+
+Per round t: sample S_t of the training clients (seeded by t); each rank trains its share of S_t
+one client after another in one model instance (server shared state + the client's personal state
+copied into flat parameter buffers); the updates meet in one all-gather; ``method.aggregate``
+makes the new server state; every ``eval_every`` rounds the three accuracies are measured.
+
+The model is placed and cast by Fabric but not wrapped for data parallelism: ranks train
+*different* clients, so gradients must not be averaged across them. Ranks meet only in the
+collectives below (all-gather of updates, all-reduce of evaluation counts).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from lightning.fabric import Fabric
+from tqdm.auto import tqdm
+
+from fedcoe_bench.data import Client, Federation
+from fedcoe_bench.evaluation import Evaluator
+from fedcoe_bench.method import ClientUpdate, FederatedMethod
+from fedcoe_bench.runs import RunDir
+
+
+class TrainingDiverged(RuntimeError):
+    """A client's loss became NaN or infinite."""
+
+
+class ConfigError(ValueError):
+    """A loop setting that cannot work; the message names the key."""
+
+
+def client_seed(seed: int, rnd: int, client: int) -> int:
+    """The RNG seed of one client's local training: a function of (seed, round, client) only, so
+    results do not depend on which rank trains a client or in what order."""
+    return int(np.random.SeedSequence([seed, rnd, client]).generate_state(1)[0])
+
+
+def sample_clients(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
+    """Positions of the clients sampled in round ``rnd`` (sorted; uniform without replacement)."""
+    rng = np.random.default_rng([seed, rnd, 0x5A])
+    return sorted(rng.choice(num_clients, k, replace=False).tolist())
+
+
+@dataclass
+class FederatedLoop:
+    """Round loop settings.
+
+    Args:
+        rounds: communication rounds.
+        clients_per_round: clients sampled per round (uniformly, without replacement).
+        local_epochs: passes over a client's local train split per round.
+        batch_size: local mini-batch size.
+        eval_every: evaluate the three metrics every this many rounds (and after the last).
+        checkpoint_every: save a checkpoint every this many rounds (0: never).
+        eval_batch_size: batch size of evaluation passes.
+        progress: show a progress bar over rounds (off under CI and when not a terminal).
+    """
+
+    rounds: int = 30
+    clients_per_round: int = 10
+    local_epochs: int = 1
+    batch_size: int = 32
+    eval_every: int = 10
+    checkpoint_every: int = 10
+    eval_batch_size: int = 2048
+    progress: bool = True
+
+    def __post_init__(self):
+        for key in ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"loop.{key} must be >= 1 (got {getattr(self, key)})")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"loop.checkpoint_every must be >= 0 (got {self.checkpoint_every})")
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, fabric: Fabric, method: FederatedMethod, fed: Federation, seed: int,
+            run: RunDir | None = None, resume_state: dict | None = None) -> dict:
+        """Train ``method`` on ``fed`` and return the final metrics (and the history in ``self.history``)."""
+        if self.clients_per_round > len(fed.clients):
+            raise ConfigError(
+                f"loop.clients_per_round={self.clients_per_round} exceeds the {len(fed.clients)} training "
+                f"clients; lower it or raise data.num_clients"
+            )
+        method = fabric.to_device(method)
+        method.flatten_parameters()
+        optimizer = fabric.setup_optimizers(method.configure_optimizers())
+        evaluator = Evaluator(fed, self.eval_batch_size)
+
+        server = method.flat["shared"].clone()
+        self.init_personal = method.flat["personal"].clone()
+        self.personal: dict[int, torch.Tensor] = {}
+        self.history: list[dict] = []
+        start = 0
+        if resume_state is not None:
+            method.load_state_dict(resume_state["method"])
+            server = resume_state["server"].to(server.device)
+            self.personal = {int(k): v.to(server.device) for k, v in resume_state["personal"].items()}
+            self.history = resume_state["history"]
+            start = resume_state["round"]
+            for row in self.history:  # the CSV log is rewritten whole, so it matches an uninterrupted run
+                fabric.log_dict(row, step=row["round"])
+
+        def load(personal: torch.Tensor | None) -> None:
+            method.flat["shared"].copy_(server)
+            method.flat["personal"].copy_(self.init_personal if personal is None else personal)
+
+        metrics: dict = {}
+        bar = tqdm(range(start, self.rounds), desc=type(method).__name__, initial=start, total=self.rounds,
+                   disable=not (self.progress and fabric.is_global_zero), dynamic_ncols=True)
+        for rnd in bar:
+            t0 = time.perf_counter()
+            sampled = [fed.clients[i] for i in sample_clients(seed, rnd, len(fed.clients), self.clients_per_round)]
+            mine = sampled[fabric.global_rank :: fabric.world_size]
+            updates = [self._train_client(fabric, method, optimizer, fed, c, seed, rnd, server) for c in mine]
+            updates = self._gather(fabric, updates, method, server)
+            for u in updates:
+                if not math.isfinite(u.loss):
+                    raise TrainingDiverged(
+                        f"round {rnd}, client {u.client}: local loss is {u.loss}; lower method.init_args.lr "
+                        f"(the last good checkpoint is kept)"
+                    )
+            load(None)
+            server = method.aggregate(server, updates)
+            train_time = time.perf_counter() - t0
+            samples = sum(u.samples for u in updates)
+            row = {
+                "round": rnd + 1,
+                "train_loss": sum(u.loss * u.samples for u in updates) / max(samples, 1),
+                "round_time": train_time,
+                "samples_per_s": samples / train_time,
+                **method.round_diagnostics(),
+            }
+            if (rnd + 1) % self.eval_every == 0 or rnd + 1 == self.rounds:
+                t1 = time.perf_counter()
+                metrics = evaluator(method, load, self.personal.get, fabric.global_rank, fabric.world_size,
+                                    lambda t: fabric.all_reduce(t, reduce_op="sum"))
+                row.update(metrics, eval_time=time.perf_counter() - t1)
+                bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("global_acc", "personal_acc", "cold_start_acc") if k in metrics})
+            self.history.append(row)
+            fabric.log_dict(row, step=rnd + 1)
+            if run is not None and self.checkpoint_every and ((rnd + 1) % self.checkpoint_every == 0 or rnd + 1 == self.rounds):
+                load(None)
+                state = {"round": rnd + 1, "server": server, "personal": self.personal,
+                         "method": method.state_dict(), "history": self.history}
+                run.save_checkpoint(fabric, state)
+        load(None)  # leave the method holding the server state
+        self.server = server
+        return metrics
+
+    # ------------------------------------------------------------------ one client
+    def _train_client(self, fabric: Fabric, method: FederatedMethod, optimizer, fed: Federation, client: Client,
+                      seed: int, rnd: int, server: torch.Tensor) -> ClientUpdate:
+        method.flat["shared"].copy_(server)
+        method.flat["personal"].copy_(self.personal.get(client.id, self.init_personal))
+        optimizer.state.clear()  # a fresh local optimizer every round, as in FedAvg
+        s = client_seed(seed, rnd, client.id)
+        torch.manual_seed(s)  # module-level randomness (dropout) follows the client too
+        g = torch.Generator(device=fed.device).manual_seed(s)
+        x_all, y_all = fed.pool_x[client.train], fed.pool_y[client.train]
+        n = len(y_all)
+        method.train()
+        method.on_client_start(fed.prepare(x_all), y_all)
+        loss_sum = torch.zeros((), device=fed.device)
+        steps = 0
+        for _ in range(self.local_epochs):
+            order = torch.randperm(n, generator=g, device=fed.device)
+            for b, i in enumerate(range(0, n, self.batch_size)):
+                idx = order[i : i + self.batch_size]
+                batch = (fed.prepare(x_all[idx], g), y_all[idx])
+                with fabric.autocast():
+                    loss = method.training_step(batch, b)
+                optimizer.zero_grad(set_to_none=True)
+                fabric.backward(loss)
+                optimizer.step()
+                loss_sum += loss.detach().float()
+                steps += 1
+        method.eval()
+        report = method.client_report(fed.prepare(x_all))
+        if method.flat["personal"].numel():
+            self.personal[client.id] = method.flat["personal"].clone()
+        return ClientUpdate(client.id, float(n), method.flat["shared"].clone(), report,
+                            loss=float(loss_sum) / max(steps, 1), samples=n * self.local_epochs)
+
+    # ------------------------------------------------------------------ ranks meet
+    def _gather(self, fabric: Fabric, updates: list[ClientUpdate], method: FederatedMethod,
+                server: torch.Tensor) -> list[ClientUpdate]:
+        """All ranks get every update (in client order) and every trained client's personal state."""
+        if fabric.world_size == 1:
+            return updates
+        m = math.ceil(self.clients_per_round / fabric.world_size)
+        pad = m - len(updates)
+        dev = server.device
+        ids = torch.tensor([u.client for u in updates] + [-1] * pad, device=dev)
+        scalars = torch.tensor([[u.weight, u.loss, u.samples] for u in updates] + [[0.0, 0.0, 0.0]] * pad,
+                               dtype=torch.float64, device=dev)
+        shared = torch.stack([u.shared for u in updates] + [torch.zeros_like(server)] * pad)
+        pers = torch.stack([self.personal[u.client] for u in updates if method.flat["personal"].numel()]
+                           + [torch.zeros_like(self.init_personal)] * (pad if self.init_personal.numel() else m))
+        keys = sorted(updates[0].report) if updates else []
+        reports = {k: torch.stack([u.report[k] for u in updates] + [torch.zeros_like(updates[0].report[k])] * pad)
+                   for k in keys}
+        g = fabric.all_gather({"ids": ids, "scalars": scalars, "shared": shared, "personal": pers, **reports})
+        g = {k: v.reshape(-1, *v.shape[2:]) for k, v in g.items()}
+        out = []
+        for j in torch.argsort(g["ids"]).tolist():
+            cid = int(g["ids"][j])
+            if cid < 0:
+                continue
+            if self.init_personal.numel():
+                self.personal[cid] = g["personal"][j].clone()
+            w, loss, samples = g["scalars"][j].tolist()
+            out.append(ClientUpdate(cid, w, g["shared"][j], {k: g[k][j] for k in keys}, loss=loss, samples=int(samples)))
+        return out

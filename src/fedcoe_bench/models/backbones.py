@@ -1,0 +1,89 @@
+"""Backbones as body + head, the split that FedPer-style methods share and keep."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Backbone(nn.Module):
+    """``head(body(x))``: ``body`` maps images to ``feature_dim`` features, ``head`` is linear."""
+
+    feature_dim: int
+
+    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.feature_dim = feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class CNN(Backbone):
+    """The CNN of McMahan et al. (2017): two 5x5 conv layers (32, 64 channels) each followed by 2x2
+    max-pooling, a 512-unit fully connected layer and a linear head. Works for any channel count;
+    the image side must be divisible by 4.
+
+    Example:
+        >>> CNN(in_channels=3, num_classes=10, image_size=32)(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 32):
+        side = image_size // 4
+        body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(2 * width * side * side, 512), nn.ReLU(),
+        )
+        super().__init__(body, 512, num_classes)
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(2, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(2, cout)
+        self.skip = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(2, cout))
+
+    def forward(self, x):
+        out = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(self.norm2(self.conv2(out)) + self.skip(x))
+
+
+class ResNet18(Backbone):
+    """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool; He et al., 2016).
+
+    GroupNorm replaces BatchNorm, as is usual under non-IID federated training (Hsieh et al.,
+    2020): batch statistics differ per client and running averages would have to be aggregated.
+    With GroupNorm every piece of state is a parameter.
+
+    Example:
+        >>> ResNet18(in_channels=3, num_classes=100)(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 100])
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, width: int = 64):
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.GroupNorm(2, width), nn.ReLU()]
+        cin = width
+        for i, cout in enumerate([width, 2 * width, 4 * width, 8 * width]):
+            stride = 1 if i == 0 else 2
+            layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
+            cin = cout
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        super().__init__(nn.Sequential(*layers), cin, num_classes)
+
+
+BACKBONES = {"cnn": CNN, "resnet18": ResNet18}
+
+
+def build_backbone(name: str, in_channels: int, num_classes: int, image_size: int, **kwargs) -> Backbone:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs)
