@@ -14,8 +14,9 @@ class FedAvg(FederatedMethod):
     Example:
         >>> import torch
         >>> m = FedAvg(num_classes=10, in_channels=1, image_size=28)
-        >>> m.predict_global(torch.zeros(2, 1, 28, 28)).sum(1)
-        tensor([1.0000, 1.0000])
+        >>> p = m.predict_global(torch.zeros(2, 1, 28, 28))
+        >>> p.shape, bool(torch.allclose(p.sum(1), torch.ones(2)))
+        (torch.Size([2, 10]), True)
     """
 
     def __init__(self, **kwargs):
