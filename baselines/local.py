@@ -1,0 +1,31 @@
+"""Local training: every client learns alone, the no-collaboration reference of personalized FL tables."""
+
+from __future__ import annotations
+
+import torch
+
+from baselines.fedavg import FedAvg
+from fedcoe_bench.method import ClientUpdate
+
+
+class Local(FedAvg):
+    """Nothing is shared: client *i* keeps its whole model :math:`w_i` and only ever runs local SGD on
+    :math:`D_i`, in the rounds it is sampled (the same compute budget as every other method):
+
+    .. math:: w_i^{t+1} = \\mathrm{SGD}(w_i^t; D_i) \\text{ if } i \\in S_t, \\qquad w_i^{t+1} = w_i^t \\text{ otherwise.}
+
+    The shared vector is empty and the server never aggregates. Personal accuracy is the
+    personalization ceiling at no collaboration. A new client has no model of its own, so global
+    and cold-start prediction use the untrained initial model: the honest floor, near chance.
+
+    Example:
+        >>> m = Local(num_classes=10, in_channels=1, image_size=12)
+        >>> m.flatten_parameters()
+        >>> m.flat["shared"].numel(), m.flat["personal"].numel() == sum(p.numel() for p in m.parameters())
+        (0, True)
+    """
+
+    personal = ("net.",)
+
+    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+        return server

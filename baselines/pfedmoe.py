@@ -1,0 +1,100 @@
+"""pFedMoE: Data-Level Personalization with Mixture of Experts for Model-Heterogeneous Personalized Federated Learning (Yi, Yu, Liu, Wang, Li, arXiv 2402.01350, 2024)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from baselines.fedper import average_into
+from fedcoe_bench.method import ClientUpdate, FederatedMethod
+from fedcoe_bench.models import Gate
+
+
+class PFedMoE(FederatedMethod):
+    """Each client mixes a shared small feature extractor :math:`G` (the global expert) with its own
+    larger one :math:`F_i` (the local expert) through a personal gate
+    :math:`H_i(x) = (a_1(x), a_2(x))` (softmax over two), and classifies with a personal head:
+
+    .. math:: z = a_1(x)\\, G(x) + a_2(x)\\, F_i(x), \\qquad p_i(y|x) = \\mathrm{softmax}(\\mathrm{head}_i(z))_y .
+
+    :math:`G`, :math:`F_i`, :math:`H_i` and the head train together on cross-entropy; only
+    :math:`G` is uploaded and averaged as in FedAvg,
+    :math:`G \\leftarrow \\sum_{i \\in S} n_i G_i / \\sum_{i \\in S} n_i`.
+
+    :math:`G` is the backbone's body at channel width ``global_width`` (the CNN's default is 32,
+    ResNet-18's 64), followed by a linear projection to :math:`F_i`'s feature width *d* when the two
+    differ (the CNN's body always ends in 512 features, so it needs none). The gate is the light
+    :class:`~fedcoe_bench.models.Gate` on the input.
+
+    Convention for global and cold-start accuracy (not in the paper, where every client has its own
+    model): :math:`G` with the evaluation head
+    :math:`\\bar h^t = \\sum_{i \\in S_t} n_i\\, \\mathrm{head}_i / \\sum_{i \\in S_t} n_i`, the
+    n-weighted average of the heads of the clients sampled in the latest round, as for
+    :class:`~baselines.fedper.FedPer`. :math:`\\bar h` is a ``server_only`` module used for
+    evaluation only, never sent to a client. The heads were trained on the mixed :math:`z`, not on
+    :math:`G(x)` alone, so this is a lower bound on what the global expert knows.
+
+    Args:
+        global_width: channel width of the global expert's backbone.
+        gate_hidden: hidden units of the gate.
+
+    Example:
+        >>> import torch
+        >>> m = PFedMoE(num_classes=10, in_channels=1, image_size=12)
+        >>> m.flatten_parameters()
+        >>> {n.split(".")[0] for n in m.layout["shared"]}, sorted({n.split(".")[0] for n in m.layout["personal"]})
+        ({'global_expert'}, ['gate', 'head', 'local_expert'])
+        >>> m(torch.zeros(2, 1, 12, 12)).shape
+        torch.Size([2, 10])
+    """
+
+    personal = ("local_expert.", "gate.", "head.")
+    server_only = ("eval_head.",)
+
+    def __init__(self, global_width: int = 16, gate_hidden: int = 64, **kwargs):
+        super().__init__(**kwargs)
+        local = self.make_backbone()
+        small = self.make_backbone(width=global_width)
+        d = local.feature_dim
+        project = nn.Identity() if small.feature_dim == d else nn.Linear(small.feature_dim, d)
+        self.global_expert = nn.Sequential(small.body, project)
+        self.local_expert = local.body
+        self.head = local.head
+        self.gate = Gate(self.in_channels, 2, hidden=gate_hidden)
+        # Every client's head starts as this one (the loop's initial personal state), so it is also the
+        # right server-side head before the first aggregation.
+        self.eval_head = copy.deepcopy(self.head)
+        self._global_weight = float("nan")
+
+    def mixed_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z = a_1 G(x) + a_2 F_i(x)`` and the gate weights ``[B, 2]``."""
+        a = self.gate(x)
+        return a[:, :1] * self.global_expert(x) + a[:, 1:] * self.local_expert(x), a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mixed_features(x)[0])
+
+    @torch.no_grad()
+    def client_report(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"head": self.flat["personal"][self.span("head.", "personal")].clone(),
+                "global_weight": self.gate(x)[:, 0].mean()}
+
+    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+        weights = [u.weight for u in updates]
+        average_into(self.eval_head, [u.report["head"] for u in updates], weights)
+        self._global_weight = float(sum(w * float(u.report["global_weight"]) for w, u in zip(weights, updates)) / sum(weights))
+        return super().aggregate(server, updates)
+
+    def round_diagnostics(self) -> dict[str, float]:
+        """``global_weight``: the sampled clients' n-weighted mean gate weight :math:`a_1` on G."""
+        return {"global_weight": self._global_weight}
+
+    @torch.no_grad()
+    def predict_global(self, x: torch.Tensor) -> torch.Tensor:
+        return self.eval_head(self.global_expert(x)).softmax(-1)
+
+    @torch.no_grad()
+    def predict_personal(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x).softmax(-1)
