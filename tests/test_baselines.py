@@ -1,0 +1,242 @@
+"""The baselines compute what METHODS.md states. Kept fast: 12x12 synthetic images, 1-2 rounds on CPU."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.fabric import Fabric
+
+from baselines import FedAvg, FedMix, FedPer, FedProx, Local, PFedMoE
+from fedcoe_bench.data import FederatedData, Synthetic
+from fedcoe_bench.loop import FederatedLoop, sample_clients
+from fedcoe_bench.method import ClientUpdate
+
+SEED = 0
+PER_ROUND = 3
+DIMS = dict(num_classes=10, in_channels=1, image_size=12)
+ALL = [(FedAvg, {}), (FedProx, {"mu": 0.1}), (FedPer, {}), (FedMix, {"num_experts": 2}), (PFedMoE, {}), (Local, {})]
+PERSONALIZED = [(FedPer, {}), (PFedMoE, {}), (FedMix, {"num_experts": 2}), (Local, {})]
+
+
+def name(param):
+    return param.__name__ if isinstance(param, type) else None
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    data = FederatedData(source=Synthetic(samples=480, test_samples=120, image_size=12), num_clients=8,
+                         cache_dir=str(tmp_path_factory.mktemp("partitions")))
+    return data.setup(SEED)  # 6 training clients, 2 cold-start clients
+
+
+@pytest.fixture(scope="module")
+def fabric():
+    return Fabric(accelerator="cpu", devices=1)
+
+
+def build(cls, **kwargs):
+    torch.manual_seed(0)  # same initial weights for methods that are compared
+    return cls(**DIMS, **kwargs)
+
+
+def fit(fabric, method, fed, rounds=1, resume=None) -> FederatedLoop:
+    loop = FederatedLoop(rounds=rounds, clients_per_round=PER_ROUND, checkpoint_every=0, progress=False)
+    loop.metrics = loop.fit(fabric, method, fed, SEED, resume_state=resume)
+    return loop
+
+
+def sampled_in(fed, rnd):
+    return [fed.clients[i] for i in sample_clients(SEED, rnd, len(fed.clients), PER_ROUND)]
+
+
+def flat(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+# ---------------------------------------------------------------------------------------- FedProx
+def test_fedprox_mu_zero_is_fedavg_exactly_and_mu_pulls_towards_the_server(fabric, fed):
+    init = build(FedAvg)
+    init.flatten_parameters()
+    start = init.flat["shared"].clone()
+    avg = fit(fabric, build(FedAvg), fed).server
+    prox0 = fit(fabric, build(FedProx, mu=0.0), fed).server
+    prox = fit(fabric, build(FedProx, mu=1.0), fed).server
+    assert torch.equal(avg, prox0)
+    assert not torch.allclose(avg, prox)
+    # the proximal term shortens every client's step, hence the averaged one
+    assert (prox - start).norm() < (avg - start).norm()
+
+
+def test_fedprox_loss_is_cross_entropy_plus_half_mu_squared_distance_to_the_anchor():
+    m = build(FedProx, mu=0.3)
+    m.flatten_parameters()
+    x, y = torch.randn(4, 1, 12, 12), torch.tensor([0, 1, 2, 3])
+    m.on_client_start(x, y)
+    delta = 0.01 * torch.randn(m.flat["shared"].shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m.flat["shared"].add_(delta)
+    loss = m.training_step((x, y), 0)
+    expected = F.cross_entropy(m(x), y) + 0.5 * 0.3 * delta.pow(2).sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    # the anchor is the state at client start, not re-read each step
+    m.on_client_start(x, y)
+    torch.testing.assert_close(m.training_step((x, y), 0), F.cross_entropy(m(x), y))
+
+
+# ---------------------------------------------------------------------------------------- what is shared
+@pytest.mark.parametrize("cls, kwargs, shared, personal", [
+    (FedPer, {}, ("net.body.",), ("net.head.",)),
+    (PFedMoE, {}, ("global_expert.",), ("local_expert.", "gate.", "head.")),
+    (FedMix, {"num_experts": 2}, ("experts.",), ("gate.",)),
+    (Local, {}, (), ("net.",)),
+], ids=name)
+def test_personal_parameters_are_never_in_the_shared_vector(cls, kwargs, shared, personal):
+    m = build(cls, **kwargs)
+    m.flatten_parameters()
+    assert all(n.startswith(shared) for n in m.layout["shared"])
+    assert all(n.startswith(personal) for n in m.layout["personal"])
+    for prefix in personal:  # every personal part exists and is personal
+        assert any(n.startswith(prefix) for n in m.layout["personal"])
+    # server-only evaluation heads travel in neither direction
+    assert not any("eval_head" in n for kind in ("shared", "personal") for n in m.layout[kind])
+    total = sum(p.numel() for n, p in m.named_parameters() if "eval_head" not in n)
+    assert m.flat["shared"].numel() + m.flat["personal"].numel() == total
+
+
+@pytest.mark.parametrize("cls, kwargs", PERSONALIZED, ids=name)
+def test_personal_state_stays_on_its_client(fabric, fed, cls, kwargs):
+    m = build(cls, **kwargs)
+    first = fit(fabric, m, fed, rounds=1)
+    state = {"round": 1, "server": first.server.clone(), "history": [],
+             "personal": {c: v.clone() for c, v in first.personal.items()}, "method": copy.deepcopy(m.state_dict())}
+    second = {c.id for c in sampled_in(fed, 1)}
+    idle = [c for c in state["personal"] if c not in second]
+    busy = [c for c in state["personal"] if c in second]
+    assert idle and busy, "the test needs a round-1 client that sits out round 2 and one that does not"
+
+    plain = fit(fabric, m, fed, rounds=2, resume=copy.deepcopy(state))
+    server_only = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("eval_head")}
+    for c in idle:  # not sampled: untouched
+        assert torch.equal(plain.personal[c], state["personal"][c])
+    for c in busy:  # sampled again: trained further
+        assert not torch.equal(plain.personal[c], state["personal"][c])
+
+    # Whatever an idle client holds, the server never sees it.
+    poked = copy.deepcopy(state)
+    for c in idle:
+        poked["personal"][c] += 1.0
+    again = fit(fabric, m, fed, rounds=2, resume=poked)
+    assert torch.equal(again.server, plain.server)
+    for k, v in server_only.items():
+        assert torch.equal(m.state_dict()[k], v)
+
+
+# ---------------------------------------------------------------------------------------- FedPer, pFedMoE
+@pytest.mark.parametrize("cls, head, features", [
+    (FedPer, "net.head.", lambda m, x: m.net.body(x)),
+    (PFedMoE, "head.", lambda m, x: m.global_expert(x)),
+], ids=name)
+def test_evaluation_head_is_the_weighted_average_of_the_latest_heads(fabric, fed, cls, head, features):
+    m = build(cls)
+    loop = fit(fabric, m, fed, rounds=2)
+    latest = sampled_in(fed, 1)
+    s = m.span(head, "personal")
+    n = torch.tensor([float(c.num_train) for c in latest])
+    expected = n @ torch.stack([loop.personal[c.id][s] for c in latest]) / n.sum()
+    torch.testing.assert_close(flat(m.eval_head), expected)
+
+    # global prediction = server features + evaluation head, whatever personal state is loaded
+    x = fed.prepare(fed.test_x[:16])
+    m.eval()
+    want = m.eval_head(features(m, x)).softmax(-1)
+    with torch.no_grad():
+        m.flat["personal"].copy_(loop.personal[latest[0].id])
+    torch.testing.assert_close(m.predict_global(x), want)
+    torch.testing.assert_close(m.predict_cold_start(x, x), want)
+    assert not torch.allclose(m.predict_personal(x), want)
+
+
+def test_pfedmoe_mixes_global_and_local_features_with_the_gate():
+    m = build(PFedMoE)
+    x = torch.randn(5, 1, 12, 12)
+    a = m.gate(x)
+    assert a.shape == (5, 2)
+    z = a[:, :1] * m.global_expert(x) + a[:, 1:] * m.local_expert(x)
+    torch.testing.assert_close(m(x), m.head(z))
+
+
+# ---------------------------------------------------------------------------------------- FedMix
+def test_fedmix_trains_on_the_mixture_nll_and_reports_mean_gate_mass():
+    m = build(FedMix, num_experts=3)
+    x, y = torch.randn(6, 1, 12, 12), torch.tensor([0, 1, 2, 3, 4, 5])
+    g = m.gate(x)
+    p = sum(g[:, k : k + 1] * e(x).softmax(-1) for k, e in enumerate(m.experts))
+    torch.testing.assert_close(m.predict_personal(x), p)
+    torch.testing.assert_close(m.training_step((x, y), 0), -p[torch.arange(6), y].log().mean())
+    mass = m.client_report(x)["gate_mass"]
+    torch.testing.assert_close(mass, g.mean(0))
+    uniform = sum(e(x).softmax(-1) for e in m.experts) / 3
+    torch.testing.assert_close(m.predict_global(x), uniform)
+    torch.testing.assert_close(m.predict_cold_start(x, x), uniform)
+
+
+@pytest.mark.parametrize("top_m, weights", [
+    (0, [(10 * 0.7, 30 * 0.2), (10 * 0.3, 30 * 0.8)]),  # n_i * mean gate mass
+    (2, [(10 * 0.7, 30 * 0.2), (10 * 0.3, 30 * 0.8)]),  # expert 2 is nobody's top-2 anyway
+    (1, [(10 * 0.7, 0.0), (0.0, 30 * 0.8)]),  # each client sends only its top expert
+])
+def test_fedmix_averages_each_expert_with_n_times_gate_mass(top_m, weights):
+    m = build(FedMix, num_experts=3, top_m=top_m)
+    m.flatten_parameters()
+    server = m.flat["shared"].clone()
+    gen = torch.Generator().manual_seed(1)
+    sent = [torch.randn(server.shape, generator=gen) for _ in range(2)]
+    ups = [ClientUpdate(0, 10.0, sent[0], {"gate_mass": torch.tensor([0.7, 0.3, 0.0])}),
+           ClientUpdate(1, 30.0, sent[1], {"gate_mass": torch.tensor([0.2, 0.8, 0.0])})]
+    new = m.aggregate(server, ups)
+    spans = [m.span(f"experts.{k}.") for k in range(3)]
+    assert sum(s.stop - s.start for s in spans) == server.numel()
+    for s, (w0, w1) in zip(spans, weights):
+        torch.testing.assert_close(new[s], (w0 * sent[0][s] + w1 * sent[1][s]) / (w0 + w1))
+    assert torch.equal(new[spans[2]], server[spans[2]])  # nobody routes to expert 2: unchanged
+
+
+# ---------------------------------------------------------------------------------------- Local
+def test_local_never_aggregates(fabric, fed):
+    m = build(Local)
+    initial = copy.deepcopy(m).eval()
+    loop = fit(fabric, m, fed, rounds=2)
+    assert loop.server.numel() == 0
+    assert m.aggregate(loop.server, [ClientUpdate(0, 5.0, loop.server.clone())]) is loop.server
+    states = list(loop.personal.values())
+    assert len(states) >= 2
+    assert all(not torch.equal(a, b) for a, b in itertools.combinations(states, 2))
+    assert all(not torch.equal(s, loop.init_personal) for s in states)
+    x = fed.prepare(fed.test_x[:16])
+    torch.testing.assert_close(m.predict_global(x), initial.predict_global(x))  # the untrained floor
+    torch.testing.assert_close(m.predict_cold_start(x, x), initial.predict_global(x))
+
+
+# ---------------------------------------------------------------------------------------- all methods
+@pytest.mark.parametrize("cls, kwargs", ALL, ids=name)
+def test_predictions_are_distributions(fabric, fed, cls, kwargs):
+    m = build(cls, **kwargs)
+    loop = fit(fabric, m, fed, rounds=1)
+    for key in ("global_acc", "personal_acc", "cold_start_acc"):
+        assert 0.0 <= loop.metrics[key] <= 1.0
+    x = fed.prepare(fed.test_x[:32])
+    unlabeled = fed.prepare(fed.pool_x[fed.new_clients[0].train])
+    m.eval()
+    outs = [m.predict_global(x), m.predict_cold_start(x, unlabeled)]
+    client = sampled_in(fed, 0)[0].id
+    with torch.no_grad():
+        m.flat["personal"].copy_(loop.personal.get(client, loop.init_personal))
+    outs.append(m.predict_personal(x))
+    for p in outs:
+        assert p.shape == (32, 10)
+        assert bool((p >= 0).all())
+        torch.testing.assert_close(p.sum(1), torch.ones(32))
