@@ -34,6 +34,7 @@ class UsageError(ValueError):
 def _known(base: type) -> dict[str, type]:
     """Short names (lower-cased class names) of the imported subclasses of ``base``."""
     importlib.import_module("baselines")
+    importlib.import_module("fedcoe_bench.fedcoe")
     out, todo = {}, list(base.__subclasses__())
     while todo:
         cls = todo.pop()
@@ -164,7 +165,7 @@ def fit(parser: ArgumentParser, cfg: Namespace) -> dict:
     if fabric.device.type == "cpu" and fabric.world_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // fabric.world_size))
     if fabric.is_global_zero:
-        (run.path / "config.yaml").write_text(parser.dump(cfg, skip_none=False))
+        (run.path / "config.yaml").write_text(parser.dump(cfg))
 
     t0 = time.perf_counter()
     fed = data.setup(cfg.seed, fabric.device)

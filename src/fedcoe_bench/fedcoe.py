@@ -1,0 +1,244 @@
+"""FedCoE: federated coordinated dual-level mixture of experts (Dai et al., 2026, arXiv 2605.21264).
+
+Only the paper's abstract is available to us. What it states: several independent global experts
+on the server, one shared gating network that models client-expert correlation during
+aggregation, a dual-level (global + local) mixture for personalization, and an adaptive path
+that lets new clients use the global expert pool without local training. Everything more
+specific below is *inferred* and is a switch (see ../shared/METHODS.md and the ablation configs).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedcoe_bench.evaluation import em_label_prior, prior_adjust
+from fedcoe_bench.method import ClientUpdate, FederatedMethod, weighted_mean
+from fedcoe_bench.models import Gate, mixture
+
+
+def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(dim)
+
+
+class FedCoE(FederatedMethod):
+    """Coordinated dual-level mixture of experts.
+
+    Server: experts :math:`E_1..E_K` and one gate :math:`G(x) \\in \\Delta^K` (shared).
+    Client i: a local expert :math:`L_i` and a fusion gate :math:`h_i(x) \\in [0,1]` (personal).
+
+    .. math::
+        p_{glob}(y|x) = \\sum_k G(x)_k\\, \\mathrm{softmax}(E_k(x))_y \\qquad
+        p_i(y|x) = h_i(x)\\, p_{glob}(y|x) + (1 - h_i(x))\\, \\mathrm{softmax}(L_i(x))_y
+
+    Local objective: :math:`CE(p_i, y) + \\lambda_{glob} CE(p_{glob}, y) + \\lambda_{bal}\\,
+    \\mathrm{balance}(G) + \\lambda_{exp} \\sum_k \\mathrm{sg}(G(x)_k) CE(E_k(x), y)`, the balance term
+    being Switch's :math:`K \\sum_k f_k P_k` (Fedus et al., 2022).
+
+    Coordinated aggregation (inferred): each client reports its label-free routing profile
+    :math:`r_i = \\mathrm{mean}_{x \\in D_i} G_i(x)`; the server keeps the client-expert
+    correlation matrix R and sets :math:`E_k \\leftarrow \\sum_i n_i (\\epsilon + r_{ik}) E_k^i /
+    \\sum_i n_i (\\epsilon + r_{ik})` (unchanged when no client routes to k), :math:`G` by FedAvg.
+
+    Cold start (inferred; no labels, no gradient steps): one no-grad pass of G over the new
+    client's unlabeled inputs gives :math:`r_j`; routing becomes
+    :math:`\\pi_j(x)_k \\propto G(x)_k\\, r_{jk}^{\\beta}`, with :math:`\\beta = 1 - H(r_j)/\\log K`
+    (``adaptive``), a number, or ``calibrated``: every sampled training client scores the
+    cold-start predictor on its own data for a small grid of (beta, label-prior on/off) before
+    training, the server averages these scores, and new clients are served the best setting.
+
+    Args:
+        num_experts: K.
+        top_m: sparse routing, keep the m largest gate weights (0: dense).
+        lambda_glob, lambda_bal, lambda_expert: loss weights (``lambda_expert`` is ours: it trains
+            every expert as a classifier on the inputs routed to it, gate weights held fixed).
+        coordinated: routing-weighted expert aggregation; false: plain n-weighted averaging.
+        coordination_eps: the epsilon above (softened aggregation; 0 is the literal rule).
+        shared_gate: one gate aggregated on the server; false: a personal gate per client.
+        local_level: the local expert and fusion gate; false: personal = global mixture.
+        local_warm_start: a client's local expert starts as its most-used global expert (ours).
+        cold_start_prior: apply the routing prior for new clients; false: G alone.
+        beta: ``adaptive``, ``calibrated`` or a number.
+
+    Example:
+        >>> m = FedCoE(num_experts=3, num_classes=4, in_channels=1, image_size=8)
+        >>> x = torch.randn(5, 1, 8, 8)
+        >>> [bool(torch.allclose(p.sum(1), torch.ones(5))) for p in (m.predict_global(x), m.predict_personal(x))]
+        [True, True]
+    """
+
+    personal = ("local.", "fusion.", "local_ready")
+    server_only = ()
+    beta_grid = (0.0, 0.5, 1.0, 2.0, "adaptive")
+
+    def __init__(self, num_experts: int = 4, top_m: int = 0, lambda_glob: float = 1.0, lambda_bal: float = 0.01,
+                 lambda_expert: float = 0.0, coordinated: bool = True, coordination_eps: float = 0.0,
+                 shared_gate: bool = True, local_level: bool = True, local_warm_start: bool = True,
+                 cold_start_prior: bool = True, beta: float | str = "adaptive", **kwargs):
+        super().__init__(**kwargs)
+        if not (isinstance(beta, (int, float)) or beta in ("adaptive", "calibrated")):
+            raise ValueError(f"method.init_args.beta must be a number, 'adaptive' or 'calibrated' (got {beta!r})")
+        self.num_experts, self.lambda_glob, self.lambda_bal, self.lambda_expert = num_experts, lambda_glob, lambda_bal, lambda_expert
+        self.coordinated, self.coordination_eps, self.local_level = coordinated, coordination_eps, local_level
+        self.local_warm_start, self.cold_start_prior, self.beta = local_warm_start, cold_start_prior, beta
+        self.experts = nn.ModuleList([self.make_backbone() for _ in range(num_experts)])
+        self.gate = Gate(self.in_channels, num_experts, top_m=top_m)
+        if not shared_gate:
+            self.personal = self.personal + ("gate.",)
+        if local_level:
+            self.local = self.make_backbone()
+            self.fusion = Gate(self.in_channels, 2)  # h(x) = its first softmax output
+            self.local_ready = nn.Parameter(torch.zeros(1), requires_grad=False)
+        # server-side statistics, filled by aggregate() from client reports (never sent to clients)
+        self.register_buffer("calibration", torch.zeros(2, len(self.beta_grid), 2))  # [sum, count] x beta x lp
+        self.routing: dict[int, torch.Tensor] = {}  # R: client id -> routing profile r_i
+        self._diag: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ the two levels
+    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([e(x) for e in self.experts])  # [K, B, C]
+
+    def log_global(self, x: torch.Tensor, log_w: torch.Tensor | None = None, logits: torch.Tensor | None = None):
+        log_w = self.gate.log_weights(x) if log_w is None else log_w
+        return mixture(log_w, self.expert_logits(x) if logits is None else logits)
+
+    def log_personal(self, x: torch.Tensor, log_glob: torch.Tensor) -> torch.Tensor:
+        if not self.local_level:
+            return log_glob
+        log_h = self.fusion.log_weights(x)  # [B, 2]: log h, log (1 - h)
+        return torch.logsumexp(torch.stack([log_h[:, :1] + log_glob, log_h[:, 1:] + self.local(x).log_softmax(-1)]), 0)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        log_w = self.gate.log_weights(x)
+        logits = self.expert_logits(x)
+        log_glob = mixture(log_w, logits)
+        loss = F.nll_loss(self.log_personal(x, log_glob), y)
+        if self.local_level:  # without the local level the first term already is the global mixture
+            loss = loss + self.lambda_glob * F.nll_loss(log_glob, y)
+        w = log_w.exp()
+        if self.lambda_bal:
+            frac = F.one_hot(w.argmax(1), self.num_experts).float().mean(0)
+            loss = loss + self.lambda_bal * self.num_experts * (frac * w.mean(0)).sum()
+        if self.lambda_expert:
+            ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(self.num_experts), reduction="none")
+            loss = loss + self.lambda_expert * (w.detach().t().flatten() * ce).sum() / len(y)
+        return loss
+
+    # ------------------------------------------------------------------ client side
+    @torch.no_grad()
+    def on_client_start(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        # Pretend to be a new client: score the cold-start settings on our own data (server model).
+        self._calibration = self._self_score(x[:128], y[:128]) if self.beta == "calibrated" else None
+        if self.local_level and self.local_warm_start and not self.local_ready.item():
+            k = int(self.gate(x).mean(0).argmax())
+            for dst, src in zip(self.local.parameters(), self.experts[k].parameters()):
+                dst.copy_(src)
+            self.local_ready.fill_(1.0)
+
+    @torch.no_grad()
+    def client_report(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        w = self.gate(x)
+        report = {"routing": w.mean(0), "gate_entropy": entropy(w).mean()}
+        if self.local_level:
+            report["fusion_h"] = self.fusion(x)[:, 0].mean()
+        if self._calibration is not None:
+            report["calibration"] = self._calibration
+        return report
+
+    def _self_score(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Accuracy of every (beta, label-prior) cold-start setting on this client's data: [betas, 2]."""
+        log_w, logits = self.gate.log_weights(x), self.expert_logits(x)
+        r = log_w.exp().mean(0)
+        scores = torch.zeros(len(self.beta_grid), 2, device=x.device)
+        for b, beta in enumerate(self.beta_grid):
+            probs = mixture(self._routing_prior(log_w, r, beta), logits).exp()
+            scores[b, 0] = (probs.argmax(1) == y).float().mean()
+            uniform = torch.full((probs.shape[1],), 1.0 / probs.shape[1], device=x.device)
+            adjusted = prior_adjust(probs, em_label_prior(probs, uniform), uniform)
+            scores[b, 1] = (adjusted.argmax(1) == y).float().mean()
+        return scores
+
+    # ------------------------------------------------------------------ server side
+    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+        stacked = torch.stack([u.shared for u in updates])
+        n = torch.tensor([u.weight for u in updates], dtype=stacked.dtype, device=stacked.device)
+        new = weighted_mean(stacked, n, server)  # gate (and everything else) by FedAvg
+        profiles = torch.stack([u.report["routing"] for u in updates]).to(stacked.dtype)
+        for u, r in zip(updates, profiles):
+            self.routing[u.client] = r.detach().cpu()
+        for k in range(self.num_experts):
+            span = self.span(f"experts.{k}.")
+            w = n * (self.coordination_eps + profiles[:, k]) if self.coordinated else n
+            new[span] = weighted_mean(stacked[:, span], w, server[span])
+        if "calibration" in updates[0].report:
+            self.calibration[0] += torch.stack([u.report["calibration"] for u in updates]).sum(0).to(self.calibration)
+            self.calibration[1] += len(updates)
+        self._diag = {
+            "gate_entropy": float(torch.stack([u.report["gate_entropy"] for u in updates]).mean()),
+            **{f"expert_usage_{k}": float(v) for k, v in enumerate(profiles.sum(0))},
+        }
+        if self.local_level:
+            self._diag["fusion_h"] = float(torch.stack([u.report["fusion_h"] for u in updates]).mean())
+        return new
+
+    def round_diagnostics(self) -> dict[str, float]:
+        return self._diag
+
+    def get_extra_state(self) -> dict:
+        return {"routing": dict(self.routing)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.routing = dict(state["routing"])
+
+    def save_artifacts(self, run_dir) -> None:
+        """R, the client-expert correlation matrix, as ``routing.csv`` (one row per client)."""
+        with open(Path(run_dir) / "routing.csv", "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["client"] + [f"expert_{k}" for k in range(self.num_experts)])
+            for cid in sorted(self.routing):
+                out.writerow([cid] + [f"{v:.6f}" for v in self.routing[cid].tolist()])
+
+    # ------------------------------------------------------------------ predictors
+    @torch.no_grad()
+    def predict_global(self, x):
+        return self.log_global(x).exp()
+
+    @torch.no_grad()
+    def predict_personal(self, x):
+        return self.log_personal(x, self.log_global(x)).exp()
+
+    def _routing_prior(self, log_w: torch.Tensor, r: torch.Tensor, beta) -> torch.Tensor:
+        """log pi(x) with pi(x)_k proportional to G(x)_k r_k^beta."""
+        if beta == "adaptive":
+            beta = 1.0 - float(entropy(r)) / math.log(self.num_experts) if self.num_experts > 1 else 0.0
+        return (log_w + beta * r.clamp_min(1e-12).log()).log_softmax(1)
+
+    def cold_start_setting(self) -> tuple[float | str, bool]:
+        """(beta, use label prior) served to new clients."""
+        if self.beta != "calibrated":
+            return self.beta, False
+        total, count = self.calibration
+        if count.max() == 0:
+            return "adaptive", False
+        b, lp = divmod(int((total / count.clamp_min(1)).argmax()), 2)
+        return self.beta_grid[b], bool(lp)
+
+    @torch.no_grad()
+    def predict_cold_start(self, x, unlabeled):
+        if not self.cold_start_prior:
+            return self.predict_global(x)
+        r = self.gate(unlabeled).mean(0)
+        beta, use_lp = self.cold_start_setting()
+        log_w = self._routing_prior(self.gate.log_weights(x), r, beta)
+        probs = mixture(log_w, self.expert_logits(x)).exp()
+        if use_lp:
+            u_probs = mixture(self._routing_prior(self.gate.log_weights(unlabeled), r, beta), self.expert_logits(unlabeled)).exp()
+            uniform = torch.full((probs.shape[1],), 1.0 / probs.shape[1], device=x.device)
+            probs = prior_adjust(probs, em_label_prior(u_probs, uniform), uniform)
+        return probs

@@ -1,0 +1,137 @@
+"""FedCoE: coordinated aggregation, the two levels, and the cold-start path."""
+
+import inspect
+import math
+
+import pytest
+import torch
+
+from fedcoe_bench.fedcoe import FedCoE
+from fedcoe_bench.method import ClientUpdate
+
+
+def tiny(**kw) -> FedCoE:
+    torch.manual_seed(0)
+    m = FedCoE(num_experts=3, num_classes=4, in_channels=1, image_size=8, **kw)
+    m.flatten_parameters()
+    return m
+
+
+def updates_for(m: FedCoE, routing):
+    torch.manual_seed(1)
+    n = m.flat["shared"].numel()
+    return [ClientUpdate(i, w, torch.randn(n), {"routing": torch.tensor(r), "gate_entropy": torch.tensor(0.5)})
+            for i, (w, r) in enumerate(routing)]
+
+
+def test_coordinated_aggregation_matches_hand_computation():
+    m = tiny(local_level=False)
+    server = torch.randn(m.flat["shared"].numel())
+    ups = updates_for(m, [(2.0, [0.5, 0.5, 0.0]), (1.0, [0.2, 0.8, 0.0])])
+    new = m.aggregate(server, ups)
+    a, b = ups[0].shared, ups[1].shared
+    for k, (wa, wb) in enumerate([(2 * 0.5, 1 * 0.2), (2 * 0.5, 1 * 0.8)]):
+        s = m.span(f"experts.{k}.")
+        torch.testing.assert_close(new[s], (wa * a[s] + wb * b[s]) / (wa + wb))
+    s2 = m.span("experts.2.")
+    torch.testing.assert_close(new[s2], server[s2])  # no client routes to expert 2: kept
+    g = m.span("gate.")
+    torch.testing.assert_close(new[g], (2 * a[g] + b[g]) / 3)  # the shared gate: FedAvg
+    assert m.routing[1].tolist() == pytest.approx([0.2, 0.8, 0.0])
+    assert m.round_diagnostics()["expert_usage_1"] == pytest.approx(1.3)
+
+
+def test_uncoordinated_is_plain_weighted_average():
+    m = tiny(local_level=False, coordinated=False)
+    server = torch.randn(m.flat["shared"].numel())
+    ups = updates_for(m, [(2.0, [1.0, 0.0, 0.0]), (1.0, [0.0, 1.0, 0.0])])
+    torch.testing.assert_close(m.aggregate(server, ups), (2 * ups[0].shared + ups[1].shared) / 3)
+
+
+def test_softened_aggregation_uses_eps_plus_routing():
+    m = tiny(local_level=False, coordination_eps=0.25)
+    server = torch.zeros(m.flat["shared"].numel())
+    ups = updates_for(m, [(1.0, [1.0, 0.0, 0.0]), (1.0, [0.0, 1.0, 0.0])])
+    s = m.span("experts.1.")
+    want = (0.25 * ups[0].shared[s] + 1.25 * ups[1].shared[s]) / 1.5
+    torch.testing.assert_close(m.aggregate(server, ups)[s], want)
+
+
+def test_personal_parameters_never_shared():
+    m = tiny()
+    shared = m.layout["shared"]
+    assert not any(n.startswith(("local.", "fusion.", "local_ready")) for n in shared)
+    assert any(n.startswith("local.") for n in m.layout["personal"])
+    m2 = tiny(shared_gate=False)
+    assert not any(n.startswith("gate.") for n in m2.layout["shared"])
+    assert any(n.startswith("gate.") for n in m2.layout["personal"])
+
+
+def test_outputs_are_distributions_and_local_level_off_is_global():
+    x = torch.randn(6, 1, 8, 8)
+    m = tiny()
+    for p in (m.predict_global(x), m.predict_personal(x), m.predict_cold_start(x, x)):
+        assert (p >= 0).all() and torch.allclose(p.sum(1), torch.ones(6))
+    off = tiny(local_level=False)
+    torch.testing.assert_close(off.predict_personal(x), off.predict_global(x))
+    assert not torch.allclose(m.predict_personal(x), m.predict_global(x))
+
+
+def test_cold_start_reads_no_labels_changes_nothing_and_prior_off_is_global():
+    assert list(inspect.signature(FedCoE.predict_cold_start).parameters) == ["self", "x", "unlabeled"]
+    m = tiny(cold_start_prior=False)
+    x, u = torch.randn(5, 1, 8, 8), torch.randn(9, 1, 8, 8)
+    before = {k: v.clone() for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+    torch.testing.assert_close(m.predict_cold_start(x, u), m.predict_global(x))
+    on = tiny()
+    on.predict_cold_start(x, u)
+    for k, v in on.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            torch.testing.assert_close(v, before[k])
+
+
+def test_routing_prior_sharpens_with_a_confident_profile():
+    m = tiny(local_level=False)
+    log_w = torch.log_softmax(torch.zeros(2, 3), 1)  # G uniform
+    flat = m._routing_prior(log_w, torch.full((3,), 1 / 3), "adaptive")
+    torch.testing.assert_close(flat.exp(), torch.full((2, 3), 1 / 3))  # H(r) = log K -> beta = 0
+    sharp = m._routing_prior(log_w, torch.tensor([0.9, 0.05, 0.05]), "adaptive").exp()
+    assert sharp[0, 0] > 0.5
+    fixed = m._routing_prior(log_w, torch.tensor([0.5, 0.25, 0.25]), 1.0).exp()
+    torch.testing.assert_close(fixed[0], torch.tensor([0.5, 0.25, 0.25]))
+
+
+def test_calibrated_setting_follows_client_scores():
+    m = tiny(local_level=False, beta="calibrated")
+    assert m.cold_start_setting() == ("adaptive", False)  # nothing reported yet
+    scores = torch.zeros(len(FedCoE.beta_grid), 2)
+    scores[2, 1] = 0.9  # beta = 1.0 with the label prior is best
+    ups = updates_for(m, [(1.0, [0.3, 0.3, 0.4]), (1.0, [0.3, 0.3, 0.4])])
+    for u in ups:
+        u.report["calibration"] = scores
+    m.aggregate(torch.zeros(m.flat["shared"].numel()), ups)
+    assert m.cold_start_setting() == (1.0, True)
+
+
+def test_top_m_routing_is_sparse():
+    m = tiny(top_m=2)
+    w = m.gate(torch.randn(7, 1, 8, 8))
+    assert ((w > 0).sum(1) <= 2).all() and torch.allclose(w.sum(1), torch.ones(7))
+
+
+def test_balance_loss_prefers_balanced_routing():
+    m = tiny(local_level=False, lambda_bal=1.0)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))
+    base = m.training_step((x, y), 0)
+    with torch.no_grad():  # push the gate onto one expert: the balance term must grow
+        m.gate.net[-1].bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
+    collapsed = m.training_step((x, y), 0)
+    unbalanced = FedCoE(num_experts=3, num_classes=4, in_channels=1, image_size=8, local_level=False, lambda_bal=0.0)
+    unbalanced.load_state_dict(m.state_dict())
+    assert float((collapsed - unbalanced.training_step((x, y), 0)).detach()) == pytest.approx(3.0, abs=1e-3)  # K * f_0 * P_0
+    assert math.isfinite(float(base))
+
+
+def test_bad_beta_is_refused():
+    with pytest.raises(ValueError, match="beta"):
+        FedCoE(beta="sometimes")
