@@ -1,0 +1,33 @@
+"""Helpers shared by the tests (imported as ``helpers``; pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fedcoe_bench.data import Images, Synthetic
+
+
+class IndexedSynthetic(Synthetic):
+    """Synthetic images whose first two pixels encode the sample's index in the pool (train) or in the
+    global test split, so that a test can tell from a batch of *prepared* inputs which samples it holds."""
+
+    def load(self) -> Images:
+        images = super().load()
+        for x in (images.train_x, images.test_x):
+            i = torch.arange(len(x))
+            x[:, 0, 0, 0] = (i // 256).to(torch.uint8)
+            x[:, 0, 0, 1] = (i % 256).to(torch.uint8)
+        return images
+
+
+def decode_indices(fed, x: torch.Tensor) -> list[int]:
+    """Pool indices of the rows of a batch prepared by ``fed.prepare`` from :class:`IndexedSynthetic` images."""
+    raw = (x[:, 0, 0, :2] * fed.std.flatten()[0] + fed.mean.flatten()[0]).round().long()
+    return (raw[:, 0] * 256 + raw[:, 1]).tolist()
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())

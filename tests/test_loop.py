@@ -1,0 +1,155 @@
+"""The round loop keeps cold-start clients out of training, and evaluation never hands a label or a
+gradient to the cold-start predictor."""
+
+from __future__ import annotations
+
+import torch
+
+from baselines.fedavg import FedAvg
+from fedcoe_bench.evaluation import Evaluator
+from fedcoe_bench.loop import FederatedLoop
+from helpers import decode_indices
+
+
+def build(cls, fed):
+    return cls(num_classes=fed.num_classes, in_channels=1, image_size=12)
+
+
+class TrainSpy(FedAvg):
+    """Records the pool indices of every sample that reaches local training or a client report."""
+
+    def __init__(self, fed, **kwargs):
+        super().__init__(**kwargs)
+        self.fed = fed
+        self.seen_training: list[int] = []
+        self.seen_start: list[int] = []
+        self.seen_report: list[int] = []
+
+    def on_client_start(self, x, y):
+        self.seen_start += decode_indices(self.fed, x)
+
+    def training_step(self, batch, batch_idx):
+        self.seen_training += decode_indices(self.fed, batch[0])
+        return super().training_step(batch, batch_idx)
+
+    def client_report(self, x):
+        self.seen_report += decode_indices(self.fed, x)
+        return {}
+
+
+def test_cold_start_clients_are_never_trained(indexed_fed, fabric, monkeypatch):
+    fed = indexed_fed
+    new_ids = {c.id for c in fed.new_clients}
+    assert new_ids, "the fixture must hold cold-start clients"
+    trained: list[tuple[int, int]] = []  # (round, client id)
+    original = FederatedLoop._train_client
+
+    def spy(self, fabric, method, optimizer, fed, client, seed, rnd, server):
+        trained.append((rnd, client.id))
+        return original(self, fabric, method, optimizer, fed, client, seed, rnd, server)
+
+    monkeypatch.setattr(FederatedLoop, "_train_client", spy)
+    method = TrainSpy(fed, num_classes=fed.num_classes, in_channels=1, image_size=12)
+    # 8 of 8 training clients per round: every client that *could* be trained is
+    loop = FederatedLoop(rounds=2, clients_per_round=8, batch_size=16, eval_every=1, progress=False)
+    loop.fit(fabric, method, fed, seed=0)
+
+    ids = [cid for _, cid in trained]
+    assert len(trained) == 2 * 8
+    assert not new_ids & set(ids), "a cold-start client was trained"
+    assert set(ids) == {c.id for c in fed.clients}
+
+    new_samples = set(torch.cat([torch.cat([c.train, c.test]) for c in fed.new_clients]).tolist())
+    train_samples = set(torch.cat([c.train for c in fed.clients]).tolist())
+    for seen in (method.seen_training, method.seen_start, method.seen_report):
+        assert seen and not new_samples & set(seen), "a cold-start client's sample reached training"
+        assert set(seen) <= train_samples, "training saw a sample outside the training clients' train splits"
+    # one local epoch per round over every training client: each train sample exactly twice
+    assert sorted(method.seen_training) == sorted(list(train_samples) * 2)
+
+
+class ColdStartSpy(FedAvg):
+    """Personal head (so that 'which state is loaded' matters); records what the cold-start predictor gets."""
+
+    personal = ("net.head",)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls: list[dict] = []
+
+    def predict_cold_start(self, x, unlabeled):  # deliberately not decorated with no_grad
+        self.calls.append({
+            "args": (x, unlabeled),
+            "grad_enabled": torch.is_grad_enabled(),
+            "training": self.training,
+            "shared": self.flat["shared"].clone(),
+            "personal": self.flat["personal"].clone(),
+        })
+        return self(x).softmax(-1)
+
+
+def test_cold_start_predictor_sees_inputs_only_and_changes_nothing(indexed_fed, fabric):
+    fed = indexed_fed
+    method = build(ColdStartSpy, fed)
+    loop = FederatedLoop(rounds=2, clients_per_round=4, batch_size=16, eval_every=10, progress=False)
+    loop.fit(fabric, method, fed, seed=0)
+    assert loop.personal, "training clients should hold personal heads that differ from the initial one"
+    assert method.calls, "the cold-start predictor was never called"
+
+    # evaluate again, on a known state, and check the state after
+    def load(personal):
+        method.flat["shared"].copy_(loop.server)
+        method.flat["personal"].copy_(loop.init_personal if personal is None else personal)
+
+    load(None)
+    method.zero_grad(set_to_none=True)
+    method.calls.clear()
+    state_before = {k: v.clone() for k, v in method.state_dict().items()}
+    server_before = loop.server.clone()
+    personal_before = {k: v.clone() for k, v in loop.personal.items()}
+    metrics = Evaluator(fed, batch_size=64)(method, load, loop.personal.get)
+
+    assert 0.0 <= metrics["cold_start_acc"] <= 1.0
+    assert all(torch.equal(v, state_before[k]) for k, v in method.state_dict().items()), "evaluation changed a parameter"
+    assert all(p.grad is None for p in method.parameters()), "evaluation computed a gradient"
+    assert torch.equal(loop.server, server_before)
+    assert loop.personal.keys() == personal_before.keys()
+    assert all(torch.equal(loop.personal[k], v) for k, v in personal_before.items())
+
+    new_labels = [fed.pool_y[c.train] for c in fed.new_clients] + [fed.pool_y[c.test] for c in fed.new_clients]
+    unlabeled_seen = set()
+    for call in method.calls:
+        assert call["grad_enabled"] is False, "the cold-start predictor runs with gradients enabled"
+        assert call["training"] is False, "the cold-start predictor runs in train mode"
+        # the server state and the *initial* personal state are loaded, never a trained client's
+        assert torch.equal(call["shared"], loop.server)
+        assert torch.equal(call["personal"], loop.init_personal)
+        for arg in call["args"]:
+            assert isinstance(arg, torch.Tensor) and arg.is_floating_point(), "a non-input argument was passed"
+            assert not any(arg.shape == y.shape and torch.equal(arg.long(), y) for y in new_labels)
+            assert arg.shape[1:] == (1, 12, 12), "arguments must be image batches"
+        x, unlabeled = call["args"]
+        # the adaptation inputs are exactly one new client's local train inputs
+        owner = [c for c in fed.new_clients if sorted(decode_indices(fed, unlabeled)) == c.train.tolist()]
+        assert len(owner) == 1, "unlabeled inputs are not one new client's train split"
+        own = set(torch.cat([owner[0].train, owner[0].test]).tolist())
+        assert set(decode_indices(fed, x)) <= own, "the predictor got another client's inputs"
+        unlabeled_seen.add(owner[0].id)
+    assert unlabeled_seen == {c.id for c in fed.new_clients}
+
+
+def test_prepare_augments_by_crop_and_flip_only(indexed_fed):
+    """The batched on-device augmentation returns, per image, a 4-pixel-padded crop, possibly flipped."""
+    fed = indexed_fed
+    fed.augment = True
+    x = fed.pool_x[:6]
+    base = fed.prepare(x)
+    out = fed.prepare(x, torch.Generator().manual_seed(1))
+    assert out.shape == base.shape
+    padded = torch.nn.functional.pad(base, (4, 4, 4, 4))
+    h = w = base.shape[-1]
+    for i in range(len(x)):
+        crops = [padded[i, :, dy : dy + h, dx : dx + w] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(-1)) for c in crops), i
+    # without a generator (evaluation) there is no augmentation
+    assert torch.equal(fed.prepare(x), base)
