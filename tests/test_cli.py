@@ -118,11 +118,6 @@ def test_bad_input_ends_in_one_readable_line(tmp_path, fit_argv, run_cli, extra,
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a --data.source class path whose module cannot be imported (e.g. my_source.py not on PYTHONPATH, which "
-    "is the case for the `fedbench` console script run from the module's folder) is reported as "
-    "\"unknown data.source 'nosuchmod.MySource'; ... or give a DataSource class path\": the import failure "
-    "is hidden, so the message asks for what the user already gave"))
 def test_an_unimportable_user_source_says_the_import_failed(fit_argv, run_cli):
     rc, _, err = run_cli(fit_argv("run", source=("--data.source", "nosuchmod.MySource")))
     assert rc != 0 and len(err.strip().splitlines()) == 1

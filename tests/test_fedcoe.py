@@ -129,7 +129,7 @@ def test_balance_loss_prefers_balanced_routing():
     unbalanced = FedCoE(num_experts=3, num_classes=4, in_channels=1, image_size=8, local_level=False, lambda_bal=0.0)
     unbalanced.load_state_dict(m.state_dict())
     assert float((collapsed - unbalanced.training_step((x, y), 0)).detach()) == pytest.approx(3.0, abs=1e-3)  # K * f_0 * P_0
-    assert math.isfinite(float(base))
+    assert math.isfinite(float(base.detach()))
 
 
 def test_bad_beta_is_refused():

@@ -110,12 +110,7 @@ def hf_split(n: int, seed: int, label_col: str, feature: str, extra_cols: dict |
     return ds, torch.from_numpy(imgs).permute(0, 3, 1, 2), labels
 
 
-ARRAY_INT64 = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "CIFAR10._from_hf returns int64 images for a copy stored with an Array3D(uint8) feature: datasets' "
-    "numpy formatter turns integer arrays into int64 and _from_hf does not cast back to uint8"))
-
-
-@pytest.mark.parametrize("feature", ["image", pytest.param("array", marks=ARRAY_INT64)])
+@pytest.mark.parametrize("feature", ["image", "array"])
 def test_cifar10_reads_a_hugging_face_copy(tmp_path, feature):
     datasets = pytest.importorskip("datasets")
     datasets.disable_progress_bars()
@@ -131,8 +126,6 @@ def test_cifar10_reads_a_hugging_face_copy(tmp_path, feature):
         assert y.dtype == torch.int64 and y.tolist() == want_y
 
 
-@pytest.mark.xfail(strict=True, raises=(KeyError, ValueError), reason="CIFAR100._from_hf looks for 'fine_labels' then 'label', but the Hugging "
-                   "Face cifar100 copy (uoft-cs/cifar100) names its columns img / fine_label / coarse_label")
 def test_cifar100_reads_a_hugging_face_copy_with_its_real_column_names(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.disable_progress_bars()

@@ -90,21 +90,13 @@ def _fit_parser() -> ArgumentParser:
     return p
 
 
-def _partition_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Print the per-client class histogram of a partition.", exit_on_error=False, allow_abbrev=False)
-    p.add_argument("--config", action=ActionConfigFile)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_class_arguments(FederatedData, "data")
-    p.add_argument("--debug", type=bool, default=False)
-    return p
-
-
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="fedbench", description="Federated-learning benchmark: global, personalized "
                             "and cold-start accuracy.", exit_on_error=False, allow_abbrev=False)
     sub = parser.add_subcommands()
     sub.add_subcommand("fit", _fit_parser(), help="train one method on one setting")
-    sub.add_subcommand("partition", _partition_parser(), help="show how a partition deals classes to clients")
+    # partition takes the fit config as it is (only its seed and data keys matter)
+    sub.add_subcommand("partition", _fit_parser(), help="show how a partition deals classes to clients")
     return parser
 
 
@@ -140,7 +132,7 @@ def fit(parser: ArgumentParser, cfg: Namespace) -> dict:
     from lightning.fabric import Fabric
     from lightning.fabric.loggers import CSVLogger
 
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate(cfg)
     data: FederatedData = init.data
     loop: FederatedLoop = init.loop
     if os.environ.get("CI"):
@@ -167,12 +159,10 @@ def fit(parser: ArgumentParser, cfg: Namespace) -> dict:
     if fabric.is_global_zero:
         (run.path / "config.yaml").write_text(parser.dump(cfg))
 
-    t0 = time.perf_counter()
     fed = data.setup(cfg.seed, fabric.device)
     fabric.seed_everything(cfg.seed, verbose=False)
     method = build_method(cfg, data.source)
     metrics = loop.fit(fabric, method, fed, cfg.seed, run, resume_state)
-    wall = time.perf_counter() - t0
 
     summary = {
         "status": "finished",
@@ -184,7 +174,7 @@ def fit(parser: ArgumentParser, cfg: Namespace) -> dict:
         "rounds": loop.rounds,
         **{k: metrics.get(k) for k in ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")},
         "metrics": metrics,
-        "wall_time_s": wall + (resume_state or {}).get("wall_time_s", 0.0),
+        "wall_time_s": loop.wall_time_s,
         "resumed_from_round": resume_state["round"] if resume_state else None,
         "clients": {"training": len(fed.clients), "cold_start": len(fed.new_clients)},
         "config": config,
@@ -203,8 +193,8 @@ def fit(parser: ArgumentParser, cfg: Namespace) -> dict:
     return summary
 
 
-def partition(cfg: Namespace) -> None:
-    data: FederatedData = _partition_parser().instantiate_classes(cfg).data
+def partition(parser: ArgumentParser, cfg: Namespace) -> None:
+    data: FederatedData = parser.instantiate(cfg).data
     fed = data.setup(cfg.seed)
     hist = fed.label_histogram()
     ids = [c.id for c in fed.clients] + [c.id for c in fed.new_clients]
@@ -240,6 +230,8 @@ def _all_keys(parser: ArgumentParser) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if os.getcwd() not in sys.path:  # user methods and sources next to the config, as with `python -m`
+        sys.path.insert(0, os.getcwd())
     debug = "--debug" in argv or "--debug=true" in argv
     parser = build_parser()
     try:
@@ -248,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.subcommand == "fit":
             fit(parser._subcommands_action._name_parser_map["fit"], cfg.fit)
         elif cfg.subcommand == "partition":
-            partition(cfg.partition)
+            partition(parser._subcommands_action._name_parser_map["partition"], cfg.partition)
     except USER_ERRORS + (UsageError,) as err:
         if debug:
             raise

@@ -96,13 +96,14 @@ class FederatedLoop:
         self.init_personal = method.flat["personal"].clone()
         self.personal: dict[int, torch.Tensor] = {}
         self.history: list[dict] = []
-        start = 0
+        start, t_start, prior_time = 0, time.perf_counter(), 0.0
         if resume_state is not None:
             method.load_state_dict(resume_state["method"])
             server = resume_state["server"].to(server.device)
             self.personal = {int(k): v.to(server.device) for k, v in resume_state["personal"].items()}
             self.history = resume_state["history"]
             start = resume_state["round"]
+            prior_time = resume_state.get("wall_time_s", 0.0)
             for row in self.history:  # the CSV log is rewritten whole, so it matches an uninterrupted run
                 fabric.log_dict(row, step=row["round"])
 
@@ -147,10 +148,14 @@ class FederatedLoop:
             if run is not None and self.checkpoint_every and ((rnd + 1) % self.checkpoint_every == 0 or rnd + 1 == self.rounds):
                 load(None)
                 state = {"round": rnd + 1, "server": server, "personal": self.personal,
-                         "method": method.state_dict(), "history": self.history}
+                         "method": method.state_dict(), "history": self.history,
+                         "wall_time_s": prior_time + time.perf_counter() - t_start}
                 run.save_checkpoint(fabric, state)
         load(None)  # leave the method holding the server state
         self.server = server
+        self.wall_time_s = prior_time + time.perf_counter() - t_start
+        if not metrics:  # resumed from the final checkpoint: the last evaluation is in the history
+            metrics = {k: v for row in self.history for k, v in row.items() if k.endswith("_acc") or "_acc_" in k}
         return metrics
 
     # ------------------------------------------------------------------ one client

@@ -103,6 +103,10 @@ class FederatedData:
                  min_size: int = 10, shards_per_client: int = 2,
                  cache_dir: str = os.path.join("~", ".cache", "fedcoe_bench", "partitions")):
         if isinstance(source, str):
+            if "." in source:  # a class path that jsonargparse could not import
+                module = source.rpartition(".")[0]
+                raise DataError(f"data.source '{source}' cannot be imported (is module '{module}' on the "
+                                f"Python path? run from its folder or set PYTHONPATH)")
             if source not in SOURCES:
                 raise DataError(f"unknown data.source '{source}'; choose one of {', '.join(SOURCES)} or give a DataSource class path")
             source = SOURCES[source]()
@@ -123,7 +127,7 @@ class FederatedData:
 
     @property
     def num_cold_start(self) -> int:
-        return int(round(self.cold_start_fraction * self.num_clients))
+        return int(self.cold_start_fraction * self.num_clients + 0.5)  # half up, not Python's half-to-even
 
     @property
     def num_training_clients(self) -> int:

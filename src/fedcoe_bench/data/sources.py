@@ -154,10 +154,13 @@ class CIFAR10(DataSource):
 
         ds = datasets.load_from_disk(str(path)).with_format("numpy")
         img_key = "img" if "img" in ds["train"].column_names else "image"
-        lbl_key = self.label_key if self.label_key in ds["train"].column_names else "label"
+        # torchvision's key, then the Hugging Face names (cifar100 uses fine_label, cifar10 label)
+        names = ds["train"].column_names
+        lbl_key = next(k for k in (self.label_key, self.label_key.rstrip("s"), "label") if k in names)
 
         def arrays(split):
-            x = torch.from_numpy(np.stack(ds[split][img_key])).permute(0, 3, 1, 2).contiguous()
+            x = np.stack(ds[split][img_key]).astype(np.uint8, copy=False)  # numpy formatting widens ints
+            x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
             return x, torch.from_numpy(np.asarray(ds[split][lbl_key], dtype=np.int64))
 
         return Images(*arrays("train"), *arrays("test"), self.mean, self.std, augment=True)
