@@ -90,7 +90,7 @@ class FederatedLoop:
         method = fabric.to_device(method)
         method.flatten_parameters()
         optimizer = fabric.setup_optimizers(method.configure_optimizers())
-        evaluator = Evaluator(fed, self.eval_batch_size)
+        self.evaluator = evaluator = Evaluator(fed, self.eval_batch_size)  # per-client accuracies: evaluator.per_client
 
         server = method.flat["shared"].clone()
         self.init_personal = method.flat["personal"].clone()
@@ -211,7 +211,7 @@ class FederatedLoop:
         reports = {k: torch.stack([u.report[k] for u in updates] + [torch.zeros_like(updates[0].report[k])] * pad)
                    for k in keys}
         g = fabric.all_gather({"ids": ids, "scalars": scalars, "shared": shared, "personal": pers, **reports})
-        g = {k: v.reshape(-1, *v.shape[2:]) for k, v in g.items()}
+        g = {k: v.flatten(0, 1) for k, v in g.items()}  # [ranks, m, ...] -> [ranks * m, ...]
         out = []
         for j in torch.argsort(g["ids"]).tolist():
             cid = int(g["ids"][j])

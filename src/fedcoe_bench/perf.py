@@ -1,0 +1,171 @@
+"""Performance benchmark: ratios measured in one process and one run (``python -m fedcoe_bench.perf``).
+
+1. loop / tight-loop training throughput for the FedAvg CNN on mnist10k (target >= 0.90);
+2. evaluation cost per round relative to a training round, and round time at 100, 1,000 and
+   10,000 clients with the same samples per round (target: flat, <= 1.2x);
+3. bytes per stored client state for FedPer and FedCoE (what 10,000 clients cost);
+4. with ``--ddp``: a FedAvg round with 20 sampled clients on 2 CPU processes vs 1.
+
+Timings on a shared 2-core machine are noisy: each figure is the median of several repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.fabric import Fabric
+
+from baselines import FedAvg, FedPer
+from fedcoe_bench.data import FederatedData, Synthetic
+from fedcoe_bench.evaluation import Evaluator
+from fedcoe_bench.fedcoe import FedCoE
+from fedcoe_bench.loop import FederatedLoop
+
+
+def _fabric() -> Fabric:
+    return Fabric(accelerator="cpu", devices=1)
+
+
+def _cache() -> str:
+    return tempfile.mkdtemp(prefix="fedbench-perf-")
+
+
+def loop_vs_tight(rounds: int, repeats: int) -> dict:
+    """Samples/s of the federated loop (training only) over samples/s of a bare training loop
+    that trains the same model on as many samples, batch by batch, with the same optimizer."""
+    fed = FederatedData(cache_dir=_cache()).setup(0)
+    loop = FederatedLoop(rounds=rounds, eval_every=10**6, checkpoint_every=0, progress=False)
+    results = []
+    for _ in range(repeats):
+        torch.manual_seed(0)
+        loop.fit(_fabric(), FedAvg(), fed, seed=0)
+        rows = loop.history[1:]  # round 1 pays one-off warm-up
+        loop_sps = sum(r["samples_per_s"] * r["round_time"] for r in rows) / sum(r["round_time"] for r in rows)
+        samples = int(sum(r["samples_per_s"] * r["round_time"] for r in rows))
+
+        torch.manual_seed(0)
+        model = FedAvg()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = fed.prepare(fed.pool_x[: samples % len(fed.pool_x) or len(fed.pool_x)])
+        y = fed.pool_y[: len(x)]
+        t0, seen = time.perf_counter(), 0
+        while seen < samples:
+            for i in range(0, len(x), 32):
+                loss = F.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                seen += len(y[i : i + 32])
+                if seen >= samples:
+                    break
+        tight_sps = seen / (time.perf_counter() - t0)
+        results.append((loop_sps, tight_sps))
+    ratio = statistics.median(a / b for a, b in results)
+    return {"loop_samples_per_s": statistics.median(a for a, _ in results),
+            "tight_samples_per_s": statistics.median(b for _, b in results), "ratio": ratio}
+
+
+def eval_cost(repeats: int) -> dict:
+    """Seconds of one evaluation (all three metrics) over seconds of one training round."""
+    fed = FederatedData(cache_dir=_cache()).setup(0)
+    loop = FederatedLoop(rounds=3, eval_every=10**6, checkpoint_every=0, progress=False)
+    loop.fit(_fabric(), method := FedAvg(), fed, seed=0)
+    train = statistics.median(r["round_time"] for r in loop.history[1:])
+    evaluator = Evaluator(fed)
+    server = method.flat["shared"].clone()
+
+    def load(personal):
+        method.flat["shared"].copy_(server)
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        evaluator(method, load, loop.personal.get)
+        times.append(time.perf_counter() - t0)
+    return {"train_round_s": train, "eval_s": statistics.median(times), "ratio": statistics.median(times) / train}
+
+
+def client_scaling(counts: list[int], per_client: int, rounds: int) -> dict:
+    """Median training round time at each client count, with ``per_client`` samples per client and
+    10 clients per round, so that every setting trains the same number of samples per round."""
+    out = {}
+    for n in counts:
+        src = Synthetic(samples=n * per_client, test_samples=200, image_size=12)
+        fed = FederatedData(source=src, scheme="iid", num_clients=n, cold_start_fraction=0.0,
+                            min_size=2, cache_dir=_cache()).setup(0)
+        loop = FederatedLoop(rounds=rounds, clients_per_round=10, eval_every=10**6, checkpoint_every=0, progress=False)
+        loop.fit(_fabric(), FedPer(in_channels=1, image_size=12), fed, seed=0)
+        out[n] = statistics.median(r["round_time"] for r in loop.history[1:])
+    base = out[counts[0]]
+    return {"round_s": out, "ratio_to_first": {n: t / base for n, t in out.items()}}
+
+
+def state_bytes(rounds: int) -> dict:
+    """Bytes of the personal state the loop stores per client (FedPer's head; FedCoE's local
+    expert and fusion gate), measured on the tensors actually stored."""
+    fed = FederatedData(cache_dir=_cache()).setup(0)
+    out = {}
+    for name, method in (("fedper", FedPer()), ("fedcoe", FedCoE())):
+        loop = FederatedLoop(rounds=rounds, eval_every=10**6, checkpoint_every=0, progress=False)
+        loop.fit(_fabric(), method, fed, seed=0)
+        sizes = [t.numel() * t.element_size() for t in loop.personal.values()]
+        out[name] = {"clients_stored": len(sizes), "bytes_per_client": statistics.mean(sizes),
+                     "for_10000_clients_MiB": statistics.mean(sizes) * 10_000 / 2**20}
+    return out
+
+
+def ddp_vs_single(rounds: int) -> dict:
+    """Median training round time of FedAvg with 20 clients per round: 2 gloo processes vs 1."""
+    times = {}
+    for devices in (1, 2):
+        run = tempfile.mkdtemp(prefix="fedbench-perf-ddp-")
+        cmd = [sys.executable, "-m", "fedcoe_bench.cli", "fit", "--config",
+               str(Path(__file__).parents[2] / "benchmarks" / "mnist10k_dir0.3.yaml"),
+               "--loop.rounds", str(rounds), "--loop.clients_per_round", "20", "--loop.eval_every", "1000",
+               "--loop.checkpoint_every", "0", "--loop.progress", "false", "--run_dir", run,
+               "--fabric.accelerator", "cpu", "--fabric.devices", str(devices)]
+        if devices > 1:
+            cmd += ["--fabric.strategy", "ddp"]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "CI": "1"})
+        rows = [line.split(",") for line in (Path(run) / "metrics.csv").read_text().splitlines()]
+        col = rows[0].index("round_time")
+        times[devices] = statistics.median(float(r[col]) for r in rows[2:])
+    return {"round_s_1proc": times[1], "round_s_2proc": times[2], "speedup_2proc": times[1] / times[2]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--clients", type=int, nargs="+", default=[100, 1000, 10000])
+    p.add_argument("--ddp", action="store_true", help="also compare 2 gloo processes with 1")
+    p.add_argument("--json", type=str, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    results = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"}
+    print(results["machine"], flush=True)
+    steps = [("1. loop / tight loop (FedAvg CNN, mnist10k)", lambda: loop_vs_tight(args.rounds, args.repeats)),
+             ("2a. evaluation / training round", lambda: eval_cost(args.repeats)),
+             ("2b. round time vs number of clients", lambda: client_scaling(args.clients, 20, args.rounds)),
+             ("3. stored personal state per client", lambda: state_bytes(2))]
+    if args.ddp:
+        steps.append(("4. 2 processes vs 1 (20 clients per round)", lambda: ddp_vs_single(args.rounds)))
+    for title, fn in steps:
+        res = fn()
+        results[title] = res
+        print(f"{title}: {json.dumps(res, default=lambda v: round(v, 4))}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Killed runs resume to the uninterrupted result; half-written checkpoints are never read; NaN stops a run;
+2 CPU processes (gloo) give the numbers of 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedcoe_bench.cli import main
+
+METRICS = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")
+
+
+def argv(tmp_path: Path, run: str, method: str, *extra: str) -> list[str]:
+    return ["fit", "--method", method, "--data.source", "synthetic", "--data.source.samples", "400",
+            "--data.source.test_samples", "100", "--data.num_clients", "10", "--loop.clients_per_round", "4",
+            "--loop.rounds", "4", "--loop.checkpoint_every", "1", "--loop.eval_every", "2", "--loop.progress", "false",
+            "--fabric.accelerator", "cpu", "--data.cache_dir", str(tmp_path / "cache"),
+            "--run_dir", str(tmp_path / run), *extra]
+
+
+def fedbench(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fedcoe_bench.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def checkpoint_round(run: Path) -> int:
+    try:
+        return torch.load(run / "checkpoint.pt", weights_only=True)["round"]
+    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+        return 0
+
+
+def finished(run: Path) -> tuple[dict, torch.Tensor]:
+    summary = json.loads((run / "summary.json").read_text())
+    return summary, torch.load(run / "checkpoint.pt", weights_only=True)["server"]
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedper", "fedcoe"])
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, method):
+    assert main(argv(tmp_path, "whole", method)) == 0
+    proc = fedbench(argv(tmp_path, "killed", method, "--loop.rounds", "40"))  # same config hash: rounds may differ
+    deadline = time.time() + 240
+    while checkpoint_round(tmp_path / "killed") < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint_round(tmp_path / "killed")
+    assert 2 <= killed_at < 40, proc.stderr.read()
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    if killed_at >= 4:
+        pytest.skip("the run got past round 4 before the kill (machine too fast to interrupt)")
+
+    assert main(argv(tmp_path, "killed", method)) == 0  # resumes by default
+    (whole, server_whole), (resumed, server_resumed) = finished(tmp_path / "whole"), finished(tmp_path / "killed")
+    assert resumed["resumed_from_round"] == killed_at
+    for key in METRICS:
+        assert resumed[key] == whole[key], key
+    assert torch.equal(server_whole, server_resumed)
+
+
+def test_a_checkpoint_cut_short_mid_write_is_never_loaded(tmp_path):
+    assert main(argv(tmp_path, "whole", "fedavg")) == 0
+    assert main(argv(tmp_path, "cut", "fedavg", "--loop.rounds", "2")) == 0  # checkpoint at round 2
+    run = tmp_path / "cut"
+    (run / "summary.json").unlink()  # as if killed while writing the round-3 checkpoint:
+    good = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt.tmp").write_bytes(good[: len(good) // 3])  # the half-written temp file
+    assert main(argv(tmp_path, "cut", "fedavg")) == 0
+    resumed, whole = json.loads((run / "summary.json").read_text()), json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert resumed["resumed_from_round"] == 2
+    for key in METRICS:
+        assert resumed[key] == whole[key], key
+
+
+class NaNAtRound2:
+    """Source of a method whose loss turns NaN in round 2 (written to a module so the CLI can import it)."""
+
+    code = '''
+import torch
+from baselines import FedAvg
+
+class NaNFedAvg(FedAvg):
+    calls = 0
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        NaNFedAvg.calls += 1
+        return loss * float("nan") if NaNFedAvg.calls > 12 else loss
+'''
+
+
+def test_nan_loss_stops_the_run_naming_round_and_client(tmp_path, monkeypatch, capsys):
+    (tmp_path / "nan_method.py").write_text(NaNAtRound2.code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(argv(tmp_path, "nan", "nan_method.NaNFedAvg"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "Traceback" not in err[0]
+    assert "round" in err[0] and "client" in err[0] and "nan" in err[0]
+    run = tmp_path / "nan"
+    assert not (run / "summary.json").exists()
+    assert checkpoint_round(run) >= 1  # the last good checkpoint is kept
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedper"])
+def test_two_gloo_processes_match_one(tmp_path, method):
+    single = fedbench(argv(tmp_path, "one", method, "--loop.rounds", "3"))
+    assert single.wait(timeout=300) == 0, single.stderr.read()
+    double = fedbench(argv(tmp_path, "two", method, "--loop.rounds", "3", "--fabric.strategy", "ddp",
+                           "--fabric.devices", "2"))
+    assert double.wait(timeout=300) == 0, double.stderr.read()
+    (one, server_one), (two, server_two) = finished(tmp_path / "one"), finished(tmp_path / "two")
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for key in METRICS:
+        assert two[key] == pytest.approx(one[key], abs=1e-5), key
+    torch.testing.assert_close(server_two, server_one, atol=1e-5, rtol=0)
