@@ -20,6 +20,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from fedcoe_bench.data import DataError, DataSource, FederatedData
+from fedcoe_bench.evaluation import write_per_client
 from fedcoe_bench.loop import ConfigError, FederatedLoop, TrainingDiverged
 from fedcoe_bench.method import FederatedMethod
 from fedcoe_bench.runs import RunDir, RunError
@@ -186,6 +187,8 @@ def fit(parser: ArgumentParser, cfg: Namespace) -> dict:
     }
     if fabric.is_global_zero:
         method.save_artifacts(run.path)
+        if loop.evaluator.per_client:  # the final evaluation, client by client
+            write_per_client(loop.evaluator.per_client, run.path / "clients.csv")
     for logger in fabric.loggers:
         logger.finalize("success")
     if fabric.is_global_zero:

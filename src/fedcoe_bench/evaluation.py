@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import torch
@@ -69,6 +70,7 @@ class Evaluator:
 
     def __init__(self, fed: Federation, batch_size: int = 2048):
         self.fed, self.batch_size = fed, batch_size
+        self.per_client: list[dict] = []  # the latest evaluation, one row per client (see write_per_client)
         counts = fed.label_histogram(fed.clients).sum(0).double()
         self.train_prior = (counts / counts.sum()).float().to(fed.device)
 
@@ -99,6 +101,10 @@ class Evaluator:
             table = all_reduce(table)
         table = table.cpu()
         sizes = table[2].long().tolist()
+        kinds = ["train"] * n_pers + ["cold_start"] * n_cold
+        self.per_client = [{"client": cl.id, "kind": kind, "samples": sizes[j], "acc": float(table[0, j]),
+                            "lp_acc": float(table[1, j]) if kind == "cold_start" else None}
+                           for j, (cl, kind) in enumerate(zip(fed.clients + fed.new_clients, kinds))]
         out.update(summarize_clients(table[0, :n_pers].tolist(), sizes[:n_pers], "personal_acc"))
         if n_cold:
             out.update(summarize_clients(table[0, n_pers:].tolist(), sizes[n_pers:], "cold_start_acc"))
@@ -118,3 +124,14 @@ class Evaluator:
         acc = _accuracy(test_probs, y, fed.num_classes)[0]
         acc_lp = _accuracy(prior_adjust(test_probs, prior, self.train_prior), y, fed.num_classes)[0]
         return acc, acc_lp, len(y)
+
+
+def write_per_client(rows: list[dict], path) -> None:
+    """``clients.csv``: client, kind (train / cold_start), samples (local test), acc (personal for
+    training clients, cold-start for new ones), lp_acc (cold-start with the label-prior adapter)."""
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["client", "kind", "samples", "acc", "lp_acc"])
+        for r in rows:
+            out.writerow([r["client"], r["kind"], r["samples"], f"{r['acc']:.6f}",
+                          "" if r["lp_acc"] is None else f"{r['lp_acc']:.6f}"])
