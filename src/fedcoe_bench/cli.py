@@ -2,6 +2,9 @@
 
     fedbench fit --config benchmarks/mnist10k_dir0.3.yaml --method fedper --seed 1
     fedbench partition --config benchmarks/mnist10k_dir0.3.yaml
+    fedbench sweep benchmarks/sweeps/mnist10k.yaml [--sweep_dir runs] [--dry-run]
+    fedbench table runs [--format md|csv|latex] [--wandb ENTITY/PROJECT]
+    fedbench plot runs [--out runs/plots]
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from fedcoe_bench.data import DataError, DataSource, FederatedData
 from fedcoe_bench.evaluation import write_per_client
 from fedcoe_bench.loop import ConfigError, FederatedLoop, TrainingDiverged
 from fedcoe_bench.method import FederatedMethod
+from fedcoe_bench.results import ResultsError
 from fedcoe_bench.runs import RunDir, RunError
+from fedcoe_bench.sweep import SweepError
 
-USER_ERRORS = (DataError, ConfigError, RunError, TrainingDiverged)
+USER_ERRORS = (DataError, ConfigError, RunError, TrainingDiverged, ResultsError, SweepError)
 
 
 class UsageError(ValueError):
@@ -72,7 +77,9 @@ def _fit_parser() -> ArgumentParser:
     p.add_argument("--config", action=ActionConfigFile, help="YAML config file (later flags override it)")
     p.add_argument("--seed", type=int, default=0, help="seeds the partition, the client sampling and every client")
     p.add_argument("--run_dir", type=str | None, default=None,
-                   help="output directory (default runs/<dataset>/<scheme><alpha>/<method>/seed<seed>)")
+                   help="output directory (default runs/<dataset>/<scheme><alpha>/<name or method>/seed<seed>)")
+    p.add_argument("--name", type=str | None, default=None,
+                   help="label of this setting (e.g. an ablation) in run directories, tables and W&B (default: the method)")
     p.add_subclass_arguments(FederatedMethod, "method", skip={"num_classes", "in_channels", "image_size"},
                              default={"class_path": "baselines.fedavg.FedAvg"}, required=False)
     p.add_class_arguments(FederatedData, "data")
@@ -98,7 +105,45 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("fit", _fit_parser(), help="train one method on one setting")
     # partition takes the fit config as it is (only its seed and data keys matter)
     sub.add_subcommand("partition", _fit_parser(), help="show how a partition deals classes to clients")
+    sub.add_subcommand("sweep", _sweep_parser(), help="run a W&B grid-sweep file locally, one run after another")
+    sub.add_subcommand("table", _table_parser(), help="results table: methods x accuracies, mean ± std over seeds")
+    sub.add_subcommand("plot", _plot_parser(), help="figures: accuracy curves, per-client spread, partitions")
     return parser
+
+
+# subcommands whose module has ``command(cfg) -> exit code``
+RESULTS_COMMANDS = {"sweep": "fedcoe_bench.sweep", "table": "fedcoe_bench.tables", "plot": "fedcoe_bench.plots"}
+
+
+def _sweep_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Run a W&B grid-sweep definition locally, without W&B: one `fedbench fit` per "
+                       "grid point, each in SWEEP_DIR/<dataset>/<scheme><alpha>/<name or method>/seed<seed>; "
+                       "finished runs are skipped.", exit_on_error=False, allow_abbrev=False)
+    p.add_argument("file", type=str, help="sweep YAML, e.g. benchmarks/sweeps/mnist10k.yaml")
+    p.add_argument("--sweep_dir", type=str, default="runs", help="where the run directories go")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print the commands only")
+    p.add_argument("--logger", type=str, default="csv", choices=["csv", "wandb"], help="logger of every run")
+    p.add_argument("--debug", type=bool, default=False)
+    return p
+
+
+def _table_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Methods as rows, global / personalized / cold-start accuracy as columns, "
+                       "mean ± std over seeds, one table per dataset and alpha.", exit_on_error=False, allow_abbrev=False)
+    p.add_argument("dir", nargs="?", default=None, help="runs directory: every summary.json below it")
+    p.add_argument("--format", type=str, default="md", choices=["md", "csv", "latex"])
+    p.add_argument("--wandb", type=str | None, default=None, help="read the runs of W&B project ENTITY/PROJECT instead")
+    p.add_argument("--debug", type=bool, default=False)
+    return p
+
+
+def _plot_parser() -> ArgumentParser:
+    p = ArgumentParser(description="PNG figures of the finished runs below a directory.", exit_on_error=False,
+                       allow_abbrev=False)
+    p.add_argument("dir", type=str, help="runs directory")
+    p.add_argument("--out", type=str | None, default=None, help="output folder (default DIR/plots)")
+    p.add_argument("--debug", type=bool, default=False)
+    return p
 
 
 def short_name(class_path: str) -> str:
@@ -109,7 +154,8 @@ def default_run_dir(cfg: Namespace) -> str:
     src = cfg.data.source
     dataset = short_name(src.class_path) if isinstance(src, Namespace) else str(src)
     scheme = cfg.data.scheme + (str(cfg.data.alpha) if cfg.data.scheme == "dirichlet" else "")
-    return os.path.join("runs", dataset, scheme, short_name(cfg.method.class_path), f"seed{cfg.seed}")
+    name = cfg.get("name") or short_name(cfg.method.class_path)
+    return os.path.join("runs", dataset, scheme, name, f"seed{cfg.seed}")
 
 
 def _git_sha() -> str | None:
@@ -189,6 +235,9 @@ def fit(parser: ArgumentParser, cfg: Namespace) -> dict:
         method.save_artifacts(run.path)
         if loop.evaluator.per_client:  # the final evaluation, client by client
             write_per_client(loop.evaluator.per_client, run.path / "clients.csv")
+        for logger in fabric.loggers:
+            if hasattr(logger, "log_summary"):  # W&B: the final numbers and the files above
+                logger.log_summary(summary, run.path)
     for logger in fabric.loggers:
         logger.finalize("success")
     if fabric.is_global_zero:
@@ -244,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             fit(parser._subcommands_action._name_parser_map["fit"], cfg.fit)
         elif cfg.subcommand == "partition":
             partition(parser._subcommands_action._name_parser_map["partition"], cfg.partition)
+        elif cfg.subcommand in RESULTS_COMMANDS:
+            return importlib.import_module(RESULTS_COMMANDS[cfg.subcommand]).command(cfg[cfg.subcommand])
     except USER_ERRORS + (UsageError,) as err:
         if debug:
             raise

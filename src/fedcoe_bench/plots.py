@@ -1,0 +1,262 @@
+"""``fedbench plot RUNS_DIR``: PNG figures of finished runs, one set per (dataset, scheme, alpha, rounds).
+
+- ``*_curves.png``: global / personalized / cold-start accuracy (%) against the round, one line
+  per method (mean over seeds, band: ± one sample std), from each run's ``metrics.csv``;
+- ``*_clients.png``: the spread of per-client accuracy (%) per method, all seeds pooled, from each
+  run's ``clients.csv`` (written by ``fedbench fit`` at the final evaluation);
+- ``*_partition.png``: how the partition deals classes to clients (the run config's
+  ``FederatedData.setup(seed).label_histogram()``, lowest seed of the group).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import sys
+from pathlib import Path
+
+from fedcoe_bench.results import Run, group_title, load_runs, method_sort_key
+from fedcoe_bench.tables import mean_std
+
+CURVE_METRICS = (("global_acc", "global (server model, global test set)"),
+                 ("personal_acc", "personalized (own model, own test split)"),
+                 ("cold_start_acc", "cold-start (new clients, no training)"))
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg and touches no global backend
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _colors(labels: list[str]) -> dict[str, tuple]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
+def _float(v: str | None) -> float | None:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def read_curve(run_dir: str | Path) -> dict[str, dict[int, float]]:
+    """metric -> {round: accuracy} from ``metrics.csv`` (rounds without an evaluation are left out)."""
+    path = Path(run_dir) / "metrics.csv"
+    out: dict[str, dict[int, float]] = {m: {} for m, _ in CURVE_METRICS}
+    if not path.exists():
+        return out
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            rnd = _float(row.get("round") or row.get("step"))
+            for m in out:
+                v = _float(row.get(m))
+                if rnd is not None and v is not None:
+                    out[m][int(rnd)] = v
+    return out
+
+
+def read_clients(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "clients.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{"kind": r["kind"], "acc": _float(r["acc"])} for r in csv.DictReader(f) if _float(r.get("acc")) is not None]
+
+
+def _slug(group: tuple) -> str:
+    dataset, scheme, alpha, rounds = group
+    text = f"{dataset}_{scheme}{'' if alpha is None else f'{alpha:g}'}" + ("" if rounds is None else f"_{rounds}r")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+
+
+def plot_curves(runs: list[Run], title: str, out: Path) -> bool:
+    labels = sorted({r.label for r in runs}, key=method_sort_key)
+    colors = _colors(labels)
+    curves = {r.path: read_curve(r.path) for r in runs}
+    if not any(c for cur in curves.values() for c in cur.values()):
+        return False
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(5.0 * len(CURVE_METRICS), 4.2)
+    axes = fig.subplots(1, len(CURVE_METRICS))
+    for ax, (metric, name) in zip(axes, CURVE_METRICS):
+        for label in labels:
+            per_seed = [curves[r.path][metric] for r in runs if r.label == label and curves[r.path][metric]]
+            if not per_seed:
+                continue
+            rounds = sorted({t for c in per_seed for t in c})
+            stats = [mean_std([100 * c[t] for c in per_seed if t in c]) for t in rounds]
+            mean = [m for m, _ in stats]
+            std = [s or 0.0 for _, s in stats]
+            ax.plot(rounds, mean, marker="o" if len(rounds) <= 12 else None, markersize=3.5, color=colors[label],
+                    label=f"{label} (n={len(per_seed)})")
+            if len(per_seed) > 1:
+                ax.fill_between(rounds, [max(0.0, m - s) for m, s in zip(mean, std)],
+                                [min(100.0, m + s) for m, s in zip(mean, std)], color=colors[label], alpha=0.18,
+                                linewidth=0)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("communication round")
+        ax.set_ylabel("accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(max(0.0, lo), min(100.0, hi))
+    handles, names = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:
+        for h, n in zip(*ax.get_legend_handles_labels()):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    fig.legend(handles, names, loc="outside right upper", title="method (seeds)", fontsize=9)
+    fig.suptitle(f"{title}: accuracy vs round (mean over seeds, band ± 1 std)")
+    fig.savefig(out)
+    return True
+
+
+def plot_clients(runs: list[Run], title: str, out: Path) -> bool:
+    labels = sorted({r.label for r in runs}, key=method_sort_key)
+    colors = _colors(labels)
+    kinds = (("train", "personalized accuracy of each training client"),
+             ("cold_start", "cold-start accuracy of each new client"))
+    data = {k: {label: [] for label in labels} for k, _ in kinds}
+    for r in runs:
+        for row in read_clients(r.path):
+            if row["kind"] in data:
+                data[row["kind"]][r.label].append(100 * row["acc"])
+    kinds = tuple((k, name) for k, name in kinds if any(data[k].values()))
+    if not kinds:
+        return False
+    fig = _figure(max(6.0, 1.0 + 0.9 * len(labels)) * len(kinds), 4.6)
+    axes = fig.subplots(1, len(kinds), sharey=True, squeeze=False)[0]
+    for ax, (kind, name) in zip(axes, kinds):
+        shown = [label for label in labels if data[kind][label]]
+        values = [data[kind][label] for label in shown]
+        box = ax.boxplot(values, patch_artist=True, widths=0.6, showfliers=False,
+                         medianprops={"color": "black"})
+        ax.set_xticks(range(1, len(shown) + 1), shown, rotation=30, ha="right")
+        for patch, label in zip(box["boxes"], shown):
+            patch.set_facecolor((*colors[label][:3], 0.35))
+            patch.set_edgecolor(colors[label])
+        for i, (label, vals) in enumerate(zip(shown, values), 1):  # every client as a dot
+            jitter = [((j * 0.618) % 1 - 0.5) * 0.35 for j in range(len(vals))]
+            ax.scatter([i + d for d in jitter], vals, s=9, color=colors[label], alpha=0.7, linewidths=0, zorder=3)
+        counts = {len(v) for v in values}
+        ax.set_title(f"{name}\n(one dot per client and seed; n = {', '.join(map(str, sorted(counts)))} per method)",
+                     fontsize=10)
+        ax.set_ylim(-2, 102)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    fig.suptitle(f"{title}: per-client accuracy at the end of training")
+    fig.savefig(out)
+    return True
+
+
+def partition_histogram(config: dict):
+    """(label histogram [clients, classes], client ids, cold-start ids, seed) of a run's partition."""
+    from fedcoe_bench import cli
+
+    parser = cli.build_parser()._subcommands_action._name_parser_map["fit"]
+    config = {k: v for k, v in config.items() if k != "config"}
+    cfg = parser.parse_object(config)
+    data = parser.instantiate_classes(cfg).data
+    fed = data.setup(cfg.seed)
+    ids = [c.id for c in fed.clients] + [c.id for c in fed.new_clients]
+    return fed.label_histogram(), ids, {c.id for c in fed.new_clients}, cfg.seed
+
+
+def plot_partition(config: dict, title: str, out: Path) -> bool:
+    hist, ids, cold, seed = partition_histogram(config)
+    hist = hist.numpy()
+    n_clients, n_classes = hist.shape
+    fig = _figure(min(16.0, max(7.0, 0.22 * n_clients + 2.5)), 4.8)
+    ax = fig.subplots()
+    x = list(range(n_clients))
+    if n_classes <= 20:
+        from matplotlib import colormaps
+
+        cmap = colormaps["tab10" if n_classes <= 10 else "tab20"]
+        bottom = [0] * n_clients
+        for c in range(n_classes):
+            ax.bar(x, hist[:, c], bottom=bottom, color=cmap(c), width=0.85, label=str(c))
+            bottom = [b + v for b, v in zip(bottom, hist[:, c])]
+        ax.set_ylabel("training samples (local train split)")
+        fig.legend(title="class", loc="outside right upper", fontsize=8, ncols=1 if n_classes <= 10 else 2)
+    else:
+        image = ax.imshow(hist.T, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_ylabel("class")
+        fig.colorbar(image, ax=ax, label="training samples")
+    n_train = n_clients - len(cold)
+    if cold:
+        ax.axvspan(n_train - 0.5, n_clients - 0.5, color="0.88", zorder=0)
+    ax.set_xlim(-0.5, n_clients - 0.5)
+    step = max(1, math.ceil(n_clients / 40))
+    ax.set_xticks(x[::step], [str(i) for i in ids][::step], fontsize=8)
+    ax.set_xlabel("client id: training clients, then cold-start clients (grey band: never trained on)"
+                  if cold else "client id")
+    ax.set_title(f"{title}\nclasses per client (partition of seed {seed})", fontsize=11)
+    fig.savefig(out)
+    return True
+
+
+def make_plots(runs_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write the figures of every group of finished runs under ``runs_dir``; returns the files written."""
+    runs = load_runs(runs_dir)
+    out = Path(out_dir) if out_dir is not None else Path(runs_dir) / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    unfinished = [r for r in runs if not r.finished]
+    if unfinished:
+        print(f"plot: leaving out {len(unfinished)} run(s) that are not finished "
+              f"(see fedbench table): {', '.join(r.path for r in unfinished[:3])}{' ...' * (len(unfinished) > 3)}",
+              file=sys.stderr)
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        if r.finished:
+            groups.setdefault(r.group, []).append(r)
+    written = []
+    for group, members in sorted(groups.items(), key=lambda kv: _slug(kv[0])):
+        title, slug = group_title(group), _slug(group)
+        if plot_curves(members, title, out / f"{slug}_curves.png"):
+            written.append(out / f"{slug}_curves.png")
+        if plot_clients(members, title, out / f"{slug}_clients.png"):
+            written.append(out / f"{slug}_clients.png")
+        else:
+            print(f"plot: {title}: no clients.csv in its runs, so no per-client figure", file=sys.stderr)
+        first = min(members, key=lambda r: (r.seed is None, r.seed or 0, r.path))
+        try:
+            config = _run_config(first)
+            if config and plot_partition(config, title, out / f"{slug}_partition.png"):
+                written.append(out / f"{slug}_partition.png")
+        except Exception as err:  # noqa: BLE001 - e.g. the data set is not on this machine
+            print(f"plot: {title}: no partition figure ({type(err).__name__}: {' '.join(str(err).split())[:200]})",
+                  file=sys.stderr)
+    return written
+
+
+def _run_config(run: Run) -> dict | None:
+    import json
+
+    path = Path(run.path) / "summary.json"
+    if path.exists():
+        return json.loads(path.read_text()).get("config")
+    return None
+
+
+def command(cfg) -> int:
+    """``fedbench plot DIR [--out DIR]``: prints the files written."""
+    from fedcoe_bench.results import ResultsError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ResultsError("fedbench plot needs matplotlib: pip install 'fedcoe-bench[plots]'") from None
+    written = make_plots(cfg.dir, cfg.out)
+    if not written:
+        raise ResultsError(f"no figures written: no finished run under {cfg.dir} has metrics.csv")
+    print("\n".join(map(str, written)))
+    return 0

@@ -1,0 +1,232 @@
+"""Finished and unfinished runs, read from run directories or from W&B, as one kind of record.
+
+A run directory is any folder holding ``summary.json`` (finished) or ``config.yaml`` without a
+summary (started, not finished); folders named ``wandb`` (W&B's own files) are not searched.
+A run that cannot be used (unfinished, unreadable summary, another status) is kept as a record
+with ``status`` saying why, so that tables list it as missing instead of dropping it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METRICS = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")
+# Methods in the order of the paper's tables; other names follow alphabetically.
+METHOD_ORDER = ("fedavg", "fedprox", "fedper", "fedmix", "pfedmoe", "local", "fedcoe")
+
+
+class ResultsError(ValueError):
+    """Nothing usable where results were asked for; the message says where we looked."""
+
+
+@dataclass
+class Run:
+    """One run. ``status`` is ``finished`` or why the run cannot be counted."""
+
+    path: str
+    method: str
+    dataset: str | None = None
+    scheme: str | None = None
+    alpha: float | None = None
+    rounds: int | None = None
+    seed: int | None = None
+    name: str | None = None  # the config's ``name`` (a label chosen by the user), if any
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    init_args: dict = field(default_factory=dict)
+    status: str = "finished"
+    label: str = ""  # the table row; set by :func:`assign_labels`
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    @property
+    def group(self) -> tuple:
+        """Runs are compared only within (dataset, scheme, alpha, rounds)."""
+        alpha = self.alpha if self.scheme in (None, "dirichlet") else None
+        return (self.dataset or "?", self.scheme or "?", alpha, self.rounds)
+
+
+def short_name(class_path: str) -> str:
+    return str(class_path).rsplit(".", 1)[-1].lower()
+
+
+def _source_name(source) -> str | None:
+    if isinstance(source, dict):
+        return short_name(source.get("class_path", "?"))
+    return None if source is None else short_name(source)
+
+
+def run_from_config(config: dict, path: str, status: str) -> Run:
+    """A record from a run's (nested) config: what the run was meant to be."""
+    method = config.get("method") or {}
+    method = method if isinstance(method, dict) else {"class_path": method}
+    data = config.get("data") or {}
+    return Run(path=path, method=short_name(method.get("class_path", "fedavg")),
+               dataset=_source_name(data.get("source")), scheme=data.get("scheme"), alpha=data.get("alpha"),
+               rounds=(config.get("loop") or {}).get("rounds"), seed=config.get("seed"), name=config.get("name"),
+               init_args=dict(method.get("init_args") or {}), status=status)
+
+
+def run_from_summary(summary: dict, path: str) -> Run:
+    """A record from ``summary.json``."""
+    run = run_from_config(summary.get("config") or {}, path, "finished")
+    for key in ("method", "dataset", "scheme", "alpha", "rounds", "seed"):
+        if summary.get(key) is not None:
+            setattr(run, key, summary[key])
+    run.metrics = {k: summary.get(k, (summary.get("metrics") or {}).get(k)) for k in METRICS}
+    if summary.get("status", "finished") != "finished":
+        run.status = f"status {summary.get('status')!r}"
+    elif all(v is None for v in run.metrics.values()):
+        run.status = "summary.json has no accuracies"
+    return run
+
+
+def find_run_dirs(root: str | os.PathLike) -> list[Path]:
+    """Folders under ``root`` (itself included) that hold ``summary.json`` or ``config.yaml``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ResultsError(f"no such directory: {root}")
+    found = []
+    for here, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d != "wandb" and not d.startswith("."))
+        if "summary.json" in files or "config.yaml" in files:
+            found.append(Path(here))
+    return found
+
+
+def load_run(path: Path) -> Run:
+    """The record of one run directory; never raises for a damaged run (its ``status`` says why)."""
+    summary_path, config_path = path / "summary.json", path / "config.yaml"
+    if summary_path.exists():
+        try:
+            summary = json.loads(summary_path.read_text())
+            if not isinstance(summary, dict):
+                raise ValueError("not a JSON object")
+            return run_from_summary(summary, str(path))
+        except (OSError, ValueError) as err:
+            why = f"unreadable summary.json: {type(err).__name__}"
+    else:
+        why = "unfinished: no summary.json"
+    try:
+        config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+        config = config if isinstance(config, dict) else {}
+    except (OSError, yaml.YAMLError):
+        config = {}
+    return run_from_config(config, str(path), why)
+
+
+def load_runs(root: str | os.PathLike) -> list[Run]:
+    runs = [load_run(p) for p in find_run_dirs(root)]
+    if not runs:
+        raise ResultsError(f"no runs under {root} (looked for folders with summary.json or config.yaml)")
+    return assign_labels(runs)
+
+
+# ---------------------------------------------------------------------- W&B
+def _plain(mapping) -> dict:
+    """A W&B summary or config (dict-like; config values may be wrapped as {'value': v}) as a dict."""
+    items = mapping.items() if hasattr(mapping, "items") else []
+    out = {}
+    for k, v in items:
+        if isinstance(v, dict) and set(v) <= {"value", "desc"} and "value" in v:
+            v = v["value"]
+        out[k] = v
+    return out
+
+
+def run_from_wandb(wb_run) -> Run:
+    """A record from a W&B run (the public API's ``Run``: ``.summary``, ``.config``, ``.state``, ``.name``).
+
+    fedbench's W&B logger writes the run's flattened config (``method`` short name, ``data.alpha``,
+    ``seed``, ``method.init_args.*``...) and the final numbers into the run summary.
+    """
+    summary, config = _plain(wb_run.summary), _plain(wb_run.config)
+    path = "/".join(getattr(wb_run, "path", None) or []) or str(getattr(wb_run, "name", "?"))
+    pick = lambda *keys: next((src[k] for k in keys for src in (summary, config) if src.get(k) is not None), None)  # noqa: E731
+    method = pick("method")
+    run = Run(path=f"wandb:{path}", method=short_name(method) if method else "?",
+              dataset=pick("dataset") or _source_name(pick("data.source.class_path", "data.source")),
+              scheme=pick("scheme", "data.scheme"), alpha=pick("alpha", "data.alpha"),
+              rounds=pick("rounds", "loop.rounds"), seed=pick("seed"), name=pick("name"),
+              init_args={k[len("method.init_args."):]: v for k, v in config.items() if k.startswith("method.init_args.")})
+    run.metrics = {k: summary.get(k) for k in METRICS}
+    state = getattr(wb_run, "state", "finished")
+    if method is None:
+        run.status = "not a fedbench run (no 'method' in its config)"
+    elif state != "finished":
+        run.status = f"W&B state {state!r}"
+    elif summary.get("status") not in (None, "finished") or all(v is None for v in run.metrics.values()):
+        run.status = "no final accuracies in its W&B summary"
+    return run
+
+
+def load_wandb_runs(path: str, api=None) -> list[Run]:
+    """Runs of the W&B project ``ENTITY/PROJECT`` (read through ``wandb.Api().runs``)."""
+    if path.count("/") != 1 or not all(path.split("/")):
+        raise ResultsError(f"--wandb expects ENTITY/PROJECT (got {path!r})")
+    try:
+        if api is None:
+            import wandb
+
+            api = wandb.Api()
+        runs = [run_from_wandb(r) for r in api.runs(path)]
+    except ResultsError:
+        raise
+    except Exception as err:  # wandb raises its own CommError/UsageError, or ValueError for a bad path
+        raise ResultsError(f"cannot read W&B runs of {path}: {' '.join(str(err).split()) or type(err).__name__}") from None
+    if not runs:
+        raise ResultsError(f"W&B project {path} has no runs")
+    return assign_labels(runs)
+
+
+# ---------------------------------------------------------------------- labels
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True, default=str) if isinstance(v, list) else v
+    return out
+
+
+def assign_labels(runs: list[Run]) -> list[Run]:
+    """Row labels: the config's ``name`` or the method's short name; where runs of one label in one
+    group differ in method settings (an ablation run without ``--name``), each run whose setting is
+    not the most common one gets it appended, e.g. ``fedcoe (coordinated=False)``."""
+    by_key: dict[tuple, list[Run]] = {}
+    for r in runs:
+        r.label = r.name or r.method
+        by_key.setdefault((r.group, r.label), []).append(r)
+    for same in by_key.values():
+        flats = [_flat(r.init_args) for r in same]
+        keys = sorted({k for f in flats for k in f})
+        varying = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
+        for r, f in zip(same, flats):
+            extra = []
+            for k in varying:
+                counts = Counter(repr(g.get(k)) for g in flats).most_common()
+                unique_mode = len(counts) == 1 or counts[0][1] > counts[1][1]
+                if not unique_mode or repr(f.get(k)) != counts[0][0]:
+                    extra.append(f"{k}={f.get(k)}")
+            if extra:
+                r.label = f"{r.label} ({', '.join(extra)})"
+    return runs
+
+
+def method_sort_key(label: str) -> tuple:
+    base = label.split(" ")[0].split("-")[0]
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), label)
+
+
+def group_title(group: tuple) -> str:
+    dataset, scheme, alpha, rounds = group
+    title = f"{dataset}, {scheme}" + (f" alpha={alpha:g}" if alpha is not None and scheme == "dirichlet" else "")
+    return title + (f", {rounds} rounds" if rounds is not None else "")

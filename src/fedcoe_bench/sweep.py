@@ -1,0 +1,220 @@
+"""``fedbench sweep FILE``: run a W&B grid-sweep definition locally, without W&B.
+
+The file is an ordinary ``wandb sweep`` definition (``method: grid``, ``parameters`` with
+``values`` or ``value``, a ``command`` running ``fedbench fit ... ${args}``). Each grid point
+becomes the command ``wandb agent`` would run (``${args}`` expands to ``--key=value`` flags, in
+the order of ``parameters``), with ``--logger=csv`` and ``--run_dir`` set to
+``SWEEP_DIR/<dataset>/<scheme><alpha>/<name or method>/seed<seed>``: the layout of
+``fedbench fit``'s default run directory with ``runs`` replaced by ``SWEEP_DIR``. Runs go one
+after another, each in its own process; a run whose directory already holds a finished run of
+the same config is skipped, so an interrupted sweep resumes where it stopped (an unfinished run
+continues from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fedcoe_bench.runs import _flatten
+
+# Keys that do not change a run's results: a finished run that differs only in them counts as done.
+IGNORED_KEYS = ("run_dir", "resume", "overwrite", "debug", "logger", "wandb_project", "config", "fabric.accelerator",
+                "fabric.devices", "fabric.strategy", "fabric.num_nodes", "loop.progress", "loop.checkpoint_every",
+                "loop.eval_batch_size", "data.cache_dir", "data.source.init_args.root", "data.source.init_args.download")
+
+
+class SweepError(ValueError):
+    """A sweep file that cannot be run locally; the message names the key."""
+
+
+@dataclass
+class SweepRun:
+    index: int
+    params: dict
+    fit_args: list[str]  # everything after `fedbench fit`, --run_dir and --logger included
+    run_dir: Path
+    config: dict = field(default_factory=dict)  # the resolved config, as summary.json stores it
+    state: str = "todo"  # todo | finished | conflict: ... (set by check_finished)
+
+    @property
+    def command(self) -> str:
+        return shlex.join(["fedbench", "fit", *self.fit_args])
+
+
+def load_sweep(path: str | os.PathLike) -> dict:
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise SweepError(f"cannot read sweep file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise SweepError(f"sweep file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(config, dict):
+        raise SweepError(f"sweep file {path} must be a mapping with 'method', 'parameters' and 'command'")
+    if config.get("method") != "grid":
+        raise SweepError(f"{path}: method is {config.get('method')!r}; fedbench sweep runs grid sweeps only "
+                         f"(use wandb sweep + wandb agent for random or bayes search)")
+    params = config.get("parameters")
+    if not isinstance(params, dict) or not params:
+        raise SweepError(f"{path}: 'parameters' must map each flag to its values")
+    for key, spec in params.items():
+        if not isinstance(spec, dict) or not (("values" in spec and isinstance(spec["values"], list) and spec["values"])
+                                              or "value" in spec):
+            raise SweepError(f"{path}: parameters.{key} needs a non-empty 'values' list or a single 'value' "
+                             f"(distributions are not a grid)")
+    if not isinstance(config.get("command"), list):
+        raise SweepError(f"{path}: 'command' must be a list such as [fedbench, fit, --config, FILE, '${{args}}']")
+    return config
+
+
+def grid(config: dict) -> list[dict]:
+    """Every combination of the parameters' values; the last parameter varies fastest."""
+    keys = list(config["parameters"])
+    values = [spec["values"] if "values" in spec else [spec["value"]] for spec in config["parameters"].values()]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def command_args(config: dict, params: dict) -> list[str]:
+    """The arguments of ``fedbench fit`` for one grid point, as ``wandb agent`` would form them."""
+    flags = [f"--{k}={v}" for k, v in params.items()]  # wandb's own formatting: str() of the value
+    tokens: list[str] = []
+    for tok in map(str, config["command"]):
+        if tok == "${args}":
+            tokens += flags
+        elif tok == "${args_no_equals}":
+            tokens += [t for k, v in params.items() for t in (f"--{k}", str(v))]
+        elif tok in ("${env}", "${interpreter}"):
+            continue
+        elif tok == "${program}":
+            tokens.append(str(config.get("program", "fedbench")))
+        elif tok.startswith("${envvar:") and tok.endswith("}"):
+            tokens.append(os.environ.get(tok[9:-1], tok[9:-1]))
+        elif tok.startswith("${"):
+            raise SweepError(f"command macro {tok} is not supported by fedbench sweep; use ${{args}}")
+        else:
+            tokens.append(tok)
+    if "fit" not in tokens:
+        raise SweepError(f"the sweep's command must run `fedbench fit` (got: {shlex.join(tokens)})")
+    args = tokens[tokens.index("fit") + 1 :]
+    # the local sweep logs to CSV only: drop the command's --logger
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--logger":
+            skip = True
+        elif not a.startswith("--logger="):
+            out.append(a)
+    return out
+
+
+def plan(path: str | os.PathLike, sweep_dir: str | os.PathLike = "runs", logger: str = "csv") -> list[SweepRun]:
+    """The runs of a sweep file, resolved (configs parsed, run directories chosen), nothing run."""
+    from jsonargparse import ArgumentError
+
+    from fedcoe_bench import cli
+
+    config = load_sweep(path)
+    fit_parser = cli.build_parser()._subcommands_action._name_parser_map["fit"]
+    runs, seen = [], {}
+    for i, params in enumerate(grid(config), 1):
+        args = command_args(config, params)
+        try:
+            cfg = fit_parser.parse_args(cli._expand_short_names(args))
+        except (ArgumentError, cli.UsageError) as err:
+            point = ", ".join(f"{k}={v}" for k, v in params.items())
+            raise SweepError(f"grid point {i} ({point}): {cli._one_line(err)}") from None
+        default = Path(cli.default_run_dir(cfg))
+        run_dir = Path(sweep_dir) / default.relative_to(default.parts[0])
+        if run_dir in seen:
+            raise SweepError(f"grid points {seen[run_dir]} and {i} both write {run_dir}; give each variant its own "
+                             f"'name' (see benchmarks/sweeps/ablation.yaml)")
+        seen[run_dir] = i
+        cfg.run_dir = str(run_dir)
+        resolved = cfg.as_dict()
+        resolved.pop("config", None)
+        runs.append(SweepRun(i, params, [*args, f"--logger={logger}", f"--run_dir={run_dir}"], run_dir, resolved))
+    for r in runs:
+        check_finished(r)
+    return runs
+
+
+def _comparable(config: dict) -> dict:
+    flat = _flatten(json.loads(json.dumps(config, default=str)))
+    return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED_KEYS)}
+
+
+def check_finished(run: SweepRun) -> str:
+    """``finished`` when the run directory holds a finished run of this config, ``conflict: ...`` when it
+    holds a finished run of another config, else ``todo``."""
+    summary_path = run.run_dir / "summary.json"
+    if not summary_path.exists():
+        run.state = "todo"
+        return run.state
+    try:
+        done = json.loads(summary_path.read_text()).get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        run.state = "conflict: its summary.json is unreadable"
+        return run.state
+    want, have = _comparable(run.config), _comparable(done)
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if not diff:
+        run.state = "finished"
+    else:
+        shown = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} here" for k in diff[:3])
+        run.state = f"conflict: holds a finished run of another config ({shown}{', ...' if len(diff) > 3 else ''})"
+    return run.state
+
+
+def run_fit(args: list[str]) -> int:
+    """One ``fedbench fit`` in its own process (same interpreter); its output goes to the terminal."""
+    return subprocess.call([sys.executable, "-m", "fedcoe_bench.cli", "fit", *args])
+
+
+def run_sweep(runs: list[SweepRun], dry_run: bool = False, runner=None) -> int:
+    """Run (or with ``dry_run`` print) the planned runs in order. Returns the exit code: 1 if a run
+    failed or a run directory holds another config's finished run, else 0."""
+    runner = runner or run_fit
+    n = len(runs)
+    todo = [r for r in runs if r.state == "todo"]
+    finished = [r for r in runs if r.state == "finished"]
+    conflicts = [r for r in runs if r.state.startswith("conflict")]
+    if dry_run:
+        for r in runs:
+            prefix = "" if r.state == "todo" else f"# {r.state}: "
+            print(prefix + r.command)
+        print(f"# {n} runs: {len(todo)} to run, {len(finished)} already finished, {len(conflicts)} in conflict")
+        return 1 if conflicts else 0
+    for r in conflicts:
+        print(f"fedbench sweep: skipping {r.run_dir}: it {r.state[len('conflict: '):]}; move it away or choose "
+              f"another --sweep_dir", file=sys.stderr)
+    failed, ran = [], 0
+    for r in todo:
+        if check_finished(r) != "todo":  # another process may have finished it meanwhile
+            finished.append(r)
+            continue
+        print(f"[{r.index}/{n}] {r.command}", flush=True)
+        code = runner(r.fit_args)
+        if code != 0:
+            failed.append(r)
+            print(f"[{r.index}/{n}] failed (exit code {code}): {r.run_dir}", file=sys.stderr, flush=True)
+        else:
+            ran += 1
+    print(f"sweep: {n} runs: {ran} run now, {len(finished)} already finished, {len(failed)} failed, "
+          f"{len(conflicts)} in conflict", flush=True)
+    for r in failed:
+        print(f"failed: {r.run_dir} ({r.command})", file=sys.stderr)
+    return 1 if failed or conflicts else 0
+
+
+def command(cfg) -> int:
+    """``fedbench sweep FILE [--sweep_dir DIR] [--dry-run] [--logger csv|wandb]``."""
+    return run_sweep(plan(cfg.file, cfg.sweep_dir, cfg.logger), dry_run=cfg.dry_run)
