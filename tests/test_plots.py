@@ -1,0 +1,74 @@
+"""fedbench plot: the three figures of a group of runs are non-empty PNGs; clients.csv holds per-client accuracies."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def runs(tmp_path, fit_argv, run_cli):
+    """Two seeds of FedAvg and one of FedPer (3 rounds, evaluated every round), plus an unfinished run."""
+    root = tmp_path / "runs"
+    for method, seed in (("fedavg", 0), ("fedavg", 1), ("fedper", 0)):
+        code, _, err = run_cli(fit_argv(f"runs/{method}/seed{seed}", "--method", method, "--seed", str(seed),
+                                        "--loop.rounds", "3", "--loop.eval_every", "1"))
+        assert code == 0, err
+    shutil.copytree(root / "fedper" / "seed0", root / "fedper" / "seed1")
+    (root / "fedper" / "seed1" / "summary.json").unlink()
+    return root
+
+
+def test_clients_csv_has_every_client_once(runs):
+    summary = json.loads((runs / "fedavg" / "seed0" / "summary.json").read_text())
+    with open(runs / "fedavg" / "seed0" / "clients.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("train") == summary["clients"]["training"] and kinds.count("cold_start") == summary["clients"]["cold_start"]
+    train = [float(r["acc"]) for r in rows if r["kind"] == "train"]
+    cold = [float(r["acc"]) for r in rows if r["kind"] == "cold_start"]
+    cold_lp = [float(r["lp_acc"]) for r in rows if r["kind"] == "cold_start"]
+    # the summary's means are the means of these per-client accuracies
+    assert sum(train) / len(train) == pytest.approx(summary["personal_acc"], abs=1e-5)
+    assert sum(cold) / len(cold) == pytest.approx(summary["cold_start_acc"], abs=1e-5)
+    assert sum(cold_lp) / len(cold_lp) == pytest.approx(summary["cold_start_lp_acc"], abs=1e-5)
+
+
+def test_plot_writes_nonempty_pngs(runs, tmp_path, run_cli):
+    out = tmp_path / "figures"
+    code, stdout, err = run_cli(["plot", str(runs), "--out", str(out)])
+    assert code == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["synthetic_dirichlet0.3_3r_clients.png", "synthetic_dirichlet0.3_3r_curves.png",
+                     "synthetic_dirichlet0.3_3r_partition.png"]
+    assert stdout.split() == [str(out / n) for n in ("synthetic_dirichlet0.3_3r_curves.png",
+                                                     "synthetic_dirichlet0.3_3r_clients.png",
+                                                     "synthetic_dirichlet0.3_3r_partition.png")]
+    for name in names:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG and len(data) > 20_000  # a drawn figure, not an empty canvas
+    assert "leaving out 1 run(s) that are not finished" in err
+
+
+def test_curves_average_over_seeds(runs):
+    from fedcoe_bench.plots import read_curve
+    from fedcoe_bench.results import load_runs
+
+    curve = read_curve(runs / "fedavg" / "seed0")
+    assert sorted(curve["global_acc"]) == [1, 2, 3]
+    summary = json.loads((runs / "fedavg" / "seed0" / "summary.json").read_text())
+    assert curve["global_acc"][3] == pytest.approx(summary["global_acc"])
+    labels = sorted({r.label for r in load_runs(runs) if r.finished})
+    assert labels == ["fedavg", "fedper"]
+
+
+def test_plot_of_nothing_is_one_line(tmp_path, run_cli):
+    code, _, err = run_cli(["plot", str(tmp_path / "missing")])
+    assert code == 1 and err.count("\n") == 1 and err.startswith("fedbench: error: no such directory")

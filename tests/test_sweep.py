@@ -1,0 +1,184 @@
+"""fedbench sweep: a W&B grid file expands to the right runs, --dry-run prints them, finished runs are skipped."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedcoe_bench import sweep
+from fedcoe_bench.cli import main
+
+REPO = Path(__file__).parents[1]
+METHODS = ["fedavg", "fedprox", "fedper", "fedmix", "pfedmoe", "local", "fedcoe"]
+
+
+@pytest.fixture
+def small_sweep(tmp_path) -> Path:
+    """2 methods x 2 seeds x 2 alphas on tiny synthetic data, written as a W&B sweep file."""
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({
+        "data": {"source": {"class_path": "fedcoe_bench.data.Synthetic", "init_args": {"samples": 400, "test_samples": 100}},
+                 "num_clients": 10, "cache_dir": str(tmp_path / "partitions")},
+        "loop": {"rounds": 5, "clients_per_round": 3, "progress": False},
+        "fabric": {"accelerator": "cpu"},
+    }))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "program": "fedbench", "method": "grid",
+        "command": ["fedbench", "fit", "--config", str(base), "--logger", "wandb", "${args}"],
+        "parameters": {"method": {"values": ["fedavg", "fedper"]}, "seed": {"values": [0, 1]},
+                       "data.alpha": {"values": [0.1, 0.5]}, "loop.rounds": {"value": 2}},
+    }, sort_keys=False))
+    return path
+
+
+def test_grid_expands_to_every_combination_with_exact_args(small_sweep, tmp_path):
+    runs = sweep.plan(small_sweep, tmp_path / "out")
+    assert len(runs) == 8
+    base = str(tmp_path / "base.yaml")
+    first = runs[0]
+    assert first.fit_args == ["--config", base, "--method=fedavg", "--seed=0", "--data.alpha=0.1", "--loop.rounds=2",
+                              "--logger=csv", f"--run_dir={tmp_path / 'out' / 'synthetic' / 'dirichlet0.1' / 'fedavg' / 'seed0'}"]
+    assert first.command == shlex.join(["fedbench", "fit", *first.fit_args])
+    dirs = {str(r.run_dir.relative_to(tmp_path / "out")) for r in runs}
+    assert dirs == {f"synthetic/dirichlet{a}/{m}/seed{s}" for m in ("fedavg", "fedper") for s in (0, 1) for a in (0.1, 0.5)}
+    # the resolved config is what the run will store: the flags override the base config
+    last = runs[-1]
+    assert (last.params, last.config["seed"], last.config["data"]["alpha"], last.config["loop"]["rounds"]) == (
+        {"method": "fedper", "seed": 1, "data.alpha": 0.5, "loop.rounds": 2}, 1, 0.5, 2)
+    assert last.config["method"]["class_path"] == "baselines.fedper.FedPer"
+
+
+def test_dry_run_prints_the_commands_and_runs_nothing(small_sweep, tmp_path, run_cli):
+    code, out, err = run_cli(["sweep", str(small_sweep), "--sweep_dir", str(tmp_path / "out"), "--dry-run"])
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[:-1] == [r.command for r in sweep.plan(small_sweep, tmp_path / "out")]
+    assert lines[-1] == "# 8 runs: 8 to run, 0 already finished, 0 in conflict"
+    assert not (tmp_path / "out").exists()
+
+
+def test_finished_runs_are_skipped_and_conflicts_reported(small_sweep, tmp_path, capsys):
+    runs = sweep.plan(small_sweep, tmp_path / "out")
+    done, other = runs[0], runs[1]
+    for r, rounds in ((done, 2), (other, 30)):  # `other` was finished with another config
+        config = json.loads(json.dumps(r.config))
+        config["loop"]["rounds"] = rounds
+        config["run_dir"] = "somewhere/else"  # where it ran and how it logged do not matter
+        config["logger"] = "wandb"
+        r.run_dir.mkdir(parents=True)
+        (r.run_dir / "summary.json").write_text(json.dumps({"status": "finished", "config": config}))
+    runs = sweep.plan(small_sweep, tmp_path / "out")
+    assert runs[0].state == "finished"
+    assert runs[1].state.startswith("conflict") and "loop.rounds: 30 there, 2 here" in runs[1].state
+    called = []
+    code = sweep.run_sweep(runs, runner=lambda args: called.append(args) or 0)
+    out, err = capsys.readouterr()
+    assert called == [r.fit_args for r in runs[2:]]
+    assert code == 1  # a conflict is not a success
+    assert "sweep: 8 runs: 6 run now, 1 already finished, 0 failed, 1 in conflict" in out
+    assert f"skipping {runs[1].run_dir}" in err
+
+
+def test_a_failed_run_does_not_stop_the_sweep(small_sweep, tmp_path, capsys):
+    runs = sweep.plan(small_sweep, tmp_path / "out")
+    codes = iter([0, 3] + [0] * 6)
+    assert sweep.run_sweep(runs, runner=lambda args: next(codes)) == 1
+    out, err = capsys.readouterr()
+    assert "6 run now" not in out and "7 run now, 0 already finished, 1 failed" in out
+    assert f"failed (exit code 3): {runs[1].run_dir}" in err
+
+
+def test_sweep_runs_fit_and_resumes(tmp_path, small_sweep, monkeypatch, run_cli):
+    """End to end on one grid point: the run lands in the sweep layout; a second sweep skips it."""
+    spec = yaml.safe_load(small_sweep.read_text())
+    spec["parameters"] = {"method": {"value": "fedavg"}, "seed": {"value": 0}, "loop.rounds": {"value": 2}}
+    small_sweep.write_text(yaml.safe_dump(spec))
+    calls = []
+    monkeypatch.setattr(sweep, "run_fit", lambda args: calls.append(args) or main(["fit", *args]))
+    code, out, err = run_cli(["sweep", str(small_sweep), "--sweep_dir", str(tmp_path / "out")])
+    assert code == 0, err
+    run_dir = tmp_path / "out" / "synthetic" / "dirichlet0.3" / "fedavg" / "seed0"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["method"], summary["rounds"], summary["config"]["logger"]) == ("fedavg", 2, "csv")
+    code, out, err = run_cli(["sweep", str(small_sweep), "--sweep_dir", str(tmp_path / "out")])
+    assert code == 0 and len(calls) == 1 and "0 run now, 1 already finished" in out
+
+
+def test_each_run_is_its_own_process(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sweep.subprocess, "call", lambda argv: seen.append(argv) or 0)
+    assert sweep.run_fit(["--seed=1"]) == 0
+    assert seen == [[sys.executable, "-m", "fedcoe_bench.cli", "fit", "--seed=1"]]
+
+
+def test_sweep_file_errors_are_one_line(tmp_path, small_sweep, run_cli):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: bayes\nparameters:\n  seed:\n    values: [0]\ncommand: [fedbench, fit, '${args}']\n")
+    code, out, err = run_cli(["sweep", str(bad)])
+    assert code == 1 and err.count("\n") == 1 and "grid sweeps only" in err
+    spec = yaml.safe_load(small_sweep.read_text())
+    spec["parameters"] = {"method.init_args.lr": {"values": [0.1, 0.01]}}  # same run directory twice, no name
+    small_sweep.write_text(yaml.safe_dump(spec))
+    code, out, err = run_cli(["sweep", str(small_sweep), "--dry-run"])
+    assert code == 1 and err.count("\n") == 1 and "both write" in err and "'name'" in err
+    spec["parameters"] = {"method": {"values": ["fedavgg"]}}
+    small_sweep.write_text(yaml.safe_dump(spec))
+    code, out, err = run_cli(["sweep", str(small_sweep), "--dry-run"])
+    assert code == 1 and err.count("\n") == 1 and "grid point 1 (method=fedavgg): unknown method 'fedavgg'" in err
+
+
+# ---------------------------------------------------------------------- the shipped sweep files
+@pytest.mark.parametrize("name", ["main_table", "mnist10k", "ablation"])
+def test_shipped_sweeps_are_wandb_grid_definitions(name):
+    spec = sweep.load_sweep(REPO / "benchmarks" / "sweeps" / f"{name}.yaml")
+    assert spec["method"] == "grid" and spec["program"] == "fedbench"
+    cmd = spec["command"]
+    assert cmd[:3] == ["fedbench", "fit", "--config"] and (REPO / cmd[3]).exists()
+    assert cmd[-1] == "${args}" and "--logger" in cmd and cmd[cmd.index("--logger") + 1] == "wandb"
+
+
+def test_main_table_grid():
+    spec = sweep.load_sweep(REPO / "benchmarks" / "sweeps" / "main_table.yaml")
+    points = sweep.grid(spec)
+    assert len(points) == 2 * 3 * 7 * 3
+    assert {p["method"] for p in points} == set(METHODS) and {p["data.source"] for p in points} == {"cifar10", "cifar100"}
+    assert sweep.command_args(spec, points[0]) == ["--config", "benchmarks/cifar10_dir0.1.yaml", "--data.source=cifar10",
+                                                   "--data.alpha=0.1", "--method=fedavg", "--seed=0"]
+
+
+def test_mnist10k_sweep(monkeypatch):
+    monkeypatch.chdir(REPO)
+    runs = sweep.plan("benchmarks/sweeps/mnist10k.yaml", "runs")
+    assert len(runs) == 7 * 2 * 3
+    keys = {(r.config["method"]["class_path"].rsplit(".", 1)[-1].lower(), r.config["data"]["alpha"], r.config["seed"])
+            for r in runs}
+    assert keys == {(m, a, s) for m in METHODS for a in (0.1, 0.3) for s in (0, 1, 2)}
+    assert {r.config["loop"]["rounds"] for r in runs} == {100}
+    assert {r.config["data"]["source"] for r in runs} == {"mnist10k"}
+    assert str(runs[0].run_dir) == "runs/mnist10k/dirichlet0.1/fedavg/seed0"  # = fedbench fit's default
+
+
+def test_ablation_is_one_run_per_variant_and_seed(monkeypatch):
+    monkeypatch.chdir(REPO)
+    runs = sweep.plan("benchmarks/sweeps/ablation.yaml", "runs")
+    assert len(runs) == 5 * 3
+    switches = ("coordinated", "shared_gate", "local_level", "cold_start_prior")
+    variants = {}
+    for r in runs:
+        method = r.config["method"]
+        assert method["class_path"] == "fedcoe_bench.fedcoe.FedCoE"
+        assert method["init_args"]["backbone"] == "cnn" and r.config["loop"]["rounds"] == 100
+        off = tuple(k for k in switches if not method["init_args"][k])
+        variants.setdefault((r.config["name"], off), set()).add(r.config["seed"])
+    assert variants == {(None, ()): {0, 1, 2}, **{(f"fedcoe-no_{k if k != 'coordinated' else 'coordination'}", (k,)):
+                                                  {0, 1, 2} for k in switches}}
+    # the default variant is the mnist10k sweep's fedcoe run: same directory, same config
+    mnist = {r.run_dir: r.config for r in sweep.plan("benchmarks/sweeps/mnist10k.yaml", "runs")}
+    default = [r for r in runs if r.config["name"] is None]
+    assert all(sweep._comparable(mnist[r.run_dir]) == sweep._comparable(r.config) for r in default)

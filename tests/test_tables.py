@@ -1,0 +1,232 @@
+"""fedbench table: means, sample stds, bold cells and missing runs, from hand-written summaries and from W&B."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedcoe_bench.results import load_runs, load_wandb_runs
+from fedcoe_bench.tables import build_tables, mean_std, render
+
+# accuracies (global, personal, cold-start, cold-start + prior) per seed
+FEDAVG = {0: (0.80, 0.70, 0.50, 0.55), 1: (0.82, 0.74, 0.52, 0.56), 2: (0.84, 0.72, 0.54, 0.57)}
+FEDPER = {0: (0.78, 0.90, 0.40, 0.60), 1: (0.80, 0.92, 0.42, 0.62), 2: (0.76, 0.91, 0.44, 0.64)}
+FEDCOE = {0: (0.85, 0.88, 0.60, 0.58), 1: (0.87, 0.89, 0.64, 0.60)}  # seed 2 unfinished
+
+
+def write_summary(root: Path, method: str, seed: int, accs, alpha: float = 0.3, rounds: int = 100,
+                  name: str | None = None, init_args: dict | None = None, dataset: str = "mnist10k") -> Path:
+    run = root / dataset / f"dirichlet{alpha}" / (name or method) / f"seed{seed}"
+    run.mkdir(parents=True)
+    keys = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")
+    config = {"seed": seed, "name": name,
+              "method": {"class_path": f"baselines.{method}.{method.capitalize()}", "init_args": init_args or {}},
+              "data": {"source": {"class_path": f"fedcoe_bench.data.sources.{dataset}"}, "scheme": "dirichlet",
+                       "alpha": alpha}, "loop": {"rounds": rounds}}
+    summary = {"status": "finished", "method": method, "dataset": dataset, "scheme": "dirichlet", "alpha": alpha,
+               "seed": seed, "rounds": rounds, **dict(zip(keys, accs)), "metrics": dict(zip(keys, accs)),
+               "config": config}
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    return run
+
+
+@pytest.fixture
+def runs_dir(tmp_path) -> Path:
+    root = tmp_path / "runs"
+    for method, table in (("fedavg", FEDAVG), ("fedper", FEDPER), ("fedcoe", FEDCOE)):
+        for seed, accs in table.items():
+            write_summary(root, method, seed, accs)
+    # fedcoe seed 2: started, never finished (config.yaml only)
+    unfinished = root / "mnist10k" / "dirichlet0.3" / "fedcoe" / "seed2"
+    unfinished.mkdir(parents=True)
+    (unfinished / "config.yaml").write_text(
+        "seed: 2\nmethod:\n  class_path: fedcoe_bench.fedcoe.FedCoE\ndata:\n  source: mnist10k\n  scheme: dirichlet\n"
+        "  alpha: 0.3\nloop:\n  rounds: 100\n")
+    # a broken summary: half-written JSON (e.g. copied while being written by hand)
+    broken = write_summary(root, "fedprox", 0, (0.5, 0.5, 0.5, 0.5))
+    (broken / "summary.json").write_text('{"status": "finished", "global_acc": 0.')
+    # a second group: alpha 0.1, one method
+    write_summary(root, "fedavg", 0, (0.60, 0.65, 0.30, 0.35), alpha=0.1)
+    # W&B's own files inside a run directory are not runs
+    wandb_files = root / "mnist10k" / "dirichlet0.1" / "fedavg" / "seed0" / "wandb" / "offline-run-x" / "files"
+    wandb_files.mkdir(parents=True)
+    (wandb_files / "config.yaml").write_text("wandb_version: 1\n")
+    return root
+
+
+def pct(values, i):
+    return mean_std([100 * v[i] for v in values])
+
+
+def cell(values, i):
+    m, s = pct(values, i)
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def md_row(text: str, label: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_mean_std_is_the_sample_std():
+    m, s = mean_std([80.0, 82.0, 84.0])
+    assert m == pytest.approx(82.0) and s == pytest.approx(2.0)  # sqrt(((-2)^2 + 0 + 2^2) / (3 - 1))
+    assert mean_std([50.0]) == (50.0, None) and mean_std([]) == (None, None)
+
+
+def test_markdown_means_stds_bold_and_missing(runs_dir):
+    text, stderr_lines = render(build_tables(load_runs(runs_dir)), "md")
+    assert stderr_lines == []
+    # one table per (dataset, alpha): alpha 0.1 first
+    titles = [line for line in text.splitlines() if line.startswith("## ")]
+    assert titles == ["## mnist10k, dirichlet alpha=0.1, 100 rounds", "## mnist10k, dirichlet alpha=0.3, 100 rounds"]
+    group = text.split("## mnist10k, dirichlet alpha=0.3")[1]
+    assert md_row(group, "fedavg") == ["fedavg", "82.0 ± 2.0", "72.0 ± 2.0", "52.0 ± 2.0", "56.0 ± 1.0", "3"]
+    # fedper has the best personalized and the best cold-start + prior mean; fedcoe the best global and cold-start
+    assert md_row(group, "fedper") == ["fedper", "78.0 ± 2.0", "**91.0 ± 1.0**", "42.0 ± 2.0", "**62.0 ± 2.0**", "3"]
+    assert md_row(group, "fedcoe") == ["fedcoe", f"**{cell(FEDCOE.values(), 0)}**", cell(FEDCOE.values(), 1),
+                                       f"**{cell(FEDCOE.values(), 2)}**", cell(FEDCOE.values(), 3), "2"]
+    assert md_row(group, "fedcoe")[1] == "**86.0 ± 1.4**"
+    # rows in the paper's order
+    labels = [line.split("|")[1].strip() for line in group.splitlines() if line.startswith("| ") and "---" not in line]
+    assert labels == ["method", "fedavg", "fedper", "fedcoe"]
+    # nothing is silently dropped: the unfinished and the broken run are listed, the seed gap is named
+    missing = [line for line in group.splitlines() if line.startswith("missing:")]
+    assert len(missing) == 2
+    assert any("fedcoe/seed2" in m and "unfinished" in m for m in missing)
+    assert any("fedprox/seed0" in m and "unreadable summary.json" in m for m in missing)
+    assert any(line.startswith("note: fedcoe has 2 seeds (0, 1)") and "missing seed 2" in line
+               for line in group.splitlines())
+    assert "wandb" not in text  # W&B's config.yaml is not a run
+
+
+def test_latex_bold_and_escaping(runs_dir):
+    write_summary(runs_dir, "fedcoe", 0, (0.99, 0.10, 0.10, 0.10), name="fedcoe-no_coordination",
+                  init_args={"coordinated": False})
+    text, _ = render(build_tables(load_runs(runs_dir)), "latex")
+    group = text.split("alpha=0.3")[1]
+    rows = {line.split(" & ")[0]: line for line in group.splitlines() if line.endswith("\\\\")}
+    assert rows["fedavg"] == "fedavg & 82.0 $\\pm$ 2.0 & 72.0 $\\pm$ 2.0 & 52.0 $\\pm$ 2.0 & 56.0 $\\pm$ 1.0 & 3 \\\\"
+    assert rows["fedper"].split(" & ")[2] == "\\textbf{91.0 $\\pm$ 1.0}"
+    # a single seed has no std; the ablation's name is its row, underscores escaped; it has the best global mean
+    assert rows["fedcoe-no\\_coordination"].split(" & ")[1] == "\\textbf{99.0}"
+    assert "\\textbf" not in rows["fedcoe"].split(" & ")[1]
+    assert "\\begin{tabular}{lrrrrr}" in text and "\\toprule" in text
+    assert any(line.startswith("% missing:") and "fedcoe/seed2" in line for line in group.splitlines())
+
+
+def test_csv_is_machine_readable_and_notes_go_to_stderr(runs_dir):
+    text, stderr_lines = render(build_tables(load_runs(runs_dir)), "csv")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    fedavg = next(r for r in rows if r["method"] == "fedavg" and r["alpha"] == "0.3")
+    assert (fedavg["n"], fedavg["seeds"], fedavg["global_acc_mean"], fedavg["global_acc_std"]) == ("3", "0 1 2", "82.00", "2.00")
+    assert len(rows) == 4
+    assert sum(line.startswith("missing:") for line in stderr_lines) == 2
+
+
+def test_differing_settings_without_a_name_get_their_own_rows(tmp_path):
+    for seed in (0, 1):
+        write_summary(tmp_path / "a", "fedcoe", seed, (0.8, 0.8, 0.8, 0.8), init_args={"coordinated": True, "lr": 0.01})
+        write_summary(tmp_path / "b", "fedcoe", seed, (0.6, 0.6, 0.6, 0.6), init_args={"coordinated": False, "lr": 0.01})
+    text, _ = render(build_tables(load_runs(tmp_path)), "md")
+    assert md_row(text, "fedcoe (coordinated=True)")[1:] == ["**80.0 ± 0.0**"] * 4 + ["2"]
+    assert md_row(text, "fedcoe (coordinated=False)")[1:] == ["60.0 ± 0.0"] * 4 + ["2"]
+
+
+def test_cli_table_and_its_errors(runs_dir, run_cli, tmp_path):
+    code, out, err = run_cli(["table", str(runs_dir), "--format", "md"])
+    assert code == 0 and "| fedavg | 82.0 ± 2.0 |" in out and err == ""
+    code, out, err = run_cli(["table", str(tmp_path / "nowhere")])
+    assert code == 1 and err.count("\n") == 1 and err.startswith("fedbench: error: no such directory")
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_cli(["table", str(tmp_path / "empty")])
+    assert code == 1 and err.count("\n") == 1 and "no runs under" in err
+    code, out, err = run_cli(["table"])
+    assert code == 1 and err.count("\n") == 1 and "--wandb" in err
+
+
+# ---------------------------------------------------------------------- W&B
+class FakeSummary:
+    """Like wandb's HTTPSummary: dict-like (keys/items/get/[]), not a dict."""
+
+    def __init__(self, d):
+        self._d = d
+
+    def keys(self):
+        return self._d.keys()
+
+    def items(self):
+        return self._d.items()
+
+    def get(self, k, default=None):
+        return self._d.get(k, default)
+
+    def __getitem__(self, k):
+        return self._d[k]
+
+
+class FakeRun:
+    def __init__(self, name, state, summary, config):
+        self.name, self.state, self.summary, self.config = name, state, FakeSummary(summary), config
+        self.path = ["team", "fedcoe-bench", name]
+
+
+def recorded_run(name, method, seed, accs, state="finished", alpha=0.3):
+    """What fedbench's W&B logger leaves in a run: the flattened config and the final summary."""
+    keys = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")
+    config = {"method": method, "method.class_path": f"baselines.{method}.X", "method.init_args.lr": 0.01,
+              "seed": seed, "data.alpha": alpha, "data.scheme": "dirichlet",
+              "data.source.class_path": "fedcoe_bench.data.sources.MNIST10k", "loop.rounds": 100, "name": None,
+              "_wandb": {"value": {"cli_version": "0.31.0"}}}
+    summary = {"_step": 100, "trainer/global_step": 100, "train_loss": 0.3}
+    if state == "finished":
+        summary.update({"status": "finished", "method": method, "dataset": "mnist10k", "scheme": "dirichlet",
+                        "alpha": alpha, "seed": seed, "rounds": 100, **dict(zip(keys, accs)), "wall_time_s": 60.0})
+    return FakeRun(name, state, summary, config)
+
+
+class FakeApi:
+    def __init__(self, runs):
+        self._runs, self.asked = runs, []
+
+    def runs(self, path):
+        self.asked.append(path)
+        return self._runs
+
+
+def test_table_from_wandb_runs(monkeypatch, run_cli):
+    import wandb
+
+    recorded = [recorded_run(f"fedavg-{s}", "fedavg", s, a) for s, a in FEDAVG.items()]
+    recorded += [recorded_run(f"fedcoe-{s}", "fedcoe", s, a) for s, a in FEDCOE.items()]
+    recorded.append(recorded_run("fedcoe-2", "fedcoe", 2, None, state="crashed"))
+    api = FakeApi(recorded)
+    monkeypatch.setattr(wandb, "Api", lambda *a, **k: api)
+    code, out, err = run_cli(["table", "--wandb", "team/fedcoe-bench"])
+    assert code == 0, err
+    assert api.asked == ["team/fedcoe-bench"]
+    assert md_row(out, "fedavg") == ["fedavg", "82.0 ± 2.0", "72.0 ± 2.0", "52.0 ± 2.0", "56.0 ± 1.0", "3"]
+    assert md_row(out, "fedcoe")[1] == "**86.0 ± 1.4**"
+    assert md_row(out, "fedavg")[2] == "72.0 ± 2.0" and md_row(out, "fedcoe")[2] == "**88.5 ± 0.7**"
+    assert "missing: wandb:team/fedcoe-bench/fedcoe-2 (fedcoe seed 2; W&B state 'crashed')" in out
+
+
+def test_wandb_errors_are_one_line(monkeypatch, run_cli):
+    import wandb
+
+    def no_api(*a, **k):
+        raise wandb.errors.UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+    monkeypatch.setattr(wandb, "Api", no_api)
+    code, out, err = run_cli(["table", "--wandb", "team/fedcoe-bench"])
+    assert code == 1 and err.count("\n") == 1 and "cannot read W&B runs of team/fedcoe-bench" in err
+    code, out, err = run_cli(["table", "--wandb", "just-a-project"])
+    assert code == 1 and "ENTITY/PROJECT" in err
+    assert load_wandb_runs("a/b", api=FakeApi([recorded_run("r", "fedavg", 0, FEDAVG[0])]))[0].metrics["global_acc"] == 0.80
+    assert math.isclose(load_wandb_runs("a/b", api=FakeApi([recorded_run("r", "fedavg", 0, FEDAVG[0])]))[0].alpha, 0.3)
