@@ -57,11 +57,17 @@ class FedCoE(FederatedMethod):
         top_m: sparse routing, keep the m largest gate weights (0: dense).
         lambda_glob, lambda_bal, lambda_expert: loss weights (``lambda_expert`` is ours: it trains
             every expert as a classifier on the inputs routed to it, gate weights held fixed).
+        expert_loss_routed: weight each expert's own loss by its (fixed) gate weight; false: by 1/K,
+            so that every expert also learns from the inputs routed elsewhere (ours).
         coordinated: routing-weighted expert aggregation; false: plain n-weighted averaging.
         coordination_eps: the epsilon above (softened aggregation; 0 is the literal rule).
         shared_gate: one gate aggregated on the server; false: a personal gate per client.
         local_level: the local expert and fusion gate; false: personal = global mixture.
         local_warm_start: a client's local expert starts as its most-used global expert (ours).
+        local_prior: the global level of the personal mixture is reweighted by the client's own
+            label frequencies, :math:`p_{glob}(y|x)\, \hat\pi_i(y) / u(y)` renormalised, with
+            :math:`\hat\pi_i` the add-one-smoothed label counts of its local training data (ours:
+            the experts are trained for the pooled label distribution, a client knows its own).
         cold_start_prior: apply the routing prior for new clients; false: G alone.
         beta: ``adaptive``, ``calibrated`` or a number.
 
@@ -72,13 +78,14 @@ class FedCoE(FederatedMethod):
         [True, True]
     """
 
-    personal = ("local.", "fusion.", "local_ready")
+    personal = ("local.", "fusion.", "local_ready", "label_counts")
     server_only = ()
     beta_grid = (0.0, 0.5, 1.0, 2.0, "adaptive")
 
     def __init__(self, num_experts: int = 4, top_m: int = 0, lambda_glob: float = 1.0, lambda_bal: float = 0.01,
-                 lambda_expert: float = 0.0, coordinated: bool = True, coordination_eps: float = 0.0,
+                 lambda_expert: float = 0.0, expert_loss_routed: bool = True, coordinated: bool = True, coordination_eps: float = 0.0,
                  shared_gate: bool = True, local_level: bool = True, local_warm_start: bool = True,
+                 local_prior: bool = False,
                  cold_start_prior: bool = True, beta: float | str = "adaptive", **kwargs):
         super().__init__(**kwargs)
         if not (isinstance(beta, (int, float)) or beta in ("adaptive", "calibrated")):
@@ -86,6 +93,7 @@ class FedCoE(FederatedMethod):
         self.num_experts, self.lambda_glob, self.lambda_bal, self.lambda_expert = num_experts, lambda_glob, lambda_bal, lambda_expert
         self.coordinated, self.coordination_eps, self.local_level = coordinated, coordination_eps, local_level
         self.local_warm_start, self.cold_start_prior, self.beta = local_warm_start, cold_start_prior, beta
+        self.local_prior, self.expert_loss_routed = local_prior, expert_loss_routed
         self.experts = nn.ModuleList([self.make_backbone() for _ in range(num_experts)])
         self.gate = Gate(self.in_channels, num_experts, top_m=top_m)
         if not shared_gate:
@@ -94,6 +102,7 @@ class FedCoE(FederatedMethod):
             self.local = self.make_backbone()
             self.fusion = Gate(self.in_channels, 2)  # h(x) = its first softmax output
             self.local_ready = nn.Parameter(torch.zeros(1), requires_grad=False)
+            self.label_counts = nn.Parameter(torch.zeros(self.num_classes), requires_grad=False)
         # server-side statistics, filled by aggregate() from client reports (never sent to clients)
         self.register_buffer("calibration", torch.zeros(2, len(self.beta_grid), 2))  # [sum, count] x beta x lp
         self.routing: dict[int, torch.Tensor] = {}  # R: client id -> routing profile r_i
@@ -110,6 +119,9 @@ class FedCoE(FederatedMethod):
     def log_personal(self, x: torch.Tensor, log_glob: torch.Tensor) -> torch.Tensor:
         if not self.local_level:
             return log_glob
+        if self.local_prior:
+            log_prior = (self.label_counts + 1).log() - (self.label_counts + 1).sum().log()
+            log_glob = (log_glob + log_prior + math.log(self.num_classes)).log_softmax(-1)
         log_h = self.fusion.log_weights(x)  # [B, 2]: log h, log (1 - h)
         return torch.logsumexp(torch.stack([log_h[:, :1] + log_glob, log_h[:, 1:] + self.local(x).log_softmax(-1)]), 0)
 
@@ -127,7 +139,8 @@ class FedCoE(FederatedMethod):
             loss = loss + self.lambda_bal * self.num_experts * (frac * w.mean(0)).sum()
         if self.lambda_expert:
             ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(self.num_experts), reduction="none")
-            loss = loss + self.lambda_expert * (w.detach().t().flatten() * ce).sum() / len(y)
+            share = w.detach().t().flatten() if self.expert_loss_routed else torch.full_like(ce, 1 / self.num_experts)
+            loss = loss + self.lambda_expert * (share * ce).sum() / len(y)
         return loss
 
     # ------------------------------------------------------------------ client side
@@ -135,6 +148,8 @@ class FedCoE(FederatedMethod):
     def on_client_start(self, x: torch.Tensor, y: torch.Tensor) -> None:
         # Pretend to be a new client: score the cold-start settings on our own data (server model).
         self._calibration = self._self_score(x[:128], y[:128]) if self.beta == "calibrated" else None
+        if self.local_level:
+            self.label_counts.copy_(torch.bincount(y, minlength=self.num_classes))
         if self.local_level and self.local_warm_start and not self.local_ready.item():
             k = int(self.gate(x).mean(0).argmax())
             for dst, src in zip(self.local.parameters(), self.experts[k].parameters()):
