@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedcoe_bench.loop import ConfigError
+from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.method import ClientUpdate, FederatedMethod, weighted_mean
 from fedcoe_bench.models import Gate, mixture
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from baselines.fedavg import FedAvg
-from fedcoe_bench.loop import ConfigError
+from fedcoe_bench.errors import ConfigError
 
 
 class FedProx(FedAvg):

@@ -103,10 +103,25 @@ def test_a_user_data_source_plugs_in_by_class_path(tmp_path, monkeypatch, fit_ar
     (["--loop.clients_per_round", "9"], ["loop.clients_per_round", "9"]),
     (["--loop.round", "3"], ["--loop.round"]),
     (["--config", "MISSING"], ["missing.yaml"]),
+    (["--config", "NOT_YAML"], ["config"]),
+    (["--method.init_args.backbone", "vgg"], ["backbone", "vgg"]),
+    (["--data.num_clients", "0"], ["data.num_clients"]),
+    (["--data.cold_start_fraction", "1.0"], ["data.cold_start_fraction"]),
+    (["--data.min_size", "60", "--data.alpha", "0.05"], ["data.min_size"]),
+    (["--data.source", "cifar10", "--data.source.root", "NO_DATA", "--data.source.download", "false"],
+     ["cifar-10-batches-py", "download=True"]),
+    (["--run_dir", "UNWRITABLE"], ["not writable"]),
+    (["--method", "os.path.join"], ["os.path.join", "FederatedMethod"]),
 ], ids=["unknown-method", "unknown-dataset", "alpha-zero", "alpha-negative", "clients-gt-samples",
-        "clients-per-round-gt-clients", "misspelled-key", "missing-config"])
+        "clients-per-round-gt-clients", "misspelled-key", "missing-config", "config-not-yaml", "unknown-model",
+        "no-clients", "cold-start-fraction-1", "min-size-unmeetable", "dataset-offline", "unwritable-run-dir",
+        "not-a-method"])
 def test_bad_input_ends_in_one_readable_line(tmp_path, fit_argv, run_cli, extra, names):
-    extra = [str(tmp_path / "missing.yaml") if a == "MISSING" else a for a in extra]
+    (tmp_path / "bad.yaml").write_text("loop: [rounds: 3\n")
+    (tmp_path / "file").write_text("")
+    subst = {"MISSING": str(tmp_path / "missing.yaml"), "NOT_YAML": str(tmp_path / "bad.yaml"),
+             "NO_DATA": str(tmp_path / "nodata"), "UNWRITABLE": str(tmp_path / "file" / "run")}
+    extra = [subst.get(a, a) for a in extra]
     rc, _, err = run_cli(fit_argv("run", *extra))
     assert rc != 0
     assert "Traceback" not in err

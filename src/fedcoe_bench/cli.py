@@ -22,18 +22,16 @@ from pathlib import Path
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from fedcoe_bench.data import DataError, DataSource, FederatedData
+from fedcoe_bench.data import DataSource, FederatedData
 from fedcoe_bench.evaluation import write_per_client
-from fedcoe_bench.loop import ConfigError, FederatedLoop, TrainingDiverged
+from fedcoe_bench.errors import UserError
+from fedcoe_bench.loop import FederatedLoop
 from fedcoe_bench.method import FederatedMethod
-from fedcoe_bench.results import ResultsError
-from fedcoe_bench.runs import RunDir, RunError
-from fedcoe_bench.sweep import SweepError
-
-USER_ERRORS = (DataError, ConfigError, RunError, TrainingDiverged, ResultsError, SweepError)
+from fedcoe_bench.runs import RunDir
 
 
-class UsageError(ValueError):
+
+class UsageError(UserError):
     """A command-line or config mistake."""
 
 
@@ -295,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             partition(parser._subcommands_action._name_parser_map["partition"], cfg.partition)
         elif cfg.subcommand in RESULTS_COMMANDS:
             return importlib.import_module(RESULTS_COMMANDS[cfg.subcommand]).command(cfg[cfg.subcommand])
-    except USER_ERRORS + (UsageError,) as err:
+    except UserError as err:
         if debug:
             raise
         print(f"fedbench: error: {_one_line(err)}", file=sys.stderr)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.evaluation import em_label_prior, prior_adjust
 from fedcoe_bench.method import ClientUpdate, FederatedMethod, weighted_mean
 from fedcoe_bench.models import Gate, mixture
@@ -89,7 +90,7 @@ class FedCoE(FederatedMethod):
                  cold_start_prior: bool = True, beta: float | str = "adaptive", **kwargs):
         super().__init__(**kwargs)
         if not (isinstance(beta, (int, float)) or beta in ("adaptive", "calibrated")):
-            raise ValueError(f"method.init_args.beta must be a number, 'adaptive' or 'calibrated' (got {beta!r})")
+            raise ConfigError(f"method.init_args.beta must be a number, 'adaptive' or 'calibrated' (got {beta!r})")
         self.num_experts, self.lambda_glob, self.lambda_bal, self.lambda_expert = num_experts, lambda_glob, lambda_bal, lambda_expert
         self.coordinated, self.coordination_eps, self.local_level = coordinated, coordination_eps, local_level
         self.local_warm_start, self.cold_start_prior, self.beta = local_warm_start, cold_start_prior, beta

@@ -22,17 +22,10 @@ from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
 from fedcoe_bench.data import Client, Federation
+from fedcoe_bench.errors import ConfigError, TrainingDiverged
 from fedcoe_bench.evaluation import Evaluator
 from fedcoe_bench.method import ClientUpdate, FederatedMethod
 from fedcoe_bench.runs import RunDir
-
-
-class TrainingDiverged(RuntimeError):
-    """A client's loss became NaN or infinite."""
-
-
-class ConfigError(ValueError):
-    """A loop setting that cannot work; the message names the key."""
 
 
 def client_seed(seed: int, rnd: int, client: int) -> int:

@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from fedcoe_bench.results import Run, group_title, load_runs, method_sort_key
+from fedcoe_bench.results import Run, fmt_alpha, group_title, load_runs, method_sort_key
 from fedcoe_bench.tables import mean_std
 
 CURVE_METRICS = (("global_acc", "global (server model, global test set)"),
@@ -71,7 +71,7 @@ def read_clients(run_dir: str | Path) -> list[dict]:
 
 def _slug(group: tuple) -> str:
     dataset, scheme, alpha, rounds = group
-    text = f"{dataset}_{scheme}{'' if alpha is None else f'{alpha:g}'}" + ("" if rounds is None else f"_{rounds}r")
+    text = f"{dataset}_{scheme}{'' if alpha is None else fmt_alpha(alpha)}" + ("" if rounds is None else f"_{rounds}r")
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
 
 
@@ -195,8 +195,9 @@ def plot_partition(config: dict, title: str, out: Path) -> bool:
     if cold:
         ax.axvspan(n_train - 0.5, n_clients - 0.5, color="0.88", zorder=0)
     ax.set_xlim(-0.5, n_clients - 0.5)
-    step = max(1, math.ceil(n_clients / 40))
-    ax.set_xticks(x[::step], [str(i) for i in ids][::step], fontsize=8)
+    step = max(1, math.ceil(n_clients / 60))
+    ax.set_xticks(x[::step], [str(i) for i in ids][::step], fontsize=7 if n_clients > 30 else 8,
+                  rotation=90 if n_clients > 30 else 0)
     ax.set_xlabel("client id: training clients, then cold-start clients (grey band: never trained on)"
                   if cold else "client id")
     ax.set_title(f"{title}\nclasses per client (partition of seed {seed})", fontsize=11)

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import yaml
 
+from fedcoe_bench.errors import UserError
+
 METRICS = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")
 # Methods in the order of the paper's tables; other names follow alphabetically.
 METHOD_ORDER = ("fedavg", "fedprox", "fedper", "fedmix", "pfedmoe", "local", "fedcoe")
 
 
-class ResultsError(ValueError):
+class ResultsError(UserError):
     """Nothing usable where results were asked for; the message says where we looked."""
 
 
@@ -226,7 +228,14 @@ def method_sort_key(label: str) -> tuple:
     return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), label)
 
 
+def fmt_alpha(alpha) -> str:
+    try:
+        return f"{float(alpha):g}"
+    except (TypeError, ValueError):
+        return str(alpha)
+
+
 def group_title(group: tuple) -> str:
     dataset, scheme, alpha, rounds = group
-    title = f"{dataset}, {scheme}" + (f" alpha={alpha:g}" if alpha is not None and scheme == "dirichlet" else "")
+    title = f"{dataset}, {scheme}" + (f" alpha={fmt_alpha(alpha)}" if alpha is not None and scheme == "dirichlet" else "")
     return title + (f", {rounds} rounds" if rounds is not None else "")

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
+from fedcoe_bench.errors import RunError
 
-class RunError(ValueError):
-    """The run directory or its checkpoint cannot be used as asked; the message says what to do."""
 
 
 # Keys that may differ between an interrupted run and its resumption.

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from fedcoe_bench.errors import UserError
 from fedcoe_bench.runs import _flatten
 
 # Keys that do not change a run's results: a finished run that differs only in them counts as done.
@@ -32,7 +33,7 @@ IGNORED_KEYS = ("run_dir", "resume", "overwrite", "debug", "logger", "wandb_proj
                 "loop.eval_batch_size", "data.cache_dir", "data.source.init_args.root", "data.source.init_args.download")
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep file that cannot be run locally; the message names the key."""
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedcoe_bench.data.sources import DataError
+from fedcoe_bench.errors import DataError
 
 
 def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,

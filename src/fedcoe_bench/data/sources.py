@@ -30,9 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedcoe_bench.errors import DataError
 
-class DataError(ValueError):
-    """A data set or partition the user asked for cannot be built; the message says how to fix it."""
 
 
 @dataclass

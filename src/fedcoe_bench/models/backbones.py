@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedcoe_bench.errors import ConfigError
+
 
 class Backbone(nn.Module):
     """``head(body(x))``: ``body`` maps images to ``feature_dim`` features, ``head`` is linear."""
@@ -85,5 +87,5 @@ BACKBONES = {"cnn": CNN, "resnet18": ResNet18}
 
 def build_backbone(name: str, in_channels: int, num_classes: int, image_size: int, **kwargs) -> Backbone:
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
+        raise ConfigError(f"unknown method.init_args.backbone '{name}'; choose one of {', '.join(BACKBONES)}")
     return BACKBONES[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs)

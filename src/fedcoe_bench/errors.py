@@ -1,0 +1,22 @@
+"""User errors: each message names the key or file at fault and how to fix it. The CLI prints them as one
+line (no traceback unless --debug); anything else is a bug and keeps its traceback."""
+
+
+class UserError(ValueError):
+    """Base of every error a user can fix by changing the command, the config or the files."""
+
+
+class ConfigError(UserError):
+    """A setting that cannot work."""
+
+
+class DataError(UserError):
+    """A data set or partition that cannot be built as asked."""
+
+
+class RunError(UserError):
+    """A run directory or checkpoint that cannot be used as asked."""
+
+
+class TrainingDiverged(UserError):
+    """A client's loss became NaN or infinite."""
