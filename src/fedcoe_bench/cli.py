@@ -120,7 +120,7 @@ def _sweep_parser() -> ArgumentParser:
     p.add_argument("file", type=str, help="sweep YAML, e.g. benchmarks/sweeps/mnist10k.yaml")
     p.add_argument("--sweep_dir", type=str, default="runs", help="where the run directories go")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print the commands only")
-    p.add_argument("--logger", type=str, default="csv", choices=["csv", "wandb"], help="logger of every run")
+    p.add_argument("--logger", default="csv", choices=["csv", "wandb"], help="logger of every run")
     p.add_argument("--debug", type=bool, default=False)
     return p
 
@@ -129,8 +129,9 @@ def _table_parser() -> ArgumentParser:
     p = ArgumentParser(description="Methods as rows, global / personalized / cold-start accuracy as columns, "
                        "mean ± std over seeds, one table per dataset and alpha.", exit_on_error=False, allow_abbrev=False)
     p.add_argument("dir", nargs="?", default=None, help="runs directory: every summary.json below it")
-    p.add_argument("--format", type=str, default="md", choices=["md", "csv", "latex"])
-    p.add_argument("--wandb", type=str | None, default=None, help="read the runs of W&B project ENTITY/PROJECT instead")
+    p.add_argument("--format", default="md", choices=["md", "csv", "latex"], help="markdown, CSV or LaTeX (booktabs)")
+    p.add_argument("--wandb", type=str | None, default=None, metavar="ENTITY/PROJECT",
+                   help="read the runs of this W&B project instead of a directory")
     p.add_argument("--debug", type=bool, default=False)
     return p
 
