@@ -167,17 +167,23 @@ def test_mnist10k_sweep(monkeypatch):
 def test_ablation_is_one_run_per_variant_and_seed(monkeypatch):
     monkeypatch.chdir(REPO)
     runs = sweep.plan("benchmarks/sweeps/ablation.yaml", "runs")
-    assert len(runs) == 5 * 3
-    switches = ("coordinated", "shared_gate", "local_level", "cold_start_prior")
-    variants = {}
+    assert len(runs) == 9 * 3
+    by_name = {}
     for r in runs:
         method = r.config["method"]
         assert method["class_path"] == "fedcoe_bench.fedcoe.FedCoE"
         assert method["init_args"]["backbone"] == "cnn" and r.config["loop"]["rounds"] == 100
-        off = tuple(k for k in switches if not method["init_args"][k])
-        variants.setdefault((r.config["name"], off), set()).add(r.config["seed"])
-    assert variants == {(None, ()): {0, 1, 2}, **{(f"fedcoe-no_{k if k != 'coordinated' else 'coordination'}", (k,)):
-                                                  {0, 1, 2} for k in switches}}
+        by_name.setdefault(r.config["name"], []).append(r)
+    default = by_name[None][0].config["method"]["init_args"]
+    changed = {name: {k for k, v in rs[0].config["method"]["init_args"].items() if v != default[k]}
+               for name, rs in by_name.items()}
+    assert changed == {
+        None: set(), "fedcoe-no_coordination": {"coordinated"}, "fedcoe-no_shared_gate": {"shared_gate"},
+        "fedcoe-no_local_level": {"local_level"}, "fedcoe-no_cold_start_prior": {"cold_start_prior"},
+        "fedcoe-no_expert_loss": {"lambda_expert"}, "fedcoe-no_local_prior": {"local_prior"},
+        "fedcoe-beta_adaptive": {"beta"}, "fedcoe-spec": {"lambda_expert", "local_prior", "beta"},
+    }
+    assert all({r.config["seed"] for r in rs} == {0, 1, 2} for rs in by_name.values())
     # the default variant is the mnist10k sweep's fedcoe run: same directory, same config
     mnist = {r.run_dir: r.config for r in sweep.plan("benchmarks/sweeps/mnist10k.yaml", "runs")}
     default = [r for r in runs if r.config["name"] is None]
