@@ -163,7 +163,8 @@ class FederatedLoop:
         x_all, y_all = fed.pool_x[client.train], fed.pool_y[client.train]
         n = len(y_all)
         method.train()
-        method.on_client_start(fed.prepare(x_all), y_all)
+        inputs = fed.prepare(x_all)  # un-augmented, for the hooks before and after training
+        method.on_client_start(inputs, y_all)
         loss_sum = torch.zeros((), device=fed.device)
         steps = 0
         for _ in range(self.local_epochs):
@@ -179,7 +180,7 @@ class FederatedLoop:
                 loss_sum += loss.detach().float()
                 steps += 1
         method.eval()
-        report = method.client_report(fed.prepare(x_all))
+        report = method.client_report(inputs)
         if method.flat["personal"].numel():
             self.personal[client.id] = method.flat["personal"].clone()
         return ClientUpdate(client.id, float(n), method.flat["shared"].clone(), report,
