@@ -184,6 +184,13 @@ def test_fedmix_trains_on_the_mixture_nll_and_reports_mean_gate_mass():
     torch.testing.assert_close(m.predict_cold_start(x, x), uniform)
 
 
+def test_fedmix_with_one_expert_is_fedavg(fabric, fed):
+    # K = 1: the gate is identically 1, the mixture NLL is cross-entropy, and the expert weight is n_i.
+    avg = fit(fabric, build(FedAvg), fed).server
+    mix = fit(fabric, build(FedMix, num_experts=1), fed).server
+    torch.testing.assert_close(mix, avg, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("top_m, weights", [
     (0, [(10 * 0.7, 30 * 0.2), (10 * 0.3, 30 * 0.8)]),  # n_i * mean gate mass
     (2, [(10 * 0.7, 30 * 0.2), (10 * 0.3, 30 * 0.8)]),  # expert 2 is nobody's top-2 anyway
