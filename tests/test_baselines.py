@@ -17,7 +17,7 @@ from fedcoe_bench.method import ClientUpdate
 
 SEED = 0
 PER_ROUND = 3
-DIMS = dict(num_classes=10, in_channels=1, image_size=12)
+DIMS = {"num_classes": 10, "in_channels": 1, "image_size": 12}
 ALL = [(FedAvg, {}), (FedProx, {"mu": 0.1}), (FedPer, {}), (FedMix, {"num_experts": 2}), (PFedMoE, {}), (Local, {})]
 PERSONALIZED = [(FedPer, {}), (PFedMoE, {}), (FedMix, {"num_experts": 2}), (Local, {})]
 
