@@ -30,7 +30,7 @@ from baselines import FedAvg, FedPer
 from fedcoe_bench.data import FederatedData, Synthetic
 from fedcoe_bench.evaluation import Evaluator
 from fedcoe_bench.fedcoe import FedCoE
-from fedcoe_bench.loop import FederatedLoop
+from fedcoe_bench.loop import FederatedLoop, sample_clients
 
 
 def _fabric() -> Fabric:
@@ -41,9 +41,27 @@ def _cache() -> str:
     return tempfile.mkdtemp(prefix="fedbench-perf-")
 
 
+def _tight(fed, batch_sizes: list[int]) -> float:
+    """Samples/s of a bare loop: one model, SGD with momentum, pre-normalised batches of these sizes."""
+    torch.manual_seed(0)
+    model = FedAvg()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = fed.prepare(fed.pool_x), fed.pool_y
+    t0, i = time.perf_counter(), 0
+    for b in batch_sizes:
+        i = 0 if i + b > len(y) else i
+        loss = F.cross_entropy(model(x[i : i + b]), y[i : i + b])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        i += b
+    return sum(batch_sizes) / (time.perf_counter() - t0)
+
+
 def loop_vs_tight(rounds: int, repeats: int) -> dict:
-    """Samples/s of the federated loop (training only) over samples/s of a bare training loop
-    that trains the same model on as many samples, batch by batch, with the same optimizer."""
+    """Samples/s of the federated loop (training only) over samples/s of a bare training loop that
+    trains the same model on as many samples with the same optimizer, (a) in full batches of 32,
+    (b) in the batches the clients actually form (each client's last batch is partial)."""
     fed = FederatedData(cache_dir=_cache()).setup(0)
     loop = FederatedLoop(rounds=rounds, eval_every=10**6, checkpoint_every=0, progress=False)
     results = []
@@ -52,28 +70,16 @@ def loop_vs_tight(rounds: int, repeats: int) -> dict:
         loop.fit(_fabric(), FedAvg(), fed, seed=0)
         rows = loop.history[1:]  # round 1 pays one-off warm-up
         loop_sps = sum(r["samples_per_s"] * r["round_time"] for r in rows) / sum(r["round_time"] for r in rows)
-        samples = int(sum(r["samples_per_s"] * r["round_time"] for r in rows))
-
-        torch.manual_seed(0)
-        model = FedAvg()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        x = fed.prepare(fed.pool_x[: samples % len(fed.pool_x) or len(fed.pool_x)])
-        y = fed.pool_y[: len(x)]
-        t0, seen = time.perf_counter(), 0
-        while seen < samples:
-            for i in range(0, len(x), 32):
-                loss = F.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                seen += len(y[i : i + 32])
-                if seen >= samples:
-                    break
-        tight_sps = seen / (time.perf_counter() - t0)
-        results.append((loop_sps, tight_sps))
-    ratio = statistics.median(a / b for a, b in results)
-    return {"loop_samples_per_s": statistics.median(a for a, _ in results),
-            "tight_samples_per_s": statistics.median(b for _, b in results), "ratio": ratio}
+        client_batches = [min(32, c.num_train - i) for r in range(1, rounds)
+                          for c in (fed.clients[j] for j in sample_clients(0, r, len(fed.clients), loop.clients_per_round))
+                          for i in range(0, c.num_train, 32)]
+        full = [32] * (sum(client_batches) // 32)
+        results.append((loop_sps, _tight(fed, full), _tight(fed, client_batches)))
+    med = lambda j: statistics.median(r[j] for r in results)  # noqa: E731
+    return {"loop_samples_per_s": med(0), "tight_full_batches_samples_per_s": med(1),
+            "tight_client_batches_samples_per_s": med(2),
+            "ratio_full_batches": statistics.median(r[0] / r[1] for r in results),
+            "ratio_client_batches": statistics.median(r[0] / r[2] for r in results)}
 
 
 def eval_cost(repeats: int) -> dict:
