@@ -164,7 +164,7 @@ def partition_histogram(config: dict):
     parser = cli.build_parser()._subcommands_action._name_parser_map["fit"]
     config = {k: v for k, v in config.items() if k != "config"}
     cfg = parser.parse_object(config)
-    data = parser.instantiate_classes(cfg).data
+    data = parser.instantiate(cfg).data
     fed = data.setup(cfg.seed)
     ids = [c.id for c in fed.clients] + [c.id for c in fed.new_clients]
     return fed.label_histogram(), ids, {c.id for c in fed.new_clients}, cfg.seed
