@@ -66,8 +66,8 @@ class FedCoE(FederatedMethod):
         local_level: the local expert and fusion gate; false: personal = global mixture.
         local_warm_start: a client's local expert starts as its most-used global expert (ours).
         local_prior: the global level of the personal mixture is reweighted by the client's own
-            label frequencies, :math:`p_{glob}(y|x)\, \hat\pi_i(y) / u(y)` renormalised, with
-            :math:`\hat\pi_i` the add-one-smoothed label counts of its local training data (ours:
+            label frequencies, :math:`p_{glob}(y|x)\\, \\hat\\pi_i(y) / u(y)` renormalised, with
+            :math:`\\hat\\pi_i` the add-one-smoothed label counts of its local training data (ours:
             the experts are trained for the pooled label distribution, a client knows its own).
         cold_start_prior: apply the routing prior for new clients; false: G alone.
         beta: ``adaptive``, ``calibrated`` or a number.
