@@ -9,11 +9,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.method import ClientUpdate, FederatedMethod, weighted_mean
-from fedcoe_bench.models import Gate, mixture
+from fedcoe_bench.models import Experts, Gate, entropy, mixture
 
 
 class FedMix(FederatedMethod):
@@ -61,19 +60,15 @@ class FedMix(FederatedMethod):
         if not 0 <= top_m <= num_experts:
             raise ConfigError(f"method.init_args.top_m must be in [0, num_experts={num_experts}] (got {top_m}); 0 sends all")
         self.num_experts, self.top_m = num_experts, top_m
-        self.experts = nn.ModuleList(self.make_backbone() for _ in range(num_experts))
+        self.experts = Experts(self.make_backbone() for _ in range(num_experts))
         # Dense routing: top_m limits what is *sent*, not which experts a client mixes.
         self.gate = Gate(self.in_channels, num_experts, hidden=gate_hidden)
         self._diagnostics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the mixture
-    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``[K, B, C]`` logits of every expert."""
-        return torch.stack([e(x) for e in self.experts])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of the client's mixture (personal gate)."""
-        return mixture(self.gate.log_weights(x), self.expert_logits(x))
+        return mixture(self.gate.log_weights(x), self.experts(x))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -82,8 +77,7 @@ class FedMix(FederatedMethod):
     @torch.no_grad()
     def client_report(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         w = self.gate(x)
-        entropy = -(w * w.clamp_min(1e-12).log()).sum(1).mean()
-        return {"gate_mass": w.mean(0), "gate_entropy": entropy}
+        return {"gate_mass": w.mean(0), "gate_entropy": entropy(w).mean()}
 
     # ------------------------------------------------------------------ server
     def aggregation_weights(self, updates: list[ClientUpdate]) -> torch.Tensor:
@@ -116,7 +110,7 @@ class FedMix(FederatedMethod):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def predict_global(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.expert_logits(x)
+        logits = self.experts(x)
         uniform = logits.new_full((x.shape[0], self.num_experts), -math.log(self.num_experts))
         return mixture(uniform, logits).exp()
 

@@ -20,11 +20,7 @@ from torch import nn
 from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.evaluation import em_label_prior, prior_adjust
 from fedcoe_bench.method import ClientUpdate, FederatedMethod, weighted_mean
-from fedcoe_bench.models import Gate, mixture
-
-
-def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    return -(p * p.clamp_min(1e-12).log()).sum(dim)
+from fedcoe_bench.models import Experts, Gate, entropy, mixture
 
 
 class FedCoE(FederatedMethod):
@@ -105,7 +101,7 @@ class FedCoE(FederatedMethod):
         self.coordinated, self.coordination_eps, self.local_level = coordinated, coordination_eps, local_level
         self.local_warm_start, self.cold_start_prior, self.beta = local_warm_start, cold_start_prior, beta
         self.local_prior, self.expert_loss_routed = local_prior, expert_loss_routed
-        self.experts = nn.ModuleList([self.make_backbone() for _ in range(num_experts)])
+        self.experts = Experts(self.make_backbone() for _ in range(num_experts))
         self.gate = Gate(self.in_channels, num_experts, top_m=top_m)
         if not shared_gate:
             self.personal = self.personal + ("gate.",)
@@ -120,12 +116,9 @@ class FedCoE(FederatedMethod):
         self._diag: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the two levels
-    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([e(x) for e in self.experts])  # [K, B, C]
-
     def log_global(self, x: torch.Tensor, log_w: torch.Tensor | None = None, logits: torch.Tensor | None = None):
         log_w = self.gate.log_weights(x) if log_w is None else log_w
-        return mixture(log_w, self.expert_logits(x) if logits is None else logits)
+        return mixture(log_w, self.experts(x) if logits is None else logits)
 
     def log_personal(self, x: torch.Tensor, log_glob: torch.Tensor) -> torch.Tensor:
         if not self.local_level:
@@ -139,7 +132,7 @@ class FedCoE(FederatedMethod):
     def training_step(self, batch, batch_idx):
         x, y = batch
         log_w = self.gate.log_weights(x)
-        logits = self.expert_logits(x)
+        logits = self.experts(x)
         log_glob = mixture(log_w, logits)
         loss = F.nll_loss(self.log_personal(x, log_glob), y)
         if self.local_level:  # without the local level the first term already is the global mixture
@@ -179,7 +172,7 @@ class FedCoE(FederatedMethod):
 
     def _self_score(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Accuracy of every (beta, label-prior) cold-start setting on this client's data: [betas, 2]."""
-        log_w, logits = self.gate.log_weights(x), self.expert_logits(x)
+        log_w, logits = self.gate.log_weights(x), self.experts(x)
         r = log_w.exp().mean(0)
         scores = torch.zeros(len(self.beta_grid), 2, device=x.device)
         for b, beta in enumerate(self.beta_grid):
@@ -262,9 +255,9 @@ class FedCoE(FederatedMethod):
         r = self.gate(unlabeled).mean(0)
         beta, use_lp = self.cold_start_setting()
         log_w = self._routing_prior(self.gate.log_weights(x), r, beta)
-        probs = mixture(log_w, self.expert_logits(x)).exp()
+        probs = mixture(log_w, self.experts(x)).exp()
         if use_lp:
-            u_probs = mixture(self._routing_prior(self.gate.log_weights(unlabeled), r, beta), self.expert_logits(unlabeled)).exp()
+            u_probs = mixture(self._routing_prior(self.gate.log_weights(unlabeled), r, beta), self.experts(unlabeled)).exp()
             uniform = torch.full((probs.shape[1],), 1.0 / probs.shape[1], device=x.device)
             probs = prior_adjust(probs, em_label_prior(u_probs, uniform), uniform)
         return probs

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
-import math
+import statistics
 from dataclasses import dataclass, field
 
 from fedcoe_bench.results import METRICS, Run, group_title, method_sort_key
@@ -57,15 +57,12 @@ class Table:
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (n - 1; None for one value).
 
-    >>> mean_std([0.5, 0.7])
-    (0.6, 0.1414213562373095)
+    >>> [round(v, 4) for v in mean_std([0.5, 0.7])]
+    [0.6, 0.1414]
     """
     if not values:
         return None, None
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, None
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def _group_order(group: tuple) -> tuple:

@@ -1,9 +1,25 @@
-"""Mixture-of-experts parts shared by FedMix and FedCoE: a light gate and the mixture of experts' posteriors."""
+"""Mixture-of-experts parts shared by FedMix and FedCoE: the experts, a light gate, the mixture of the
+experts' posteriors and the entropy used by the routing diagnostics."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+class Experts(nn.ModuleList):
+    """K independent expert classifiers run on the same input; calling it gives their logits
+    stacked as ``[K, B, C]``, the layout :func:`mixture` takes. Parameters are named
+    ``experts.<k>.*`` when the module is an attribute ``experts``, so each expert is one span.
+
+    Example:
+        >>> ex = Experts([nn.Linear(3, 2), nn.Linear(3, 2)])
+        >>> ex(torch.zeros(5, 3)).shape
+        torch.Size([2, 5, 2])
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([expert(x) for expert in self])
 
 
 class Gate(nn.Module):
@@ -52,3 +68,13 @@ def mixture(log_weights: torch.Tensor, expert_logits: torch.Tensor) -> torch.Ten
         tensor([[0.8750, 0.1250]])
     """
     return torch.logsumexp(log_weights.t().unsqueeze(-1) + expert_logits.log_softmax(-1), dim=0)
+
+
+def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy in nats, :math:`H(p) = -\\sum_k p_k \\log p_k` (0 log 0 = 0).
+
+    Example:
+        >>> entropy(torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
+        tensor([0.6931, 0.0000])
+    """
+    return torch.special.entr(p).sum(dim)
