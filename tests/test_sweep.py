@@ -81,7 +81,7 @@ def test_finished_runs_are_skipped_and_conflicts_reported(small_sweep, tmp_path,
     out, err = capsys.readouterr()
     assert called == [r.fit_args for r in runs[2:]]
     assert code == 1  # a conflict is not a success
-    assert "sweep: 8 runs: 6 run now, 1 already finished, 0 failed, 1 in conflict" in out
+    assert "sweep: 8 runs: 6 run now, 1 already finished, 0 run by another sweep process, 0 failed, 1 in conflict" in out
     assert f"skipping {runs[1].run_dir}" in err
 
 
@@ -90,7 +90,7 @@ def test_a_failed_run_does_not_stop_the_sweep(small_sweep, tmp_path, capsys):
     codes = iter([0, 3] + [0] * 6)
     assert sweep.run_sweep(runs, runner=lambda args: next(codes)) == 1
     out, err = capsys.readouterr()
-    assert "6 run now" not in out and "7 run now, 0 already finished, 1 failed" in out
+    assert "6 run now" not in out and "7 run now, 0 already finished, 0 run by another sweep process, 1 failed" in out
     assert f"failed (exit code 3): {runs[1].run_dir}" in err
 
 
@@ -108,6 +108,29 @@ def test_sweep_runs_fit_and_resumes(tmp_path, small_sweep, monkeypatch, run_cli)
     assert (summary["method"], summary["rounds"], summary["config"]["logger"]) == ("fedavg", 2, "csv")
     code, out, err = run_cli(["sweep", str(small_sweep), "--sweep_dir", str(tmp_path / "out")])
     assert code == 0 and len(calls) == 1 and "0 run now, 1 already finished" in out
+
+
+def test_parallel_sweep_processes_share_the_grid_through_lock_files(small_sweep, tmp_path, capsys):
+    """A run locked by a live process is left to it; a lock left by a dead process is taken over;
+    locks are released when a run ends, even when it fails."""
+    import os
+    import socket
+    import subprocess
+
+    runs = sweep.plan(small_sweep, tmp_path / "out")
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for r, pid in ((runs[0], os.getppid()), (runs[1], dead.pid)):  # our parent lives; `dead` has exited
+        r.run_dir.mkdir(parents=True)
+        (r.run_dir / sweep.LOCK).write_text(f"{host}:{pid}")
+    called = []
+    code = sweep.run_sweep(runs, runner=lambda args: called.append(args) or (3 if len(called) == 2 else 0))
+    out, err = capsys.readouterr()
+    assert called == [r.fit_args for r in runs[1:]]
+    assert code == 1 and "6 run now, 0 already finished, 1 run by another sweep process, 1 failed" in out
+    assert (runs[0].run_dir / sweep.LOCK).exists()  # still the other process's
+    assert not any((r.run_dir / sweep.LOCK).exists() for r in runs[1:])
 
 
 def test_each_run_is_its_own_process(monkeypatch):
@@ -167,7 +190,7 @@ def test_mnist10k_sweep(monkeypatch):
 def test_ablation_is_one_run_per_variant_and_seed(monkeypatch):
     monkeypatch.chdir(REPO)
     runs = sweep.plan("benchmarks/sweeps/ablation.yaml", "runs")
-    assert len(runs) == 9 * 3
+    assert len(runs) == 9 * 2 * 3
     by_name = {}
     for r in runs:
         method = r.config["method"]
@@ -183,7 +206,9 @@ def test_ablation_is_one_run_per_variant_and_seed(monkeypatch):
         "fedcoe-no_expert_loss": {"lambda_expert"}, "fedcoe-no_local_prior": {"local_prior"},
         "fedcoe-beta_adaptive": {"beta"}, "fedcoe-spec": {"lambda_expert", "local_prior", "beta"},
     }
-    assert all({r.config["seed"] for r in rs} == {0, 1, 2} for rs in by_name.values())
+    assert all({(r.config["seed"], r.config["data"]["alpha"]) for r in rs} == {(s, a) for s in (0, 1, 2) for a in (0.1, 0.3)}
+               for rs in by_name.values())
+    assert [r.config["seed"] for r in runs[:18]] == [0] * 18  # whole seeds first
     # the default variant is the mnist10k sweep's fedcoe run: same directory, same config
     mnist = {r.run_dir: r.config for r in sweep.plan("benchmarks/sweeps/mnist10k.yaml", "runs")}
     default = [r for r in runs if r.config["name"] is None]

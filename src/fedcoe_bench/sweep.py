@@ -8,7 +8,9 @@ the order of ``parameters``), with ``--logger=csv`` and ``--run_dir`` set to
 ``fedbench fit``'s default run directory with ``runs`` replaced by ``SWEEP_DIR``. Runs go one
 after another, each in its own process; a run whose directory already holds a finished run of
 the same config is skipped, so an interrupted sweep resumes where it stopped (an unfinished run
-continues from its checkpoint).
+continues from its checkpoint). Several ``fedbench sweep`` processes on the same file share the
+grid: each run is claimed with a lock file in its directory, so on N cores run N of them (with
+``OMP_NUM_THREADS`` set so that they do not oversubscribe the cores).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import itertools
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -175,6 +178,37 @@ def check_finished(run: SweepRun) -> str:
     return run.state
 
 
+LOCK = ".sweep.lock"
+
+
+def claim(run: SweepRun) -> bool:
+    """Take ``run``'s lock (created atomically, holding ``host:pid``); False if another live sweep
+    process holds it. A lock left by a process that died on this host is taken over."""
+    lock = run.run_dir / LOCK
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        host, _, pid = lock.read_text().partition(":")
+        if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+            return False  # held, or held on another host (where we cannot tell whether it lives)
+        lock.unlink(missing_ok=True)
+        return claim(run)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()}:{os.getpid()}")
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_fit(args: list[str]) -> int:
     """One ``fedbench fit`` in its own process (same interpreter); its output goes to the terminal."""
     return subprocess.call([sys.executable, "-m", "fedcoe_bench.cli", "fit", *args])
@@ -197,20 +231,26 @@ def run_sweep(runs: list[SweepRun], dry_run: bool = False, runner=None) -> int:
     for r in conflicts:
         print(f"fedbench sweep: skipping {r.run_dir}: it {r.state[len('conflict: '):]}; move it away or choose "
               f"another --sweep_dir", file=sys.stderr)
-    failed, ran = [], 0
+    failed, ran, elsewhere = [], 0, []
     for r in todo:
-        if check_finished(r) != "todo":  # another process may have finished it meanwhile
-            finished.append(r)
+        if not claim(r):
+            elsewhere.append(r)
             continue
-        print(f"[{r.index}/{n}] {r.command}", flush=True)
-        code = runner(r.fit_args)
+        try:
+            if check_finished(r) != "todo":  # another process finished it meanwhile
+                finished.append(r)
+                continue
+            print(f"[{r.index}/{n}] {r.command}", flush=True)
+            code = runner(r.fit_args)
+        finally:
+            (r.run_dir / LOCK).unlink(missing_ok=True)
         if code != 0:
             failed.append(r)
             print(f"[{r.index}/{n}] failed (exit code {code}): {r.run_dir}", file=sys.stderr, flush=True)
         else:
             ran += 1
-    print(f"sweep: {n} runs: {ran} run now, {len(finished)} already finished, {len(failed)} failed, "
-          f"{len(conflicts)} in conflict", flush=True)
+    print(f"sweep: {n} runs: {ran} run now, {len(finished)} already finished, {len(elsewhere)} run by another "
+          f"sweep process, {len(failed)} failed, {len(conflicts)} in conflict", flush=True)
     for r in failed:
         print(f"failed: {r.run_dir} ({r.command})", file=sys.stderr)
     return 1 if failed or conflicts else 0
