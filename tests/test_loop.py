@@ -153,3 +153,17 @@ def test_prepare_augments_by_crop_and_flip_only(indexed_fed):
         assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(-1)) for c in crops), i
     # without a generator (evaluation) there is no augmentation
     assert torch.equal(fed.prepare(x), base)
+
+
+def test_more_processes_than_clients_per_round_is_refused_before_any_training(indexed_fed):
+    """A rank left without a client would have nothing to all-gather; say so up front."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from fedcoe_bench.errors import ConfigError
+
+    fake = SimpleNamespace(world_size=4)  # fit must stop before it touches the fabric
+    loop = FederatedLoop(rounds=1, clients_per_round=3, progress=False)
+    with pytest.raises(ConfigError, match="4 processes but loop.clients_per_round=3.*at most 3 devices"):
+        loop.fit(fake, build(FedAvg, indexed_fed), indexed_fed, seed=0)

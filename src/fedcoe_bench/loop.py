@@ -80,6 +80,11 @@ class FederatedLoop:
                 f"loop.clients_per_round={self.clients_per_round} exceeds the {len(fed.clients)} training "
                 f"clients; lower it or raise data.num_clients"
             )
+        if fabric.world_size > self.clients_per_round:  # a rank with no client has no report to gather
+            raise ConfigError(
+                f"{fabric.world_size} processes but loop.clients_per_round={self.clients_per_round}; each process "
+                f"trains its share of the round's clients, so use at most {self.clients_per_round} devices"
+            )
         method = fabric.to_device(method)
         method.flatten_parameters()
         optimizer = fabric.setup_optimizers(method.configure_optimizers())
