@@ -104,6 +104,7 @@ def plot_curves(runs: list[Run], title: str, out: Path) -> bool:
         ax.set_xlabel("communication round")
         ax.set_ylabel("accuracy (%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(left=0)  # the first point is round eval_every, not the start of training
         ax.grid(alpha=0.3)
         lo, hi = ax.get_ylim()
         ax.set_ylim(max(0.0, lo), min(100.0, hi))
