@@ -101,7 +101,7 @@ def test_routing_prior_sharpens_with_a_confident_profile():
     torch.testing.assert_close(fixed[0], torch.tensor([0.5, 0.25, 0.25]))
 
 
-def test_calibrated_setting_follows_client_scores():
+def test_calibrated_setting_follows_client_scores(tmp_path):
     m = tiny(local_level=False, beta="calibrated")
     assert m.cold_start_setting() == ("adaptive", False)  # nothing reported yet
     scores = torch.zeros(len(FedCoE.beta_grid), 2)
@@ -111,6 +111,14 @@ def test_calibrated_setting_follows_client_scores():
         u.report["calibration"] = scores
     m.aggregate(torch.zeros(m.flat["shared"].numel()), ups)
     assert m.cold_start_setting() == (1.0, True)
+    # the choice is logged: calibration.csv has every setting's mean score, the served one marked
+    import csv
+    m.save_artifacts(tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "calibration.csv")))
+    assert len(rows) == 2 * len(FedCoE.beta_grid)
+    assert [(r["beta"], r["label_prior"]) for r in rows if r["served"] == "1"] == [("1.0", "1")]
+    assert sorted(float(r["mean_self_accuracy"]) for r in rows)[-2:] == [0.0, pytest.approx(0.9)]
+    assert {r["scores"] for r in rows} == {"2"}
 
 
 def test_top_m_routing_is_sparse():

@@ -216,12 +216,25 @@ class FedCoE(FederatedMethod):
         self.routing = dict(state["routing"])
 
     def save_artifacts(self, run_dir) -> None:
-        """R, the client-expert correlation matrix, as ``routing.csv`` (one row per client)."""
+        """R, the client-expert correlation matrix, as ``routing.csv`` (one row per client), and with
+        ``beta: calibrated`` the training clients' mean self-score of every cold-start setting as
+        ``calibration.csv``, the setting served to new clients marked."""
         with open(Path(run_dir) / "routing.csv", "w", newline="") as f:
             out = csv.writer(f)
             out.writerow(["client"] + [f"expert_{k}" for k in range(self.num_experts)])
             for cid in sorted(self.routing):
                 out.writerow([cid] + [f"{v:.6f}" for v in self.routing[cid].tolist()])
+        if self.beta == "calibrated":
+            total, count = self.calibration
+            served = self.cold_start_setting()
+            with open(Path(run_dir) / "calibration.csv", "w", newline="") as f:
+                out = csv.writer(f)
+                out.writerow(["beta", "label_prior", "mean_self_accuracy", "scores", "served"])
+                for b, beta in enumerate(self.beta_grid):
+                    for lp in (False, True):
+                        n = int(count[b, int(lp)])
+                        mean = float(total[b, int(lp)]) / n if n else float("nan")
+                        out.writerow([beta, int(lp), f"{mean:.6f}", n, int((beta, lp) == served)])
 
     # ------------------------------------------------------------------ predictors
     @torch.no_grad()
