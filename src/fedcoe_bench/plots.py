@@ -86,7 +86,7 @@ def plot_curves(runs: list[Run], title: str, out: Path) -> bool:
     fig = _figure(5.0 * len(CURVE_METRICS), 4.2)
     axes = fig.subplots(1, len(CURVE_METRICS))
     for ax, (metric, name) in zip(axes, CURVE_METRICS):
-        for label in labels:
+        for i, label in enumerate(labels):
             per_seed = [curves[r.path][metric] for r in runs if r.label == label and curves[r.path][metric]]
             if not per_seed:
                 continue
@@ -94,8 +94,9 @@ def plot_curves(runs: list[Run], title: str, out: Path) -> bool:
             stats = [mean_std([100 * c[t] for c in per_seed if t in c]) for t in rounds]
             mean = [m for m, _ in stats]
             std = [s or 0.0 for _, s in stats]
+            # every other method dashed: a method that tracks another (FedProx, FedAvg) stays visible
             ax.plot(rounds, mean, marker="o" if len(rounds) <= 12 else None, markersize=3.5, color=colors[label],
-                    label=f"{label} (n={len(per_seed)})")
+                    linestyle="--" if i % 2 else "-", label=f"{label} (n={len(per_seed)})")
             if len(per_seed) > 1:
                 ax.fill_between(rounds, [max(0.0, m - s) for m, s in zip(mean, std)],
                                 [min(100.0, m + s) for m, s in zip(mean, std)], color=colors[label], alpha=0.18,
@@ -103,7 +104,7 @@ def plot_curves(runs: list[Run], title: str, out: Path) -> bool:
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("communication round")
         ax.set_ylabel("accuracy (%)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
         ax.set_xlim(left=0)  # the first point is round eval_every, not the start of training
         ax.grid(alpha=0.3)
         lo, hi = ax.get_ylim()
