@@ -125,7 +125,7 @@ def test_csv_is_machine_readable_and_notes_go_to_stderr(runs_dir):
     text, stderr_lines = render(build_tables(load_runs(runs_dir)), "csv")
     rows = list(csv.DictReader(io.StringIO(text)))
     fedavg = next(r for r in rows if r["method"] == "fedavg" and r["alpha"] == "0.3")
-    assert (fedavg["n"], fedavg["seeds"], fedavg["global_acc_mean"], fedavg["global_acc_std"]) == ("3", "0 1 2", "82.00", "2.00")
+    assert (fedavg["n"], fedavg["seeds"], fedavg["global_acc_mean"], fedavg["global_acc_std"]) == ("3", "0 1 2", "82.0000", "2.0000")
     assert len(rows) == 4
     assert sum(line.startswith("missing:") for line in stderr_lines) == 2
 

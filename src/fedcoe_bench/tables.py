@@ -172,7 +172,7 @@ def render_csv(tables: list[Table]) -> str:
             stats = []
             for m in METRICS:
                 c = r.cells[m]
-                stats += ["" if c.mean is None else f"{c.mean:.2f}", "" if c.std is None else f"{c.std:.2f}"]
+                stats += ["" if c.mean is None else f"{c.mean:.4f}", "" if c.std is None else f"{c.std:.4f}"]
             w.writerow([dataset, scheme, "" if alpha is None else alpha, "" if rounds is None else rounds,
                         r.label, len(r.seeds), " ".join(map(str, r.seeds))] + stats)
     return buf.getvalue()
