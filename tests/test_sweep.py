@@ -213,3 +213,23 @@ def test_ablation_is_one_run_per_variant_and_seed(monkeypatch):
     mnist = {r.run_dir: r.config for r in sweep.plan("benchmarks/sweeps/mnist10k.yaml", "runs")}
     default = [r for r in runs if r.config["name"] is None]
     assert all(sweep._comparable(mnist[r.run_dir]) == sweep._comparable(r.config) for r in default)
+
+
+def test_a_lock_released_while_being_read_is_claimed(small_sweep, tmp_path, monkeypatch):
+    """The holder may delete its lock between our failed create and our read of it."""
+    from pathlib import Path as P
+
+    run = sweep.plan(small_sweep, tmp_path / "out")[0]
+    run.run_dir.mkdir(parents=True)
+    lock = run.run_dir / sweep.LOCK
+    lock.write_text("elsewhere:1")
+    real_read = P.read_text
+
+    def released_meanwhile(self, *args, **kwargs):
+        if self == lock and lock.read_bytes() == b"elsewhere:1":
+            lock.unlink()
+            raise FileNotFoundError(lock)
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(P, "read_text", released_meanwhile)
+    assert sweep.claim(run) and lock.read_bytes().endswith(f":{__import__('os').getpid()}".encode())

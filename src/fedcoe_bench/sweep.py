@@ -189,7 +189,10 @@ def claim(run: SweepRun) -> bool:
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        host, _, pid = lock.read_text().partition(":")
+        try:
+            host, _, pid = lock.read_text().partition(":")
+        except FileNotFoundError:  # its holder released it in between: try again
+            return claim(run)
         if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
             return False  # held, or held on another host (where we cannot tell whether it lives)
         lock.unlink(missing_ok=True)
@@ -201,11 +204,11 @@ def claim(run: SweepRun) -> bool:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, owned by another user
+        pass
     return True
 
 
