@@ -225,16 +225,15 @@ class FedCoE(FederatedMethod):
             for cid in sorted(self.routing):
                 out.writerow([cid] + [f"{v:.6f}" for v in self.routing[cid].tolist()])
         if self.beta == "calibrated":
-            total, count = self.calibration
-            served = self.cold_start_setting()
+            scores, count, served = self.self_scores(), self.calibration[1], self.cold_start_setting()
             with open(Path(run_dir) / "calibration.csv", "w", newline="") as f:
                 out = csv.writer(f)
                 out.writerow(["beta", "label_prior", "mean_self_accuracy", "scores", "served"])
                 for b, beta in enumerate(self.beta_grid):
-                    for lp in (False, True):
-                        n = int(count[b, int(lp)])
-                        mean = float(total[b, int(lp)]) / n if n else float("nan")
-                        out.writerow([beta, int(lp), f"{mean:.6f}", n, int((beta, lp) == served)])
+                    for lp in (0, 1):
+                        n = int(count[b, lp])
+                        mean = f"{float(scores[b, lp]):.6f}" if n else "nan"
+                        out.writerow([beta, lp, mean, n, int((beta, bool(lp)) == served)])
 
     # ------------------------------------------------------------------ predictors
     @torch.no_grad()
@@ -255,11 +254,16 @@ class FedCoE(FederatedMethod):
         """(beta, use label prior) served to new clients."""
         if self.beta != "calibrated":
             return self.beta, False
-        total, count = self.calibration
-        if count.max() == 0:
+        if self.calibration[1].max() == 0:
             return "adaptive", False
-        b, lp = divmod(int((total / count.clamp_min(1)).argmax()), 2)
+        b, lp = divmod(int(self.self_scores().argmax()), 2)
         return self.beta_grid[b], bool(lp)
+
+    def self_scores(self) -> torch.Tensor:
+        """Mean accuracy the training clients measured for each cold-start setting, ``[betas, 2]``
+        (label prior off, on); 0 where nothing was reported."""
+        total, count = self.calibration
+        return total / count.clamp_min(1)
 
     @torch.no_grad()
     def predict_cold_start(self, x, unlabeled):
