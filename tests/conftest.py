@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import IndexedSynthetic
 from lightning.fabric import Fabric
 
 from fedcoe_bench.cli import main
 from fedcoe_bench.data import FederatedData, Synthetic
-from helpers import IndexedSynthetic
 
 # The test machine has two cores shared with other jobs: one thread per process avoids oversubscription.
 torch.set_num_threads(1)

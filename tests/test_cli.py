@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-
 from helpers import read_summary
 
 METRICS = ("global_acc", "personal_acc", "cold_start_acc")

@@ -4,11 +4,11 @@ gradient to the cold-start predictor."""
 from __future__ import annotations
 
 import torch
+from helpers import decode_indices
 
 from baselines.fedavg import FedAvg
 from fedcoe_bench.evaluation import Evaluator
 from fedcoe_bench.loop import FederatedLoop
-from helpers import decode_indices
 
 
 def build(cls, fed):

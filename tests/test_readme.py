@@ -12,13 +12,13 @@ README = (Path(__file__).parents[1] / "README.md").read_text()
 
 
 def python_block(filename: str) -> str:
-    match = re.search(rf"```python\n# {re.escape(filename)}\n(.*?)```", README, re.S)
+    match = re.search(rf"```python\n# {re.escape(filename)}\n(.*?)```", README, re.DOTALL)
     assert match, f"README has no python block starting with '# {filename}'"
     return match.group(1)
 
 
 def test_setup_commands_come_first():
-    first_block = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
+    first_block = re.search(r"```bash\n(.*?)```", README, re.DOTALL).group(1).strip().splitlines()
     assert len(first_block) == 2
     assert "fedbench fit --config benchmarks/mnist10k_dir0.3.yaml" in first_block[0]
     assert "pytest" in first_block[1]

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import read_summary
 
 from fedcoe_bench.loop import FederatedLoop
-from helpers import read_summary
 
 METRICS = ("global_acc", "personal_acc", "cold_start_acc")
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedcoe_bench.data import CIFAR10, CIFAR100, MNIST10k, DataError
+from fedcoe_bench.data import CIFAR10, CIFAR100, DataError, MNIST10k
 
 # ---------------------------------------------------------------- CIFAR, torchvision / python-pickle format
 # The real files are Python-2 pickles of dicts with keys 'batch_label', 'labels' (CIFAR-100: 'fine_labels',

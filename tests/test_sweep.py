@@ -126,7 +126,7 @@ def test_parallel_sweep_processes_share_the_grid_through_lock_files(small_sweep,
         (r.run_dir / sweep.LOCK).write_text(f"{host}:{pid}")
     called = []
     code = sweep.run_sweep(runs, runner=lambda args: called.append(args) or (3 if len(called) == 2 else 0))
-    out, err = capsys.readouterr()
+    out, _ = capsys.readouterr()
     assert called == [r.fit_args for r in runs[1:]]
     assert code == 1 and "6 run now, 0 already finished, 1 run by another sweep process, 1 failed" in out
     assert (runs[0].run_dir / sweep.LOCK).exists()  # still the other process's
@@ -143,16 +143,16 @@ def test_each_run_is_its_own_process(monkeypatch):
 def test_sweep_file_errors_are_one_line(tmp_path, small_sweep, run_cli):
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: bayes\nparameters:\n  seed:\n    values: [0]\ncommand: [fedbench, fit, '${args}']\n")
-    code, out, err = run_cli(["sweep", str(bad)])
+    code, _, err = run_cli(["sweep", str(bad)])
     assert code == 1 and err.count("\n") == 1 and "grid sweeps only" in err
     spec = yaml.safe_load(small_sweep.read_text())
     spec["parameters"] = {"method.init_args.lr": {"values": [0.1, 0.01]}}  # same run directory twice, no name
     small_sweep.write_text(yaml.safe_dump(spec))
-    code, out, err = run_cli(["sweep", str(small_sweep), "--dry-run"])
+    code, _, err = run_cli(["sweep", str(small_sweep), "--dry-run"])
     assert code == 1 and err.count("\n") == 1 and "both write" in err and "'name'" in err
     spec["parameters"] = {"method": {"values": ["fedavgg"]}}
     small_sweep.write_text(yaml.safe_dump(spec))
-    code, out, err = run_cli(["sweep", str(small_sweep), "--dry-run"])
+    code, _, err = run_cli(["sweep", str(small_sweep), "--dry-run"])
     assert code == 1 and err.count("\n") == 1 and "grid point 1 (method=fedavgg): unknown method 'fedavgg'" in err
 
 

@@ -224,9 +224,9 @@ def test_wandb_errors_are_one_line(monkeypatch, run_cli):
         raise wandb.errors.UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
 
     monkeypatch.setattr(wandb, "Api", no_api)
-    code, out, err = run_cli(["table", "--wandb", "team/fedcoe-bench"])
+    code, _, err = run_cli(["table", "--wandb", "team/fedcoe-bench"])
     assert code == 1 and err.count("\n") == 1 and "cannot read W&B runs of team/fedcoe-bench" in err
-    code, out, err = run_cli(["table", "--wandb", "just-a-project"])
+    code, _, err = run_cli(["table", "--wandb", "just-a-project"])
     assert code == 1 and "ENTITY/PROJECT" in err
     assert load_wandb_runs("a/b", api=FakeApi([recorded_run("r", "fedavg", 0, FEDAVG[0])]))[0].metrics["global_acc"] == 0.80
     assert math.isclose(load_wandb_runs("a/b", api=FakeApi([recorded_run("r", "fedavg", 0, FEDAVG[0])]))[0].alpha, 0.3)

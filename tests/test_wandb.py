@@ -100,7 +100,7 @@ def test_wandb_init_failure_keeps_the_run_and_says_so_once(fit_argv, run_cli, tm
         raise wandb.errors.CommError("Network error (ConnectionError), entering retry loop")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    code, out, err = run_cli(fit_argv("run", "--logger", "wandb", "--wandb_project", "my-project"))
+    code, _, err = run_cli(fit_argv("run", "--logger", "wandb", "--wandb_project", "my-project"))
     assert code == 0
     assert len(calls) == 1 and calls[0]["project"] == "my-project" and calls[0]["config"]["method"] == "fedavg"
     lines = [line for line in err.splitlines() if "fedbench" in line or "W&B" in line]

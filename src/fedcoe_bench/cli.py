@@ -22,12 +22,11 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from fedcoe_bench.data import DataSource, FederatedData
-from fedcoe_bench.evaluation import write_per_client
 from fedcoe_bench.errors import UserError
+from fedcoe_bench.evaluation import write_per_client
 from fedcoe_bench.loop import FederatedLoop
 from fedcoe_bench.method import FederatedMethod
 from fedcoe_bench.runs import RunDir
-
 
 
 class UsageError(UserError):

@@ -75,7 +75,7 @@ def loop_vs_tight(rounds: int, repeats: int) -> dict:
                           for i in range(0, c.num_train, 32)]
         full = [32] * (sum(client_batches) // 32)
         results.append((loop_sps, _tight(fed, full), _tight(fed, client_batches)))
-    med = lambda j: statistics.median(r[j] for r in results)  # noqa: E731
+    med = lambda j: statistics.median(r[j] for r in results)
     return {"loop_samples_per_s": med(0), "tight_full_batches_samples_per_s": med(1),
             "tight_client_batches_samples_per_s": med(2),
             "ratio_full_batches": statistics.median(r[0] / r[1] for r in results),

@@ -151,7 +151,7 @@ def run_from_wandb(wb_run) -> Run:
     """
     summary, config = _plain(wb_run.summary), _plain(wb_run.config)
     path = "/".join(getattr(wb_run, "path", None) or []) or str(getattr(wb_run, "name", "?"))
-    pick = lambda *keys: next((src[k] for k in keys for src in (summary, config) if src.get(k) is not None), None)  # noqa: E731
+    pick = lambda *keys: next((src[k] for k in keys for src in (summary, config) if src.get(k) is not None), None)
     method = pick("method")
     run = Run(path=f"wandb:{path}", method=short_name(method) if method else "?",
               dataset=pick("dataset") or _source_name(pick("data.source.class_path", "data.source")),

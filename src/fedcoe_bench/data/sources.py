@@ -33,7 +33,6 @@ import torch
 from fedcoe_bench.errors import DataError
 
 
-
 @dataclass
 class Images:
     """Images of one data set: a train pool that is partitioned over clients and a global test split."""

@@ -3,4 +3,4 @@
 from fedcoe_bench.models.backbones import CNN, Backbone, ResNet18, build_backbone
 from fedcoe_bench.models.moe import Experts, Gate, entropy, mixture
 
-__all__ = ["Backbone", "CNN", "ResNet18", "build_backbone", "Experts", "Gate", "entropy", "mixture"]
+__all__ = ["CNN", "Backbone", "Experts", "Gate", "ResNet18", "build_backbone", "entropy", "mixture"]
