@@ -1,6 +1,7 @@
 """``fedbench``: the command line.
 
     fedbench fit --config benchmarks/mnist10k_dir0.3.yaml --method fedper --seed 1
+    fedbench eval RUN_DIR --name fedcoe-no_cold_start_prior --method.init_args.cold_start_prior false
     fedbench partition --config benchmarks/mnist10k_dir0.3.yaml
     fedbench sweep benchmarks/sweeps/mnist10k.yaml [--sweep_dir runs] [--dry-run]
     fedbench table runs [--format md|csv|latex] [--wandb ENTITY/PROJECT]
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import os
 import platform
 import subprocess
@@ -19,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from fedcoe_bench.data import DataSource, FederatedData
@@ -26,7 +29,7 @@ from fedcoe_bench.errors import UserError
 from fedcoe_bench.evaluation import write_per_client
 from fedcoe_bench.loop import FederatedLoop
 from fedcoe_bench.method import FederatedMethod
-from fedcoe_bench.runs import RunDir
+from fedcoe_bench.runs import RunDir, flatten, is_volatile
 
 
 class UsageError(UserError):
@@ -94,11 +97,21 @@ def _fit_parser() -> ArgumentParser:
     return p
 
 
+def _eval_parser() -> ArgumentParser:
+    p = _fit_parser()
+    p.description = ("Evaluate a finished run's final state, without training, under other prediction-time "
+                     "settings (the method's ``serving`` init args, e.g. FedCoE's cold_start_prior and beta); "
+                     "the trained run's config.yaml is the base config. Writes a new run directory.")
+    p.add_argument("trained", type=str, help="directory of a finished `fedbench fit` run")
+    return p
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="fedbench", description="Federated-learning benchmark: global, personalized "
                             "and cold-start accuracy.", exit_on_error=False, allow_abbrev=False)
     sub = parser.add_subcommands()
     sub.add_subcommand("fit", _fit_parser(), help="train one method on one setting")
+    sub.add_subcommand("eval", _eval_parser(), help="evaluate a finished run under other prediction-time settings")
     # partition takes the fit config as it is (only its seed and data keys matter)
     sub.add_subcommand("partition", _fit_parser(), help="show how a partition deals classes to clients")
     sub.add_subcommand("sweep", _sweep_parser(), help="run a W&B grid-sweep file locally, one run after another")
@@ -164,15 +177,39 @@ def _git_sha() -> str | None:
         return None
 
 
-def build_method(cfg: Namespace, source: DataSource) -> FederatedMethod:
+def method_class(cfg: Namespace) -> type[FederatedMethod]:
     module, _, name = cfg.method.class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+    return getattr(importlib.import_module(module), name)
+
+
+def build_method(cfg: Namespace, source: DataSource) -> FederatedMethod:
     init = dict(cfg.method.get("init_args") or {})
-    return cls(**init, num_classes=source.num_classes, in_channels=source.in_channels, image_size=source.image_size)
+    return method_class(cfg)(**init, num_classes=source.num_classes, in_channels=source.in_channels, image_size=source.image_size)
 
 
-def fit(parser: ArgumentParser, cfg: Namespace) -> dict:
-    """Train, evaluate and write the run directory; returns the summary."""
+def load_trained(trained: str, config: dict, serving: tuple[str, ...]) -> dict:
+    """The final checkpoint of the finished run in ``trained``, if ``config`` differs from its config in
+    ``name`` and the ``serving`` init args only (other differences are refused: training read them)."""
+    source = RunDir(trained)
+    if not source.is_finished() or not source.checkpoint_path.exists():
+        raise UsageError(f"{trained} holds no finished run with a checkpoint.pt; give the directory of a finished "
+                         f"`fedbench fit` run")
+    trained_config = json.loads(source.summary_path.read_text())["config"]
+    as_trained = {**config, "name": trained_config.get("name"),
+                  "method": {**config["method"], "init_args": {**config["method"].get("init_args", {}), **{
+                      k: v for k, v in trained_config["method"].get("init_args", {}).items() if k in serving}}}}
+    a, b = flatten(as_trained), flatten(trained_config)
+    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not is_volatile(k))
+    if differ:
+        allowed = ", ".join(f"method.init_args.{k}" for k in serving) or "none for this method"
+        raise UsageError(f"eval may change only prediction-time settings ({allowed}) and name; this config also "
+                         f"changes {', '.join(differ)}: train it with `fedbench fit` instead")
+    return RunDir(trained, as_trained).load_checkpoint()
+
+
+def fit(parser: ArgumentParser, cfg: Namespace, trained: str | None = None) -> dict:
+    """Train, evaluate and write the run directory; returns the summary. With ``trained`` (a finished
+    run's directory) its final state is evaluated under this config instead of training."""
     from lightning.fabric import Fabric
     from lightning.fabric.loggers import CSVLogger
 
@@ -184,8 +221,13 @@ def fit(parser: ArgumentParser, cfg: Namespace) -> dict:
     config = cfg.as_dict()
     config.pop("config", None)
     run = RunDir(cfg.run_dir or default_run_dir(cfg), config)
+    if trained is not None:
+        trained_state = load_trained(trained, config, method_class(cfg).serving)
+        if run.path.resolve() == Path(trained).resolve():
+            raise UsageError(f"eval would write into the trained run {trained}; give --name (e.g. the setting's "
+                             f"ablation name) or --run_dir")
     run.prepare(overwrite=cfg.overwrite)
-    resume_state = run.load_checkpoint() if cfg.resume and not cfg.overwrite else None
+    resume_state = run.load_checkpoint() if cfg.resume and not cfg.overwrite and trained is None else None
 
     # config.yaml and checkpoints share the folder; resumed rows are replayed into the CSV by the loop
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
@@ -206,7 +248,10 @@ def fit(parser: ArgumentParser, cfg: Namespace) -> dict:
     fed = data.setup(cfg.seed, fabric.device)
     fabric.seed_everything(cfg.seed, verbose=False)
     method = build_method(cfg, data.source)
-    metrics = loop.fit(fabric, method, fed, cfg.seed, run, resume_state)
+    if trained is None:
+        metrics = loop.fit(fabric, method, fed, cfg.seed, run, resume_state)
+    else:
+        metrics = loop.evaluate(fabric, method, fed, trained_state)
 
     summary = {
         "status": "finished",
@@ -220,6 +265,7 @@ def fit(parser: ArgumentParser, cfg: Namespace) -> dict:
         "metrics": metrics,
         "wall_time_s": loop.wall_time_s,
         "resumed_from_round": resume_state["round"] if resume_state else None,
+        "evaluated_from": str(trained) if trained else None,
         "clients": {"training": len(fed.clients), "cold_start": len(fed.new_clients)},
         "config": config,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -277,6 +323,16 @@ def _all_keys(parser: ArgumentParser) -> list[str]:
     return [opt for a in p._actions for opt in a.option_strings if opt.startswith("--")]
 
 
+def _eval_base_config(argv: list[str]) -> list[str]:
+    """``eval RUN ...`` -> ``eval RUN --config RUN/config.yaml ...``: the trained run's config comes first."""
+    if len(argv) < 2 or argv[0] != "eval" or argv[1].startswith("-"):
+        return argv
+    config = Path(argv[1]) / "config.yaml"
+    if not config.exists():
+        raise UsageError(f"{argv[1]} has no config.yaml; give the directory of a finished `fedbench fit` run")
+    return [*argv[:2], "--config", str(config), *argv[2:]]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if os.getcwd() not in sys.path:  # user methods and sources next to the config, as with `python -m`
@@ -284,10 +340,18 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or "--debug=true" in argv
     parser = build_parser()
     try:
-        argv = _expand_short_names(argv)
+        argv = _expand_short_names(_eval_base_config(argv))
         cfg = parser.parse_args(argv)
         if cfg.subcommand == "fit":
             fit(parser._subcommands_action._name_parser_map["fit"], cfg.fit)
+        elif cfg.subcommand == "eval":
+            trained = cfg.eval.pop("trained")
+            if not any(a == "--run_dir" or a.startswith("--run_dir=") for a in argv):
+                if cfg.eval.get("name") == yaml.safe_load((Path(trained) / "config.yaml").read_text()).get("name"):
+                    raise UsageError("eval needs a new --name (the setting's row in tables, e.g. "
+                                     "fedcoe-no_cold_start_prior) or --run_dir, so that it is not mistaken for the trained one")
+                cfg.eval.run_dir = None  # not the trained run's, which its config.yaml names
+            fit(parser._subcommands_action._name_parser_map["fit"], cfg.eval, trained)
         elif cfg.subcommand == "partition":
             partition(parser._subcommands_action._name_parser_map["partition"], cfg.partition)
         elif cfg.subcommand in RESULTS_COMMANDS:

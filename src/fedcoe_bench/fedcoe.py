@@ -84,6 +84,7 @@ class FedCoE(FederatedMethod):
 
     personal = ("local.", "fusion.", "local_ready", "label_counts")
     server_only = ()
+    serving = ("cold_start_prior", "beta")  # training never reads them (the self-scores are always collected)
     beta_grid = (0.0, 0.5, 1.0, 2.0, "adaptive")
     # Scores are averaged over every sampled client and round, so a few samples per client suffice;
     # 128 cost 17% of a training round (benchmarks/perf/RESULTS.md), 32 cost about 5%.
@@ -151,7 +152,8 @@ class FedCoE(FederatedMethod):
     @torch.no_grad()
     def on_client_start(self, x: torch.Tensor, y: torch.Tensor) -> None:
         # Pretend to be a new client: score the cold-start settings on our own data (server model).
-        self._calibration = self._self_score(x[:self.calibration_samples], y[:self.calibration_samples]) if self.beta == "calibrated" else None
+        # Under every beta, so that beta changes predictions only (``fedbench eval`` can switch it).
+        self._calibration = self._self_score(x[:self.calibration_samples], y[:self.calibration_samples])
         if self.local_level:
             self.label_counts.copy_(torch.bincount(y, minlength=self.num_classes))
         if self.local_level and self.local_warm_start and not self.local_ready.item():
@@ -216,24 +218,24 @@ class FedCoE(FederatedMethod):
         self.routing = dict(state["routing"])
 
     def save_artifacts(self, run_dir) -> None:
-        """R, the client-expert correlation matrix, as ``routing.csv`` (one row per client), and with
-        ``beta: calibrated`` the training clients' mean self-score of every cold-start setting as
-        ``calibration.csv``, the setting served to new clients marked."""
+        """R, the client-expert correlation matrix, as ``routing.csv`` (one row per client), and the
+        training clients' mean self-score of every cold-start setting as ``calibration.csv``, the
+        setting served to new clients marked."""
         with open(Path(run_dir) / "routing.csv", "w", newline="") as f:
             out = csv.writer(f)
             out.writerow(["client"] + [f"expert_{k}" for k in range(self.num_experts)])
             for cid in sorted(self.routing):
                 out.writerow([cid] + [f"{v:.6f}" for v in self.routing[cid].tolist()])
-        if self.beta == "calibrated":
-            scores, count, served = self.self_scores(), self.calibration[1], self.cold_start_setting()
-            with open(Path(run_dir) / "calibration.csv", "w", newline="") as f:
-                out = csv.writer(f)
-                out.writerow(["beta", "label_prior", "mean_self_accuracy", "scores", "served"])
-                for b, beta in enumerate(self.beta_grid):
-                    for lp in (0, 1):
-                        n = int(count[b, lp])
-                        mean = f"{float(scores[b, lp]):.6f}" if n else "nan"
-                        out.writerow([beta, lp, mean, n, int((beta, bool(lp)) == served)])
+        scores, count = self.self_scores(), self.calibration[1]
+        served = self.cold_start_setting() if self.cold_start_prior else None
+        with open(Path(run_dir) / "calibration.csv", "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["beta", "label_prior", "mean_self_accuracy", "scores", "served"])
+            for b, beta in enumerate(self.beta_grid):
+                for lp in (0, 1):
+                    n = int(count[b, lp])
+                    mean = f"{float(scores[b, lp]):.6f}" if n else "nan"
+                    out.writerow([beta, lp, mean, n, int((beta, bool(lp)) == served)])
 
     # ------------------------------------------------------------------ predictors
     @torch.no_grad()

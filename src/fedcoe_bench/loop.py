@@ -105,9 +105,7 @@ class FederatedLoop:
             for row in self.history:  # the CSV log is rewritten whole, so it matches an uninterrupted run
                 fabric.log_dict(row, step=row["round"])
 
-        def load(personal: torch.Tensor | None) -> None:
-            method.flat["shared"].copy_(server)
-            method.flat["personal"].copy_(self.init_personal if personal is None else personal)
+        load = lambda personal=None: self._load(method, server, personal)  # reads the current server
 
         metrics: dict = {}
         bar = tqdm(range(start, self.rounds), desc=type(method).__name__, initial=start, total=self.rounds,
@@ -155,6 +153,33 @@ class FederatedLoop:
         if not metrics:  # resumed from the final checkpoint: the last evaluation is in the history
             metrics = {k: v for row in self.history for k, v in row.items() if k.endswith("_acc") or "_acc_" in k}
         return metrics
+
+    def evaluate(self, fabric: Fabric, method: FederatedMethod, fed: Federation, state: dict) -> dict:
+        """The metrics of a trained ``state`` (a finished run's final checkpoint), without training.
+
+        ``fedbench eval`` serves a trained run under other prediction-time settings this way; the
+        result is what training again with those settings would give, when training never reads them.
+        """
+        method = fabric.to_device(method)
+        method.flatten_parameters()
+        method.load_state_dict(state["method"])  # saved after load(None): holds the initial personal state
+        self.init_personal = method.flat["personal"].clone()
+        server = state["server"].to(self.init_personal.device)
+        self.personal = {int(k): v.to(server.device) for k, v in state["personal"].items()}
+        self.evaluator = Evaluator(fed, self.eval_batch_size)
+        t0 = time.perf_counter()
+        metrics = self.evaluator(method, lambda personal=None: self._load(method, server, personal), self.personal.get,
+                                 fabric.global_rank, fabric.world_size, lambda t: fabric.all_reduce(t, reduce_op="sum"))
+        self._load(method, server)
+        self.server, self.wall_time_s = server, state.get("wall_time_s", 0.0)
+        self.history = [{"round": state["round"], **metrics, "eval_time": time.perf_counter() - t0}]
+        fabric.log_dict(self.history[0], step=state["round"])
+        return metrics
+
+    def _load(self, method: FederatedMethod, server: torch.Tensor, personal: torch.Tensor | None = None) -> None:
+        """Put the server's shared state and one client's personal state (None: the initial one) in the model."""
+        method.flat["shared"].copy_(server)
+        method.flat["personal"].copy_(self.init_personal if personal is None else personal)
 
     # ------------------------------------------------------------------ one client
     def _train_client(self, fabric: Fabric, method: FederatedMethod, optimizer, fed: Federation, client: Client,

@@ -51,6 +51,7 @@ class FederatedMethod(L.LightningModule):
 
     personal: tuple[str, ...] = ()
     server_only: tuple[str, ...] = ()
+    serving: tuple[str, ...] = ()  # init args that training never reads: ``fedbench eval`` may change them
 
     def __init__(self, backbone: str = "cnn", lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
                  num_classes: int = 10, in_channels: int = 1, image_size: int = 28):

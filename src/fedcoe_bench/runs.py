@@ -22,17 +22,22 @@ VOLATILE_KEYS = {"run_dir", "resume", "overwrite", "debug", "logger", "loop.prog
                  "loop.eval_every", "loop.checkpoint_every", "config", "fabric"}
 
 
+def is_volatile(key: str) -> bool:
+    """A flattened config key that may change without changing what training computes."""
+    return key in VOLATILE_KEYS or key.split(".")[0] in VOLATILE_KEYS
+
+
 def config_hash(config: dict) -> str:
-    flat = {k: v for k, v in _flatten(config).items() if k not in VOLATILE_KEYS and k.split(".")[0] not in VOLATILE_KEYS}
+    flat = {k: v for k, v in flatten(config).items() if not is_volatile(k)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from fedcoe_bench.errors import UserError
-from fedcoe_bench.runs import _flatten
+from fedcoe_bench.runs import flatten
 
 # Keys that do not change a run's results: a finished run that differs only in them counts as done.
 IGNORED_KEYS = ("run_dir", "resume", "overwrite", "debug", "logger", "wandb_project", "config", "fabric.accelerator",
@@ -152,7 +152,7 @@ def plan(path: str | os.PathLike, sweep_dir: str | os.PathLike = "runs", logger:
 
 
 def _comparable(config: dict) -> dict:
-    flat = _flatten(json.loads(json.dumps(config, default=str)))
+    flat = flatten(json.loads(json.dumps(config, default=str)))
     return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED_KEYS)}
 
 

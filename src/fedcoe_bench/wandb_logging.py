@@ -22,7 +22,7 @@ from typing import Any
 
 from lightning.fabric.loggers import Logger
 
-from fedcoe_bench.runs import _flatten
+from fedcoe_bench.runs import flatten
 
 
 def _short(class_path: Any) -> str:
@@ -31,7 +31,7 @@ def _short(class_path: Any) -> str:
 
 def wandb_config(config: dict) -> dict:
     """The config as W&B sees it: dotted keys, ``method`` the short name (as in the sweep files)."""
-    flat = _flatten(config)
+    flat = flatten(config)
     flat["method"] = _short((config.get("method") or {}).get("class_path", "fedavg"))
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()}
 
@@ -101,7 +101,7 @@ class SafeLogger(Logger):
         import wandb
 
         exp = self.logger.experiment
-        flat = _flatten({k: v for k, v in summary.items() if k != "config"})
+        flat = flatten({k: v for k, v in summary.items() if k != "config"})
         flat["name"] = (summary.get("config") or {}).get("name")
         exp.summary.update({k: v for k, v in flat.items() if v is None or isinstance(v, (int, float, str, bool))})
         tables = {}

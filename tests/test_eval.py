@@ -1,0 +1,72 @@
+"""`fedbench eval`: a finished run served under other prediction-time settings, without training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import read_summary
+
+from fedcoe_bench.sweep import _comparable
+
+FEDCOE = ("--method", "fedcoe", "--method.init_args.num_experts", "2", "--method.init_args.lr", "0.05",
+          "--loop.local_epochs", "3", "--loop.rounds", "3")
+ACCURACIES = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")
+
+
+@pytest.fixture
+def trained(tmp_path, fit_argv, run_cli):
+    code, _, err = run_cli(fit_argv("trained", *FEDCOE))
+    assert code == 0, err
+    return tmp_path / "trained"
+
+
+@pytest.mark.parametrize("setting", [("cold_start_prior", "false"), ("beta", "adaptive"), ("beta", "0.5")])
+def test_eval_equals_training_with_the_setting(tmp_path, trained, fit_argv, run_cli, setting):
+    key, value = setting
+    change = (f"--method.init_args.{key}", value, "--name", "variant")
+    code, _, err = run_cli(fit_argv("retrained", *FEDCOE, *change))
+    assert code == 0, err
+    summary = read_summary(trained)  # eval must measure, not copy: hide the trained run's numbers
+    (trained / "summary.json").write_text(json.dumps({**summary, **dict.fromkeys(ACCURACIES, -1.0), "metrics": {}}))
+    code, _, err = run_cli(["eval", str(trained), *change, "--run_dir", str(tmp_path / "evaluated")])
+    assert code == 0, err
+    again, evaluated = read_summary(tmp_path / "retrained"), read_summary(tmp_path / "evaluated")
+    assert {k: evaluated[k] for k in ACCURACIES} == {k: again[k] for k in ACCURACIES}
+    assert evaluated["evaluated_from"] == str(trained) and evaluated["config"]["method"]["init_args"][key] != "calibrated"
+    # a sweep counts the evaluated run as the run it stands for
+    assert _comparable(evaluated["config"]) == _comparable(again["config"])
+
+
+def test_eval_writes_the_default_run_directory_of_its_name(tmp_path, trained, run_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    variant = tmp_path / "variant.yaml"  # as in benchmarks/sweeps/fedcoe_variants/
+    variant.write_text("name: fedcoe-no_cold_start_prior\nmethod:\n  class_path: fedcoe_bench.fedcoe.FedCoE\n"
+                       "  init_args:\n    cold_start_prior: false\n")
+    code, _, err = run_cli(["eval", str(trained), "--config", str(variant)])
+    assert code == 0, err
+    out = tmp_path / "runs" / "synthetic" / "dirichlet0.3" / "fedcoe-no_cold_start_prior" / "seed0"
+    assert read_summary(out)["evaluated_from"] == str(trained)
+    assert (out / "config.yaml").exists() and (out / "metrics.csv").exists() and (out / "calibration.csv").exists()
+
+
+@pytest.mark.parametrize("extra, names", [
+    (("--method.init_args.local_level", "false", "--name", "x"), ["local_level", "fedbench fit"]),
+    (("--data.alpha", "0.1", "--name", "x"), ["data.alpha"]),
+    (("--method.init_args.cold_start_prior", "false"), ["--name", "trained one"]),
+    (("--method.init_args.cold_start_prior", "false", "--run_dir", "trained"), ["--name", "trained run"]),
+])
+def test_eval_refuses_what_training_read(tmp_path, trained, run_cli, extra, names, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    code, _, err = run_cli(["eval", str(trained), *extra])
+    assert code == 1 and err.count("\n") == 1 and all(n in err for n in names), err
+    assert {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()} == before
+
+
+def test_eval_of_a_directory_without_a_run_is_one_line(tmp_path, run_cli):
+    code, _, err = run_cli(["eval", str(tmp_path), "--name", "x"])
+    assert code == 1 and err.count("\n") == 1 and "config.yaml" in err
+    (tmp_path / "config.yaml").write_text(json.dumps({"seed": 0}))
+    code, _, err = run_cli(["eval", str(tmp_path), "--name", "x"])
+    assert code == 1 and err.count("\n") == 1 and "no finished run" in err
