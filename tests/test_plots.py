@@ -72,3 +72,21 @@ def test_curves_average_over_seeds(runs):
 def test_plot_of_nothing_is_one_line(tmp_path, run_cli):
     code, _, err = run_cli(["plot", str(tmp_path / "missing")])
     assert code == 1 and err.count("\n") == 1 and err.startswith("fedbench: error: no such directory")
+
+
+def test_named_settings_get_their_own_figures(runs, tmp_path, fit_argv, run_cli):
+    code, _, err = run_cli(fit_argv("runs/fedavg-lr0.1/seed0", "--method", "fedavg", "--name", "fedavg-lr0.1",
+                                    "--method.init_args.lr", "0.1", "--loop.rounds", "3", "--loop.eval_every", "1"))
+    assert code == 0, err
+    from fedcoe_bench.plots import figure_sets
+    from fedcoe_bench.results import load_runs
+
+    sets = dict(figure_sets("g", [r for r in load_runs(runs) if r.finished]))
+    assert sorted({r.label for r in sets["g"]}) == ["fedavg", "fedper"]
+    assert sorted({r.label for r in sets["g_variants"]}) == ["fedavg", "fedavg-lr0.1"]  # next to its method
+    out = tmp_path / "figures"
+    code, _, err = run_cli(["plot", str(runs), "--out", str(out)])
+    assert code == 0, err
+    assert {"synthetic_dirichlet0.3_3r_variants_curves.png", "synthetic_dirichlet0.3_3r_variants_clients.png",
+            "synthetic_dirichlet0.3_3r_curves.png"} <= {p.name for p in out.iterdir()}
+    assert [p.name for p in out.glob("*partition*")] == ["synthetic_dirichlet0.3_3r_partition.png"]

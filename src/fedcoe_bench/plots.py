@@ -207,6 +207,17 @@ def plot_partition(config: dict, title: str, out: Path) -> bool:
     return True
 
 
+def figure_sets(slug: str, runs: list[Run]) -> list[tuple[str, list[Run]]]:
+    """The methods in one set of figures; named settings (ablations, ``--name``) in a second,
+    ``SLUG_variants``, next to the default runs of their methods, so neither figure is crowded."""
+    plain = [r for r in runs if r.label == r.method]
+    variants = [r for r in runs if r.label != r.method]
+    if not plain or not variants:
+        return [(slug, runs)]
+    ablated = {r.method for r in variants}
+    return [(slug, plain), (f"{slug}_variants", [r for r in plain if r.method in ablated] + variants)]
+
+
 def make_plots(runs_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write the figures of every group of finished runs under ``runs_dir``; returns the files written."""
     runs = load_runs(runs_dir)
@@ -224,12 +235,13 @@ def make_plots(runs_dir: str | Path, out_dir: str | Path | None = None) -> list[
     written = []
     for group, members in sorted(groups.items(), key=lambda kv: _slug(kv[0])):
         title, slug = group_title(group), _slug(group)
-        if plot_curves(members, title, out / f"{slug}_curves.png"):
-            written.append(out / f"{slug}_curves.png")
-        if plot_clients(members, title, out / f"{slug}_clients.png"):
-            written.append(out / f"{slug}_clients.png")
-        else:
-            print(f"plot: {title}: no clients.csv in its runs, so no per-client figure", file=sys.stderr)
+        for name, shown in figure_sets(slug, members):
+            if plot_curves(shown, title, out / f"{name}_curves.png"):
+                written.append(out / f"{name}_curves.png")
+            if plot_clients(shown, title, out / f"{name}_clients.png"):
+                written.append(out / f"{name}_clients.png")
+            else:
+                print(f"plot: {title}: no clients.csv in its runs, so no per-client figure", file=sys.stderr)
         first = min(members, key=lambda r: (r.seed is None, r.seed or 0, r.path))
         try:
             config = _run_config(first)
