@@ -53,6 +53,7 @@ def test_eval_writes_the_default_run_directory_of_its_name(tmp_path, trained, ru
 @pytest.mark.parametrize("extra, names", [
     (("--method.init_args.local_level", "false", "--name", "x"), ["local_level", "fedbench fit"]),
     (("--data.alpha", "0.1", "--name", "x"), ["data.alpha"]),
+    (("--loop.rounds", "5", "--name", "x"), ["trained for 3 rounds", "--loop.rounds 5"]),
     (("--method.init_args.cold_start_prior", "false"), ["--name", "trained one"]),
     (("--method.init_args.cold_start_prior", "false", "--run_dir", "trained"), ["--name", "trained run"]),
 ])

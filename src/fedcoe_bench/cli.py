@@ -204,7 +204,11 @@ def load_trained(trained: str, config: dict, serving: tuple[str, ...]) -> dict:
         allowed = ", ".join(f"method.init_args.{k}" for k in serving) or "none for this method"
         raise UsageError(f"eval may change only prediction-time settings ({allowed}) and name; this config also "
                          f"changes {', '.join(differ)}: train it with `fedbench fit` instead")
-    return RunDir(trained, as_trained).load_checkpoint()
+    state = RunDir(trained, as_trained).load_checkpoint()
+    if state["round"] != config["loop"]["rounds"]:
+        raise UsageError(f"{trained} was trained for {state['round']} rounds; eval serves that state, so drop "
+                         f"--loop.rounds {config['loop']['rounds']}")
+    return state
 
 
 def fit(parser: ArgumentParser, cfg: Namespace, trained: str | None = None) -> dict:
