@@ -21,7 +21,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from fedcoe_bench.data import DataSource, FederatedData
@@ -187,14 +186,21 @@ def build_method(cfg: Namespace, source: DataSource) -> FederatedMethod:
     return method_class(cfg)(**init, num_classes=source.num_classes, in_channels=source.in_channels, image_size=source.image_size)
 
 
-def load_trained(trained: str, config: dict, serving: tuple[str, ...]) -> dict:
+def load_trained(trained: str, config: dict, serving: tuple[str, ...], run: RunDir) -> dict:
     """The final checkpoint of the finished run in ``trained``, if ``config`` differs from its config in
-    ``name`` and the ``serving`` init args only (other differences are refused: training read them)."""
+    ``name`` and the ``serving`` init args only (other differences are refused: training read them) and
+    ``run`` is another directory, named apart from it."""
     source = RunDir(trained)
     if not source.is_finished() or not source.checkpoint_path.exists():
         raise UsageError(f"{trained} holds no finished run with a checkpoint.pt; give the directory of a finished "
                          f"`fedbench fit` run")
     trained_config = json.loads(source.summary_path.read_text())["config"]
+    if config["run_dir"] is None and config.get("name") == trained_config.get("name"):
+        raise UsageError("eval needs a new --name (the setting's row in tables, e.g. "
+                         "fedcoe-no_cold_start_prior) or --run_dir, so that it is not mistaken for the trained one")
+    if run.path.resolve() == source.path.resolve():
+        raise UsageError(f"eval would write into the trained run {trained}; give --name (e.g. the setting's "
+                         f"ablation name) or --run_dir")
     as_trained = {**config, "name": trained_config.get("name"),
                   "method": {**config["method"], "init_args": {**config["method"].get("init_args", {}), **{
                       k: v for k, v in trained_config["method"].get("init_args", {}).items() if k in serving}}}}
@@ -226,10 +232,7 @@ def fit(parser: ArgumentParser, cfg: Namespace, trained: str | None = None) -> d
     config.pop("config", None)
     run = RunDir(cfg.run_dir or default_run_dir(cfg), config)
     if trained is not None:
-        trained_state = load_trained(trained, config, method_class(cfg).serving)
-        if run.path.resolve() == Path(trained).resolve():
-            raise UsageError(f"eval would write into the trained run {trained}; give --name (e.g. the setting's "
-                             f"ablation name) or --run_dir")
+        trained_state = load_trained(trained, config, method_class(cfg).serving, run)
     run.prepare(overwrite=cfg.overwrite)
     resume_state = run.load_checkpoint() if cfg.resume and not cfg.overwrite and trained is None else None
 
@@ -351,9 +354,6 @@ def main(argv: list[str] | None = None) -> int:
         elif cfg.subcommand == "eval":
             trained = cfg.eval.pop("trained")
             if not any(a == "--run_dir" or a.startswith("--run_dir=") for a in argv):
-                if cfg.eval.get("name") == yaml.safe_load((Path(trained) / "config.yaml").read_text()).get("name"):
-                    raise UsageError("eval needs a new --name (the setting's row in tables, e.g. "
-                                     "fedcoe-no_cold_start_prior) or --run_dir, so that it is not mistaken for the trained one")
                 cfg.eval.run_dir = None  # not the trained run's, which its config.yaml names
             fit(parser._subcommands_action._name_parser_map["fit"], cfg.eval, trained)
         elif cfg.subcommand == "partition":

@@ -88,7 +88,7 @@ class FederatedLoop:
         method = fabric.to_device(method)
         method.flatten_parameters()
         optimizer = fabric.setup_optimizers(method.configure_optimizers())
-        self.evaluator = evaluator = Evaluator(fed, self.eval_batch_size)  # per-client accuracies: evaluator.per_client
+        self.evaluator = Evaluator(fed, self.eval_batch_size)  # per-client accuracies: evaluator.per_client
 
         server = method.flat["shared"].clone()
         self.init_personal = method.flat["personal"].clone()
@@ -96,9 +96,7 @@ class FederatedLoop:
         self.history: list[dict] = []
         start, t_start, prior_time = 0, time.perf_counter(), 0.0
         if resume_state is not None:
-            method.load_state_dict(resume_state["method"])
-            server = resume_state["server"].to(server.device)
-            self.personal = {int(k): v.to(server.device) for k, v in resume_state["personal"].items()}
+            server = self._restore(method, resume_state)
             self.history = resume_state["history"]
             start = resume_state["round"]
             prior_time = resume_state.get("wall_time_s", 0.0)
@@ -135,8 +133,7 @@ class FederatedLoop:
             }
             if (rnd + 1) % self.eval_every == 0 or rnd + 1 == self.rounds:
                 t1 = time.perf_counter()
-                metrics = evaluator(method, load, self.personal.get, fabric.global_rank, fabric.world_size,
-                                    lambda t: fabric.all_reduce(t, reduce_op="sum"))
+                metrics = self._measure(fabric, method, load)
                 row.update(metrics, eval_time=time.perf_counter() - t1)
                 bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("global_acc", "personal_acc", "cold_start_acc") if k in metrics})
             self.history.append(row)
@@ -162,19 +159,28 @@ class FederatedLoop:
         """
         method = fabric.to_device(method)
         method.flatten_parameters()
-        method.load_state_dict(state["method"])  # saved after load(None): holds the initial personal state
-        self.init_personal = method.flat["personal"].clone()
-        server = state["server"].to(self.init_personal.device)
-        self.personal = {int(k): v.to(server.device) for k, v in state["personal"].items()}
+        server = self._restore(method, state)
+        self.init_personal = method.flat["personal"].clone()  # saved after load(None): the initial personal state
         self.evaluator = Evaluator(fed, self.eval_batch_size)
         t0 = time.perf_counter()
-        metrics = self.evaluator(method, lambda personal=None: self._load(method, server, personal), self.personal.get,
-                                 fabric.global_rank, fabric.world_size, lambda t: fabric.all_reduce(t, reduce_op="sum"))
+        metrics = self._measure(fabric, method, lambda personal=None: self._load(method, server, personal))
         self._load(method, server)
         self.server, self.wall_time_s = server, state.get("wall_time_s", 0.0)
         self.history = [{"round": state["round"], **metrics, "eval_time": time.perf_counter() - t0}]
         fabric.log_dict(self.history[0], step=state["round"])
         return metrics
+
+    def _restore(self, method: FederatedMethod, state: dict) -> torch.Tensor:
+        """Load a checkpoint's method state and every trained client's personal state; returns the server state."""
+        method.load_state_dict(state["method"])
+        server = state["server"].to(method.flat["shared"].device)
+        self.personal = {int(k): v.to(server.device) for k, v in state["personal"].items()}
+        return server
+
+    def _measure(self, fabric: Fabric, method: FederatedMethod, load) -> dict:
+        """The three accuracies, each rank evaluating its share of the clients."""
+        return self.evaluator(method, load, self.personal.get, fabric.global_rank, fabric.world_size,
+                              lambda t: fabric.all_reduce(t, reduce_op="sum"))
 
     def _load(self, method: FederatedMethod, server: torch.Tensor, personal: torch.Tensor | None = None) -> None:
         """Put the server's shared state and one client's personal state (None: the initial one) in the model."""
