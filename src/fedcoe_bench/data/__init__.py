@@ -158,7 +158,7 @@ class FederatedData:
         if self.num_training_clients < 1:
             raise DataError("no training clients left: lower data.cold_start_fraction or raise data.num_clients")
         splits, cold = self._cached_split(labels, seed)
-        make = lambda i: Client(i, torch.from_numpy(splits[i][0]), torch.from_numpy(splits[i][1]))  # noqa: E731
+        make = lambda i: Client(i, torch.from_numpy(splits[i][0]), torch.from_numpy(splits[i][1]))
         cold_set = set(cold)
         clients = [make(i) for i in range(self.num_clients) if i not in cold_set]
         return Federation(images, clients, [make(i) for i in cold], self.source.num_classes, device)

@@ -83,7 +83,7 @@ def split_local(labels: np.ndarray, idx: np.ndarray, train_fraction: float,
     train, test = [], []
     for c in np.unique(labels[idx]):
         own = rng.permutation(idx[labels[idx] == c])
-        k = int(round(train_fraction * len(own))) if len(own) > 1 else 1
+        k = round(train_fraction * len(own)) if len(own) > 1 else 1
         train.append(own[:k])
         test.append(own[k:])
     train, test = np.concatenate(train), np.concatenate(test)

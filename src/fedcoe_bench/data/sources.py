@@ -72,7 +72,7 @@ def stratified_split(labels: np.ndarray, first: int, seed: int) -> tuple[np.ndar
     head, tail = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        k = int(round(frac * len(idx)))
+        k = round(frac * len(idx))
         head.append(idx[:k])
         tail.append(idx[k:])
     head, tail = np.concatenate(head), np.concatenate(tail)
@@ -125,8 +125,8 @@ class CIFAR10(DataSource):
     num_classes, in_channels, image_size = 10, 3, 32
     folder = "cifar-10-batches-py"
     url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-    train_files = [f"data_batch_{i}" for i in range(1, 6)]
-    test_files = ["test_batch"]
+    train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
+    test_files = ("test_batch",)
     label_key = "labels"
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
@@ -197,8 +197,8 @@ class CIFAR100(CIFAR10):
     num_classes = 100
     folder = "cifar-100-python"
     url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
-    train_files = ["train"]
-    test_files = ["test"]
+    train_files = ("train",)
+    test_files = ("test",)
     label_key = "fine_labels"
     mean = (0.5071, 0.4865, 0.4409)
     std = (0.2673, 0.2564, 0.2762)
