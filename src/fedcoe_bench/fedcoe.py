@@ -58,7 +58,9 @@ class FedCoE(FederatedMethod):
             so that every expert also learns from the inputs routed elsewhere (ours).
         coordinated: routing-weighted expert aggregation; false: plain n-weighted averaging.
         coordination_eps: the epsilon above (softened aggregation; 0 is the literal rule).
-        shared_gate: one gate aggregated on the server; false: a personal gate per client.
+        shared_gate: one gate aggregated on the server; false: a personal gate per client, none on the
+            server, so global and cold-start predictions route through the initial gate (near-uniform
+            weights, the analogue of FedMix's uniform mixture).
         local_level: the local expert and fusion gate; false: personal = global mixture.
         local_warm_start: a client's local expert starts as its most-used global expert (ours).
         local_prior: the global level of the personal mixture is reweighted by the client's own
