@@ -114,7 +114,7 @@ def test_calibrated_setting_follows_client_scores(tmp_path):
     # the choice is logged: calibration.csv has every setting's mean score, the served one marked
     import csv
     m.save_artifacts(tmp_path)
-    rows = list(csv.DictReader((tmp_path / "calibration.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "calibration.csv").read_text().splitlines()))
     assert len(rows) == 2 * len(FedCoE.beta_grid)
     assert [(r["beta"], r["label_prior"]) for r in rows if r["served"] == "1"] == [("1.0", "1")]
     assert sorted(float(r["mean_self_accuracy"]) for r in rows)[-2:] == [0.0, pytest.approx(0.9)]

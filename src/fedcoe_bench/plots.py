@@ -54,9 +54,11 @@ def read_curve(run_dir: str | Path) -> dict[str, dict[int, float]]:
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             rnd = _float(row.get("round") or row.get("step"))
+            if rnd is None:
+                continue
             for m, series in out.items():
                 v = _float(row.get(m))
-                if rnd is not None and v is not None:
+                if v is not None:
                     series[int(rnd)] = v
     return out
 
