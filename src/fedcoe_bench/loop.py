@@ -6,10 +6,10 @@ copied into flat parameter buffers); the updates meet in one all-gather; ``metho
 makes the new server state; every ``eval_every`` rounds the three accuracies are measured.
 
 The model is cast by Fabric's precision plugin and placed by Fabric but not wrapped for data
-parallelism: ranks train *different* clients, so gradients must not be averaged across them. Every
-input reaches the model as the plugin converts it and every forward pass runs in its context
-(autocast for ``*-mixed``, the half dtype for ``*-true``), as in a Fabric-wrapped module. Ranks meet only in the
-collectives below (all-gather of updates, all-reduce of evaluation counts).
+parallelism: ranks train *different* clients, so gradients must not be averaged across them. As in
+a Fabric-wrapped module, every input reaches the model converted by the plugin and every forward
+pass runs in its context (autocast for ``*-mixed``, the half dtype for ``*-true``). Ranks meet only
+in the collectives below (all-gather of updates, all-reduce of evaluation counts).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class FederatedLoop:
         ``fedbench eval`` serves a trained run under other prediction-time settings this way; the
         result is what training again with those settings would give, when training never reads them.
         """
-        method, server = self._setup(fabric, method, fed)
+        method, _ = self._setup(fabric, method, fed)
         server = self._restore(method, state)
         t0 = time.perf_counter()
         metrics = self._measure(fabric, method, lambda personal=None: self._load(method, server, personal))

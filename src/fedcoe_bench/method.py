@@ -81,13 +81,14 @@ class FederatedMethod(L.LightningModule):
         return [(n, p) for n, p in self.named_parameters() if self._kind(n) == kind]
 
     def named_state(self, kind: str) -> list[tuple[str, torch.Tensor]]:
-        """Parameters and floating-point buffers of one kind, module by module (a module's own
+        """Parameters and buffers of one kind, module by module (a module's own
         parameters, then its own buffers, then its children's), so that the state under any module
         prefix is one contiguous range of the flat vector.
 
         Integer buffers cannot be averaged or carried in a float vector: they are allowed under
-        ``server_only`` and as a BatchNorm's ``num_batches_tracked`` (a counter no computation reads
-        while the BatchNorm has a momentum); any other is refused, by name.
+        ``server_only`` and, left out of the shared and personal lists, as a BatchNorm's
+        ``num_batches_tracked`` (a counter no computation reads while the BatchNorm has a momentum);
+        any other is refused, by name.
 
         Example:
             >>> m = FederatedMethod()
@@ -102,7 +103,7 @@ class FederatedMethod(L.LightningModule):
                 if id(t) in seen or self._kind(name) != kind:
                     continue
                 seen.add(id(t))
-                if t.is_floating_point():
+                if t.is_floating_point() or kind == "server":
                     out.append((name, t))
                 elif not (name.split(".")[-1] == "num_batches_tracked" and getattr(module, "momentum", None) is not None):
                     raise ConfigError(
@@ -148,10 +149,10 @@ class FederatedMethod(L.LightningModule):
                                   f"not move as {kind} state; list it in server_only if it is server state")
 
     def span(self, prefix: str, kind: str = "shared") -> slice:
-        """The contiguous range of the flat ``kind`` vector held by parameters under ``prefix``."""
+        """The contiguous range of the flat ``kind`` vector held by the state under ``prefix``."""
         hits = [s for n, s in self.layout[kind].items() if n.startswith(prefix)]
         if not hits:
-            raise KeyError(f"no {kind} parameter under '{prefix}'")
+            raise KeyError(f"no {kind} state under '{prefix}'")
         return slice(min(s.start for s in hits), max(s.stop for s in hits))
 
     # ------------------------------------------------------------------ local training
