@@ -57,8 +57,8 @@ class PFedMoE(FederatedMethod):
         super().__init__(**kwargs)
         local = self.make_backbone()
         small = self.make_backbone(width=global_width)
-        d = local.feature_dim
-        project = nn.Identity() if small.feature_dim == d else nn.Linear(small.feature_dim, d)
+        d, d_small = local.head.in_features, small.head.in_features
+        project = nn.Identity() if d_small == d else nn.Linear(d_small, d)
         self.global_expert = nn.Sequential(small.body, project)
         self.local_expert = local.body
         self.head = local.head

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -31,3 +32,13 @@ def decode_indices(fed, x: torch.Tensor) -> list[int]:
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def python_block(filename: str) -> str:
+    """The README's python block that starts with the line ``# filename``."""
+    match = re.search(rf"```python\n# {re.escape(filename)}\n(.*?)```", README, re.DOTALL)
+    assert match, f"README has no python block starting with '# {filename}'"
+    return match.group(1)

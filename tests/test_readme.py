@@ -5,16 +5,9 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import README, python_block
 
 from fedcoe_bench.cli import main
-
-README = (Path(__file__).parents[1] / "README.md").read_text()
-
-
-def python_block(filename: str) -> str:
-    match = re.search(rf"```python\n# {re.escape(filename)}\n(.*?)```", README, re.DOTALL)
-    assert match, f"README has no python block starting with '# {filename}'"
-    return match.group(1)
 
 
 def test_setup_commands_come_first():
@@ -26,12 +19,19 @@ def test_setup_commands_come_first():
     assert first_block[1] in ci
 
 
-@pytest.mark.parametrize("filename,args", [
-    ("my_method.py", ["--config", "benchmarks/mnist10k_dir0.3.yaml", "--method.class_path", "my_method.FedAvgM",
-                      "--method.init_args.server_momentum", "0.5", "--data.source", "synthetic"]),
-    ("my_source.py", ["--data.source", "my_source.MySource", "--data.num_clients", "10", "--loop.clients_per_round", "4"]),
+def bash_command(program: str) -> list[str]:
+    """The arguments after ``fedbench fit`` of the README's bash line that uses ``program``."""
+    match = re.search(rf"^fedbench fit (.*{re.escape(program)}.*)$", README, re.MULTILINE)
+    assert match, f"README has no `fedbench fit` line using {program}"
+    return match.group(1).split()
+
+
+@pytest.mark.parametrize("filename,args,used", [
+    ("my_method.py", [*bash_command("my_method.FedAvgM"), "--data.source", "synthetic"], "method.class_path"),
+    ("my_source.py", bash_command("my_source.MySource"), "data.source.class_path"),
+    ("my_backbone.py", [*bash_command("my_backbone.SmallBN"), "--data.source", "synthetic"], "method.init_args.backbone"),
 ])
-def test_readme_example_runs_through_the_cli(filename, args, tmp_path, monkeypatch):
+def test_readme_example_runs_through_the_cli(filename, args, used, tmp_path, monkeypatch):
     (tmp_path / filename).write_text(python_block(filename))
     monkeypatch.syspath_prepend(str(tmp_path))
     repo = Path(__file__).parents[1]
@@ -44,4 +44,7 @@ def test_readme_example_runs_through_the_cli(filename, args, tmp_path, monkeypat
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("global_acc", "personal_acc", "cold_start_acc"):
         assert 0.0 <= summary[key] <= 1.0
-    assert summary["config"]["method"]["class_path"].startswith(filename[:-3]) or filename == "my_source.py"
+    value = summary["config"]
+    for key in used.split("."):
+        value = value[key]
+    assert value.startswith(filename[:-3] + ".")  # the user's class was used

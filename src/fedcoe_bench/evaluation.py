@@ -6,6 +6,7 @@ import csv
 import math
 
 import torch
+from lightning.fabric.plugins import Precision
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from fedcoe_bench.data import Client, Federation
@@ -65,18 +66,26 @@ class Evaluator:
     """Runs the three predictors of a method over a federation.
 
     ``load(shared, personal)`` puts a state into the method; the evaluator never gives a predictor
-    a label, and wraps every call in ``no_grad``.
+    a label, and wraps every call in ``no_grad``. ``precision`` (the Fabric run's precision plugin)
+    converts the inputs and runs each predictor in its context, as training does; probabilities
+    come back in the default dtype.
     """
 
-    def __init__(self, fed: Federation, batch_size: int = 2048):
+    def __init__(self, fed: Federation, batch_size: int = 2048, precision: Precision | None = None):
         self.fed, self.batch_size = fed, batch_size
+        self.precision = precision or Precision()
         self.per_client: list[dict] = []  # the latest evaluation, one row per client (see write_per_client)
         counts = fed.label_histogram(fed.clients).sum(0).double()
         self.train_prior = (counts / counts.sum()).float().to(fed.device)
 
     def _batched(self, fn, x_uint8: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fn(self.fed.prepare(x_uint8[i : i + self.batch_size]))
-                          for i in range(0, len(x_uint8), self.batch_size)])
+        out = []
+        for i in range(0, len(x_uint8), self.batch_size):
+            x = self.precision.convert_input(self.fed.prepare(x_uint8[i : i + self.batch_size]))
+            with self.precision.forward_context():
+                probs = fn(x)
+            out.append(self.precision.convert_output(probs))  # outside the context: its default dtype may be half
+        return torch.cat(out)
 
     @torch.no_grad()
     def __call__(self, method: FederatedMethod, load, personal_of, rank: int = 0, world: int = 1,
@@ -115,7 +124,7 @@ class Evaluator:
     def _cold_start(self, method: FederatedMethod, client: Client) -> tuple[float, float, int]:
         """Accuracy of the cold-start predictor, without and with the label-prior adapter."""
         fed = self.fed
-        unlabeled = fed.prepare(fed.pool_x[client.train])  # inputs only: the labels stay in the pool
+        unlabeled = self.precision.convert_input(fed.prepare(fed.pool_x[client.train]))  # inputs only: no labels
         test_x = torch.cat([fed.pool_x[client.test], fed.pool_x[client.train]])
         probs = self._batched(lambda x: method.predict_cold_start(x, unlabeled), test_x)
         test_probs, adapt_probs = probs[: len(client.test)], probs[len(client.test) :]

@@ -85,7 +85,7 @@ class FedCoE(FederatedMethod):
     """
 
     personal = ("local.", "fusion.", "local_ready", "label_counts")
-    server_only = ()
+    server_only = ("calibration",)
     serving = ("cold_start_prior", "beta")  # training never reads them (the self-scores are always collected)
     beta_grid = (0.0, 0.5, 1.0, 2.0, "adaptive")
     # Scores are averaged over every sampled client and round, so a few samples per client suffice;
@@ -160,8 +160,7 @@ class FedCoE(FederatedMethod):
             self.label_counts.copy_(torch.bincount(y, minlength=self.num_classes))
         if self.local_level and self.local_warm_start and not self.local_ready.item():
             k = int(self.gate(x).mean(0).argmax())
-            for dst, src in zip(self.local.parameters(), self.experts[k].parameters()):
-                dst.copy_(src)
+            self.local.load_state_dict(self.experts[k].state_dict())  # in place: buffers too, views kept
             self.local_ready.fill_(1.0)
 
     @torch.no_grad()

@@ -5,9 +5,11 @@ one client after another in one model instance (server shared state + the client
 copied into flat parameter buffers); the updates meet in one all-gather; ``method.aggregate``
 makes the new server state; every ``eval_every`` rounds the three accuracies are measured.
 
-The model is placed and cast by Fabric but not wrapped for data parallelism: ranks train
-*different* clients, so gradients must not be averaged across them. Ranks meet only in the
-collectives below (all-gather of updates, all-reduce of evaluation counts).
+The model is cast by Fabric's precision plugin and placed by Fabric but not wrapped for data
+parallelism: ranks train *different* clients, so gradients must not be averaged across them. As in
+a Fabric-wrapped module, every input reaches the model converted by the plugin and every forward
+pass runs in its context (autocast for ``*-mixed``, the half dtype for ``*-true``). Ranks meet only
+in the collectives below (all-gather of updates, all-reduce of evaluation counts).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
 from fedcoe_bench.data import Client, Federation
-from fedcoe_bench.errors import ConfigError, TrainingDiverged
+from fedcoe_bench.errors import ConfigError, RunError, TrainingDiverged
 from fedcoe_bench.evaluation import Evaluator
 from fedcoe_bench.method import ClientUpdate, FederatedMethod
 from fedcoe_bench.runs import RunDir
@@ -85,13 +87,8 @@ class FederatedLoop:
                 f"{fabric.world_size} processes but loop.clients_per_round={self.clients_per_round}; each process "
                 f"trains its share of the round's clients, so use at most {self.clients_per_round} devices"
             )
-        method = fabric.to_device(method)
-        method.flatten_parameters()
+        method, server = self._setup(fabric, method, fed)
         optimizer = fabric.setup_optimizers(method.configure_optimizers())
-        self.evaluator = Evaluator(fed, self.eval_batch_size)  # per-client accuracies: evaluator.per_client
-
-        server = method.flat["shared"].clone()
-        self.init_personal = method.flat["personal"].clone()
         self.personal: dict[int, torch.Tensor] = {}
         self.history: list[dict] = []
         start, t_start, prior_time = 0, time.perf_counter(), 0.0
@@ -141,7 +138,7 @@ class FederatedLoop:
             if run is not None and self.checkpoint_every and ((rnd + 1) % self.checkpoint_every == 0 or rnd + 1 == self.rounds):
                 load(None)
                 state = {"round": rnd + 1, "server": server, "personal": self.personal,
-                         "method": method.state_dict(), "history": self.history,
+                         "method": method.state_dict(), "history": self.history, "precision": self.precision,
                          "wall_time_s": prior_time + time.perf_counter() - t_start}
                 run.save_checkpoint(fabric, state)
         load(None)  # leave the method holding the server state
@@ -157,11 +154,8 @@ class FederatedLoop:
         ``fedbench eval`` serves a trained run under other prediction-time settings this way; the
         result is what training again with those settings would give, when training never reads them.
         """
-        method = fabric.to_device(method)
-        method.flatten_parameters()
+        method, _ = self._setup(fabric, method, fed)
         server = self._restore(method, state)
-        self.init_personal = method.flat["personal"].clone()  # saved after load(None): the initial personal state
-        self.evaluator = Evaluator(fed, self.eval_batch_size)
         t0 = time.perf_counter()
         metrics = self._measure(fabric, method, lambda personal=None: self._load(method, server, personal))
         self._load(method, server)
@@ -170,8 +164,27 @@ class FederatedLoop:
         fabric.log_dict(self.history[0], step=state["round"])
         return metrics
 
+    def _setup(self, fabric: Fabric, method: FederatedMethod, fed: Federation) -> tuple[FederatedMethod, torch.Tensor]:
+        """Cast and place ``method`` through Fabric, make its flat vectors, take the initial personal
+        state and let the method size its server state, all before any checkpoint is restored;
+        returns the method and the initial server state."""
+        precision = fabric.strategy.precision
+        method = fabric.to_device(precision.convert_module(method))
+        method.flatten_parameters()
+        server = method.flat["shared"].clone()
+        self.init_personal = method.flat["personal"].clone()
+        method.setup_server(server)
+        method.check_state()
+        self.precision = precision.precision
+        self.evaluator = Evaluator(fed, self.eval_batch_size, precision)  # per-client accuracies: evaluator.per_client
+        return method, server
+
     def _restore(self, method: FederatedMethod, state: dict) -> torch.Tensor:
         """Load a checkpoint's method state and every trained client's personal state; returns the server state."""
+        if state.get("precision", self.precision) != self.precision:
+            raise RunError(f"the checkpoint was trained with --fabric.precision {state['precision']}, not "
+                           f"{self.precision}; pass --fabric.precision {state['precision']}, or train a new run "
+                           f"(another --run_dir) to change it")
         method.load_state_dict(state["method"])
         server = state["server"].to(method.flat["shared"].device)
         self.personal = {int(k): v.to(server.device) for k, v in state["personal"].items()}
@@ -199,15 +212,17 @@ class FederatedLoop:
         x_all, y_all = fed.pool_x[client.train], fed.pool_y[client.train]
         n = len(y_all)
         method.train()
-        inputs = fed.prepare(x_all)  # un-augmented, for the hooks before and after training
-        method.on_client_start(inputs, y_all)
+        convert = fabric.strategy.precision.convert_input
+        inputs = convert(fed.prepare(x_all))  # un-augmented, for the hooks before and after training
+        with fabric.autocast():
+            method.on_client_start(inputs, y_all)
         loss_sum = torch.zeros((), device=fed.device)
         steps = 0
         for _ in range(self.local_epochs):
             order = torch.randperm(n, generator=g, device=fed.device)
             for b, i in enumerate(range(0, n, self.batch_size)):
                 idx = order[i : i + self.batch_size]
-                batch = (fed.prepare(x_all[idx], g), y_all[idx])
+                batch = convert((fed.prepare(x_all[idx], g), y_all[idx]))
                 with fabric.autocast():
                     loss = method.training_step(batch, b)
                 optimizer.zero_grad(set_to_none=True)
@@ -216,7 +231,8 @@ class FederatedLoop:
                 loss_sum += loss.detach().float()
                 steps += 1
         method.eval()
-        report = method.client_report(inputs)
+        with fabric.autocast():
+            report = method.client_report(inputs)
         if method.flat["personal"].numel():
             self.personal[client.id] = method.flat["personal"].clone()
         return ClientUpdate(client.id, float(n), method.flat["shared"].clone(), report,

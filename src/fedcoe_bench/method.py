@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
+from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.models import Backbone, build_backbone
 
 
@@ -27,11 +29,13 @@ class FederatedMethod(L.LightningModule):
     """Base class of federated methods: a LightningModule that also says what is shared and how the
     server aggregates.
 
-    Parameters whose names start with one of ``personal`` never leave their client; those starting
-    with one of ``server_only`` live on the server and are never sent to clients (evaluation
-    heads, statistics); all others are *shared*: the server sends them to every sampled client
-    and aggregates what comes back. The loop moves shared and personal parameters as flat vectors
-    (see :meth:`flatten_parameters`).
+    Parameters and buffers whose names start with one of ``personal`` never leave their client;
+    those starting with one of ``server_only`` live on the server and are never sent to clients
+    (evaluation heads, statistics, server optimizer state); all others are *shared*: the server
+    sends them to every sampled client and aggregates what comes back. A BatchNorm's running
+    statistics thus follow its weights: averaged when it is shared, kept per client when it is
+    personal. The loop moves shared and personal state as flat vectors (see
+    :meth:`flatten_parameters`).
 
     A method overrides what differs from FedAvg:
 
@@ -39,12 +43,14 @@ class FederatedMethod(L.LightningModule):
     - :meth:`training_step`: the local objective;
     - :meth:`on_client_start` / :meth:`client_report`: what a client does before training and
       reports after it (no labels in the report);
+    - :meth:`setup_server`: server-side state sized from the server state (e.g. a momentum buffer);
     - :meth:`aggregate`: the server update from the sampled clients' :class:`ClientUpdate` s;
     - :meth:`predict_global`, :meth:`predict_personal`, :meth:`predict_cold_start`: class
       probabilities for the three metrics.
 
     Args:
-        backbone: ``cnn`` (McMahan et al., 2017) or ``resnet18``.
+        backbone: ``cnn`` (McMahan et al., 2017), ``resnet18``, or the class path of a user's
+            :class:`~fedcoe_bench.models.Backbone`-like module (see :func:`~fedcoe_bench.models.build_backbone`).
         lr, momentum, weight_decay: local SGD.
         num_classes, in_channels, image_size: filled in from the data source by the CLI.
     """
@@ -74,30 +80,79 @@ class FederatedMethod(L.LightningModule):
         """Parameters of one kind (``shared``, ``personal`` or ``server``) in registration order."""
         return [(n, p) for n, p in self.named_parameters() if self._kind(n) == kind]
 
-    def flatten_parameters(self) -> None:
-        """Make the shared and the personal parameters views into one flat buffer each.
+    def named_state(self, kind: str) -> list[tuple[str, torch.Tensor]]:
+        """Parameters and buffers of one kind, module by module (a module's own
+        parameters, then its own buffers, then its children's), so that the state under any module
+        prefix is one contiguous range of the flat vector.
 
-        Loading a client is then one ``copy_`` per buffer and reading its update one ``clone``; the
-        optimizer keeps working on the same Parameter objects. Call after moving to the device.
+        Integer buffers cannot be averaged or carried in a float vector: they are allowed under
+        ``server_only`` and, left out of the shared and personal lists, as a BatchNorm's
+        ``num_batches_tracked`` (a counter no computation reads while the BatchNorm has a momentum);
+        any other is refused, by name.
+
+        Example:
+            >>> m = FederatedMethod()
+            >>> m.net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+            >>> [n for n, _ in m.named_state("shared")]
+            ['net.0.weight', 'net.0.bias', 'net.1.weight', 'net.1.bias', 'net.1.running_mean', 'net.1.running_var']
+        """
+        out, seen = [], set()
+        for prefix, module in self.named_modules():
+            own = itertools.chain(module.named_parameters(prefix, recurse=False), module.named_buffers(prefix, recurse=False))
+            for name, t in own:
+                if id(t) in seen or self._kind(name) != kind:
+                    continue
+                seen.add(id(t))
+                if t.is_floating_point() or kind == "server":
+                    out.append((name, t))
+                elif not (name.split(".")[-1] == "num_batches_tracked" and getattr(module, "momentum", None) is not None):
+                    raise ConfigError(
+                        f"{type(self).__name__} has the {t.dtype} buffer '{name}', which can be neither averaged nor "
+                        f"kept per client; make it floating-point, list it in server_only, or (a BatchNorm's "
+                        f"counter) give that BatchNorm a momentum"
+                    )
+        return out
+
+    def flatten_parameters(self) -> None:
+        """Make the shared and the personal state (parameters and floating-point buffers, see
+        :meth:`named_state`) views into one flat vector each.
+
+        Loading a client is then one ``copy_`` per vector and reading its update one ``clone``; the
+        optimizer keeps working on the same Parameter objects. Call after casting and moving to the
+        device: both replace tensors, which would end the views.
         """
         self.flat: dict[str, torch.Tensor] = {}
         self.layout: dict[str, dict[str, slice]] = {}
+        ref = next(self.parameters())
         for kind in ("shared", "personal"):
-            params = self.named_group(kind)
-            ref = next(self.parameters())
-            buf = torch.cat([p.detach().flatten() for _, p in params]) if params else ref.new_zeros(0)
+            state = self.named_state(kind)
+            for name, t in state:
+                if t.dtype != ref.dtype:
+                    raise ConfigError(f"{type(self).__name__}.{name} is {t.dtype} but its other state is {ref.dtype}; "
+                                      f"the loop moves each kind as one flat vector, so register it as {ref.dtype}")
+            buf = torch.cat([t.detach().flatten() for _, t in state]) if state else ref.new_zeros(0)
             self.layout[kind], start = {}, 0
-            for name, p in params:
-                p.data = buf[start : start + p.numel()].view_as(p)
-                self.layout[kind][name] = slice(start, start + p.numel())
-                start += p.numel()
+            for name, t in state:
+                t.data = buf[start : start + t.numel()].view_as(t)
+                self.layout[kind][name] = slice(start, start + t.numel())
+                start += t.numel()
             self.flat[kind] = buf
 
+    def check_state(self) -> None:
+        """Refuse shared or personal state that is not in the flat vectors, e.g. a buffer registered
+        by :meth:`setup_server` outside ``server_only``: it would stay in the model, silently passed
+        from one client to the next."""
+        for kind in ("shared", "personal"):
+            extra = [n for n, _ in self.named_state(kind) if n not in self.layout[kind]]
+            if extra:
+                raise ConfigError(f"{type(self).__name__}.{extra[0]} was added after flatten_parameters, so it would "
+                                  f"not move as {kind} state; list it in server_only if it is server state")
+
     def span(self, prefix: str, kind: str = "shared") -> slice:
-        """The contiguous range of the flat ``kind`` vector held by parameters under ``prefix``."""
+        """The contiguous range of the flat ``kind`` vector held by the state under ``prefix``."""
         hits = [s for n, s in self.layout[kind].items() if n.startswith(prefix)]
         if not hits:
-            raise KeyError(f"no {kind} parameter under '{prefix}'")
+            raise KeyError(f"no {kind} state under '{prefix}'")
         return slice(min(s.start for s in hits), max(s.stop for s in hits))
 
     # ------------------------------------------------------------------ local training
@@ -120,6 +175,15 @@ class FederatedMethod(L.LightningModule):
         return {}
 
     # ------------------------------------------------------------------ server
+    def setup_server(self, server: torch.Tensor) -> None:
+        """Called once with the initial server state (the flat shared vector, on its device and in its
+        dtype), after :meth:`flatten_parameters` and before training or restoring a checkpoint.
+
+        Create server-side state whose shape depends on the server state here, as buffers under
+        ``server_only`` (then ``load_state_dict`` restores it on resume), e.g.
+        ``self.register_buffer("velocity", torch.zeros_like(server))``.
+        """
+
     def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
         """FedAvg: :math:`w \\leftarrow \\sum_{i \\in S} n_i w_i / \\sum_{i \\in S} n_i`.
 

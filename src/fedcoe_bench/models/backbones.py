@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 import torch
 from torch import nn
 
@@ -85,7 +88,37 @@ class ResNet18(Backbone):
 BACKBONES = {"cnn": CNN, "resnet18": ResNet18}
 
 
-def build_backbone(name: str, in_channels: int, num_classes: int, image_size: int, **kwargs) -> Backbone:
-    if name not in BACKBONES:
-        raise ConfigError(f"unknown method.init_args.backbone '{name}'; choose one of {', '.join(BACKBONES)}")
-    return BACKBONES[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs)
+def build_backbone(name: str, in_channels: int, num_classes: int, image_size: int, **kwargs) -> nn.Module:
+    """The backbone ``name``: ``cnn``, ``resnet18``, or the class path (``module.Class``) of a user's
+    module built as ``Class(in_channels=..., num_classes=..., image_size=..., **kwargs)`` that has a
+    ``body`` (images to features) and a linear ``head`` (features to logits), like :class:`Backbone`.
+    Methods split it by those names (FedPer keeps the head personal), so both must exist. pFedMoE
+    also passes ``width`` (its ``global_width``).
+
+    Example:
+        >>> build_backbone("fedcoe_bench.models.backbones.CNN", 1, 10, 12).head
+        Linear(in_features=512, out_features=10, bias=True)
+    """
+    key = "method.init_args.backbone"
+    cls = BACKBONES.get(name)
+    if cls is None and "." not in name:
+        raise ConfigError(f"unknown {key} '{name}'; choose one of {', '.join(BACKBONES)} or give a class path (module.Class)")
+    if cls is None:
+        module, _, attr = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"{key} '{name}' cannot be imported ({err}); is its module on the Python path? "
+                              f"run from its folder or set PYTHONPATH") from None
+    args = {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size, **kwargs}
+    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"{key} '{name}' is not an nn.Module class; give a Backbone-like class (body + linear head)")
+    try:
+        inspect.signature(cls).bind(**args)
+    except TypeError:
+        raise ConfigError(f"{key} '{name}' must accept the keyword arguments {', '.join(args)}") from None
+    net = cls(**args)
+    if not isinstance(getattr(net, "body", None), nn.Module) or not isinstance(getattr(net, "head", None), nn.Linear):
+        raise ConfigError(f"{key} '{name}' must have a `body` module and a linear `head` (nn.Linear), as "
+                          f"fedcoe_bench.models.Backbone does")
+    return net
