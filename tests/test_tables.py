@@ -291,3 +291,12 @@ def test_fit_records_the_methods_global_model_and_the_table_reads_it(tmp_path, f
     assert code == 0, err
     assert [md_row(out, "local")[i] for i in SERVER_COLUMNS] == ["n/a"] * 3 and out.count("n/a") == 3
     assert all(md_row(out, "fedper")[i].endswith("†") for i in SERVER_COLUMNS)
+
+
+def test_wandb_runs_carry_the_global_model_too():
+    local = recorded_run("local-0", "local", 0, (0.1, 0.9, 0.1, 0.1))
+    local.summary._d["global_model"] = "none"
+    runs = load_wandb_runs("a/b", api=FakeApi([local, recorded_run("fedavg-0", "fedavg", 0, FEDAVG[0])]))
+    assert {r.method: r.global_model for r in runs} == {"local": "none", "fedavg": "trained"}
+    text, _ = render(build_tables(runs), "md")
+    assert [md_row(text, "local")[i] for i in SERVER_COLUMNS] == ["n/a"] * 3 and text.count("n/a") == 3
