@@ -6,12 +6,72 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from baselines.fedavg import FedAvg
-from fedcoe_bench.method import ClientUpdate, weighted_mean
+from fedcoe_bench.method import ClientUpdate
 
 
-class FedPer(FedAvg):
+class LatestHeads:
+    """Mixin of methods whose clients keep a personal head (FedPer, pFedMoE) and whose paper defines
+    no server head: the evaluation head :math:`\\bar h` (a ``server_only`` module, never sent to a
+    client, never trained) is the n-weighted mean of the latest head of every client trained so far,
+
+    .. math:: \\bar h = \\frac{\\sum_{i \\in T} n_i h_i}{\\sum_{i \\in T} n_i}, \\qquad
+              T = \\bigcup_{s \\le t} S_s ,
+
+    :math:`h_i` being the head client *i* held after its last training. Before any client trained
+    it is the initial head, which every client starts from.
+
+    The server keeps two running sums, :math:`\\Sigma = \\sum_{i \\in T} n_i h_i` and
+    :math:`N = \\sum_{i \\in T} n_i`, so its memory is one head whatever the number of clients.
+    A training client reports its new head and the contribution its previous head made, which it
+    knows from its own personal state: its previous head and ``head_weight``, the weight its head
+    counts with on the server (0 before its first report). The server replaces that contribution,
+    :math:`\\Sigma \\leftarrow \\Sigma - w_i h_i^{old} + n_i h_i`, :math:`N \\leftarrow N - w_i + n_i`.
+
+    A subclass names its personal head in ``head_prefix``, lists ``"head_weight"`` among its
+    ``personal`` prefixes and ``"eval_head"`` among its ``server_only`` ones, and calls
+    :meth:`init_eval_head` in ``__init__``.
+    """
+
+    head_prefix: str
+
+    def init_eval_head(self, head: nn.Module) -> None:
+        """The evaluation head (a copy of ``head``), the server's running sums and the client's ``head_weight``."""
+        self.eval_head = copy.deepcopy(head)
+        size = parameters_to_vector(head.parameters()).numel()
+        self.register_buffer("eval_head_sum", torch.zeros(size))  # Sigma
+        self.register_buffer("eval_head_weight", torch.zeros(()))  # N
+        self.head_weight = nn.Parameter(torch.zeros(()), requires_grad=False)  # personal: w_i
+
+    def _head(self) -> torch.Tensor:
+        return self.flat["personal"][self.span(self.head_prefix, "personal")]
+
+    @torch.no_grad()
+    def on_client_start(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super().on_client_start(x, y)
+        self._previous = (self._head().clone(), self.head_weight.detach().clone())
+        self.head_weight.fill_(len(y))  # what the report below makes this client's head count with
+
+    @torch.no_grad()
+    def client_report(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        head, weight = self._previous
+        return {**super().client_report(x), "head": self._head().clone(), "previous_head": head,
+                "previous_weight": weight}
+
+    @torch.no_grad()
+    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+        for u in updates:
+            old = u.report["previous_weight"].to(self.eval_head_sum)
+            self.eval_head_sum += u.weight * u.report["head"].to(self.eval_head_sum) - old * u.report["previous_head"].to(self.eval_head_sum)
+            self.eval_head_weight += u.weight - old
+        if self.eval_head_weight > 0:
+            vector_to_parameters(self.eval_head_sum / self.eval_head_weight, self.eval_head.parameters())
+        return super().aggregate(server, updates)
+
+
+class FedPer(LatestHeads, FedAvg):
     """Base layers shared, personalization layers kept. The body :math:`\\phi` is averaged as in
     FedAvg; client *i*'s head :math:`h_i` starts from the first server head (the initial model's) and
     never leaves the client:
@@ -19,37 +79,27 @@ class FedPer(FedAvg):
     .. math:: \\phi^{t+1} = \\sum_{i \\in S_t} \\frac{n_i}{\\sum_{j \\in S_t} n_j} \\phi_i^{t+1}, \\qquad
               p_i(y|x) = \\mathrm{softmax}(h_i(\\phi(x)))_y .
 
-    Convention for global and cold-start accuracy (not in the paper, which has no server head): the
-    server body with the evaluation head
-    :math:`\\bar h^t = \\sum_{i \\in S_t} n_i h_i / \\sum_{i \\in S_t} n_i`, the n-weighted average of
-    the heads of the clients sampled in the latest round. :math:`\\bar h` lives on the server
-    (``eval_head``, a ``server_only`` module), reaches it through ``client_report`` and serves only
-    evaluation: it is never sent to a client and never trained.
+    Convention for global and cold-start accuracy (not in the paper, which has no server head;
+    ``global_model = "convention"``, marked in tables): the server body with the evaluation head
+    :math:`\\bar h`, the n-weighted average of the latest heads of all clients trained so far
+    (:class:`LatestHeads`).
 
     Example:
         >>> import torch
         >>> m = FedPer(num_classes=10, in_channels=1, image_size=12)
         >>> m.flatten_parameters()
         >>> sorted(m.layout["personal"]), any("head" in n for n in m.layout["shared"])
-        (['net.head.bias', 'net.head.weight'], False)
+        (['head_weight', 'net.head.bias', 'net.head.weight'], False)
     """
 
-    personal = ("net.head",)
+    personal = ("net.head", "head_weight")
     server_only = ("eval_head",)
+    global_model = "convention"
+    head_prefix = "net.head."
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        # Before the first aggregation the best server-side head is the initial one, which is also
-        # what every client starts from (the loop's initial personal state).
-        self.eval_head = copy.deepcopy(self.net.head)
-
-    @torch.no_grad()
-    def client_report(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"head": self.flat["personal"][self.span("net.head.", "personal")].clone()}
-
-    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
-        average_into(self.eval_head, [u.report["head"] for u in updates], [u.weight for u in updates])
-        return super().aggregate(server, updates)
+        self.init_eval_head(self.net.head)
 
     @torch.no_grad()
     def predict_global(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,22 +108,3 @@ class FedPer(FedAvg):
     @torch.no_grad()
     def predict_personal(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).softmax(-1)
-
-
-@torch.no_grad()
-def average_into(module: nn.Module, vectors: list[torch.Tensor], weights: list[float]) -> None:
-    """Set ``module``'s parameters (flattened in registration order) to the weighted mean of ``vectors``.
-
-    Example:
-        >>> lin = torch.nn.Linear(1, 1)
-        >>> average_into(lin, [torch.tensor([0.0, 0.0]), torch.tensor([4.0, 8.0])], [3.0, 1.0])
-        >>> lin.weight.item(), lin.bias.item()
-        (1.0, 2.0)
-    """
-    params = list(module.parameters())
-    current = torch.cat([p.detach().flatten() for p in params])
-    mean = weighted_mean(torch.stack(vectors).to(current), weights, current)
-    start = 0
-    for p in params:
-        p.copy_(mean[start : start + p.numel()].view_as(p))
-        start += p.numel()

@@ -15,8 +15,9 @@ class Local(FedAvg):
     .. math:: w_i^{t+1} = \\mathrm{SGD}(w_i^t; D_i) \\text{ if } i \\in S_t, \\qquad w_i^{t+1} = w_i^t \\text{ otherwise.}
 
     The shared vector is empty and the server never aggregates. Personal accuracy is the
-    personalization ceiling at no collaboration. A new client has no model of its own, so global
-    and cold-start prediction use the untrained initial model: the honest floor, near chance.
+    personalization ceiling at no collaboration. There is no global model and a new client has no
+    model of its own (``global_model = "none"``): the loop still measures the untrained initial
+    model there, and tables print n/a.
 
     Example:
         >>> m = Local(num_classes=10, in_channels=1, image_size=12)
@@ -26,6 +27,7 @@ class Local(FedAvg):
     """
 
     personal = ("net.",)
+    global_model = "none"
 
     def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
         return server

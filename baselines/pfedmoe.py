@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
-from baselines.fedper import average_into
+from baselines.fedper import LatestHeads
 from fedcoe_bench.method import ClientUpdate, FederatedMethod
 from fedcoe_bench.models import Gate
 
 
-class PFedMoE(FederatedMethod):
+class PFedMoE(LatestHeads, FederatedMethod):
     """Each client mixes a shared small feature extractor :math:`G` (the global expert) with its own
     larger one :math:`F_i` (the local expert) through a personal gate
     :math:`H_i(x) = (a_1(x), a_2(x))` (softmax over two), and classifies with a personal head:
@@ -29,12 +27,11 @@ class PFedMoE(FederatedMethod):
     :class:`~fedcoe_bench.models.Gate` on the input.
 
     Convention for global and cold-start accuracy (not in the paper, where every client has its own
-    model): :math:`G` with the evaluation head
-    :math:`\\bar h^t = \\sum_{i \\in S_t} n_i\\, \\mathrm{head}_i / \\sum_{i \\in S_t} n_i`, the
-    n-weighted average of the heads of the clients sampled in the latest round, as for
-    :class:`~baselines.fedper.FedPer`. :math:`\\bar h` is a ``server_only`` module used for
-    evaluation only, never sent to a client. The heads were trained on the mixed :math:`z`, not on
-    :math:`G(x)` alone, so this is a lower bound on what the global expert knows.
+    model; ``global_model = "convention"``, marked in tables): :math:`G` with the evaluation head
+    :math:`\\bar h`, the n-weighted average of the latest heads of all clients trained so far, as for
+    :class:`~baselines.fedper.FedPer` (:class:`~baselines.fedper.LatestHeads`). The heads were
+    trained on the mixed :math:`z`, not on :math:`G(x)` alone, so this is a lower bound on what the
+    global expert knows.
 
     Args:
         global_width: channel width of the global expert's backbone.
@@ -45,13 +42,15 @@ class PFedMoE(FederatedMethod):
         >>> m = PFedMoE(num_classes=10, in_channels=1, image_size=12)
         >>> m.flatten_parameters()
         >>> {n.split(".")[0] for n in m.layout["shared"]}, sorted({n.split(".")[0] for n in m.layout["personal"]})
-        ({'global_expert'}, ['gate', 'head', 'local_expert'])
+        ({'global_expert'}, ['gate', 'head', 'head_weight', 'local_expert'])
         >>> m(torch.zeros(2, 1, 12, 12)).shape
         torch.Size([2, 10])
     """
 
-    personal = ("local_expert.", "gate.", "head.")
+    personal = ("local_expert.", "gate.", "head.", "head_weight")
     server_only = ("eval_head.",)
+    global_model = "convention"
+    head_prefix = "head."
 
     def __init__(self, global_width: int = 16, gate_hidden: int = 64, **kwargs):
         super().__init__(**kwargs)
@@ -63,9 +62,7 @@ class PFedMoE(FederatedMethod):
         self.local_expert = local.body
         self.head = local.head
         self.gate = Gate(self.in_channels, 2, hidden=gate_hidden)
-        # Every client's head starts as this one (the loop's initial personal state), so it is also the
-        # right server-side head before the first aggregation.
-        self.eval_head = copy.deepcopy(self.head)
+        self.init_eval_head(self.head)
         self._global_weight = float("nan")
 
     def mixed_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,12 +75,10 @@ class PFedMoE(FederatedMethod):
 
     @torch.no_grad()
     def client_report(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"head": self.flat["personal"][self.span("head.", "personal")].clone(),
-                "global_weight": self.gate(x)[:, 0].mean()}
+        return {**super().client_report(x), "global_weight": self.gate(x)[:, 0].mean()}
 
     def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
         weights = [u.weight for u in updates]
-        average_into(self.eval_head, [u.report["head"] for u in updates], weights)
         self._global_weight = float(sum(w * float(u.report["global_weight"]) for w, u in zip(weights, updates)) / sum(weights))
         return super().aggregate(server, updates)
 

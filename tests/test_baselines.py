@@ -89,8 +89,8 @@ def test_fedprox_loss_is_cross_entropy_plus_half_mu_squared_distance_to_the_anch
 
 # ---------------------------------------------------------------------------------------- what is shared
 @pytest.mark.parametrize("cls, kwargs, shared, personal", [
-    (FedPer, {}, ("net.body.",), ("net.head.",)),
-    (PFedMoE, {}, ("global_expert.",), ("local_expert.", "gate.", "head.")),
+    (FedPer, {}, ("net.body.",), ("net.head.", "head_weight")),
+    (PFedMoE, {}, ("global_expert.",), ("local_expert.", "gate.", "head.", "head_weight")),
     (FedMix, {"num_experts": 2}, ("experts.",), ("gate.",)),
     (Local, {}, (), ("net.",)),
 ], ids=name)
@@ -142,11 +142,13 @@ def test_personal_state_stays_on_its_client(fabric, fed, cls, kwargs):
 ], ids=name)
 def test_evaluation_head_is_the_weighted_average_of_the_latest_heads(fabric, fed, cls, head, features):
     m = build(cls)
-    loop = fit(fabric, m, fed, rounds=2)
-    latest = sampled_in(fed, 1)
+    loop = fit(fabric, m, fed, rounds=3)
+    trained = [c for c in fed.clients if c.id in loop.personal]
+    rounds = [{c.id for c in sampled_in(fed, r)} for r in range(3)]
+    assert len(trained) > len(rounds[-1]) and rounds[0] & rounds[1], "needs clients outside the last round and one trained twice"
     s = m.span(head, "personal")
-    n = torch.tensor([float(c.num_train) for c in latest])
-    expected = n @ torch.stack([loop.personal[c.id][s] for c in latest]) / n.sum()
+    n = torch.tensor([float(c.num_train) for c in trained])
+    expected = n @ torch.stack([loop.personal[c.id][s] for c in trained]) / n.sum()
     torch.testing.assert_close(flat(m.eval_head), expected)
 
     # global prediction = server features + evaluation head, whatever personal state is loaded
@@ -154,10 +156,40 @@ def test_evaluation_head_is_the_weighted_average_of_the_latest_heads(fabric, fed
     m.eval()
     want = m.eval_head(features(m, x)).softmax(-1)
     with torch.no_grad():
-        m.flat["personal"].copy_(loop.personal[latest[0].id])
+        m.flat["personal"].copy_(loop.personal[trained[0].id])
     torch.testing.assert_close(m.predict_global(x), want)
     torch.testing.assert_close(m.predict_cold_start(x, x), want)
     assert not torch.allclose(m.predict_personal(x), want)
+
+
+@pytest.mark.parametrize("cls, head", [(FedPer, "net.head."), (PFedMoE, "head.")], ids=name)
+def test_evaluation_head_replaces_a_retrained_clients_old_head(cls, head):
+    """Hand computation over three rounds; client 0 trains in rounds 1 and 3 (its first head must
+    leave the average), client 1 only in round 1, client 2 only in round 2."""
+    m = build(cls)
+    m.flatten_parameters()
+    s = m.span(head, "personal")
+    init_personal = m.flat["personal"].clone()
+    personal, server, x = {}, m.flat["shared"].clone(), torch.zeros(2, 1, 12, 12)
+    n = {0: 2, 1: 3, 2: 5}
+
+    def train(cid, value):  # a client's turn as the loop runs it, local SGD replaced by setting its head
+        m.flat["personal"].copy_(personal.get(cid, init_personal))
+        m.on_client_start(x, torch.zeros(n[cid], dtype=torch.long))
+        m.flat["personal"][s] = value
+        update = ClientUpdate(cid, float(n[cid]), m.flat["shared"].clone(), m.client_report(x))
+        personal[cid] = m.flat["personal"].clone()
+        return update
+
+    h = {k: torch.full((s.stop - s.start,), float(k)) for k in (1, 2, 3, 4)}
+    m.aggregate(server, [train(0, h[1]), train(1, h[2])])
+    torch.testing.assert_close(flat(m.eval_head), (2 * h[1] + 3 * h[2]) / 5)
+    m.aggregate(server, [train(2, h[3])])  # not only the latest round's client
+    torch.testing.assert_close(flat(m.eval_head), (2 * h[1] + 3 * h[2] + 5 * h[3]) / 10)
+    m.aggregate(server, [train(0, h[4])])  # client 0's first head is replaced, not added again
+    torch.testing.assert_close(flat(m.eval_head), (2 * h[4] + 3 * h[2] + 5 * h[3]) / 10)
+    # the server holds one head's worth of sums, whatever the number of clients
+    assert m.eval_head_sum.numel() == s.stop - s.start and m.eval_head_weight.item() == 10.0
 
 
 def test_pfedmoe_mixes_global_and_local_features_with_the_gate():

@@ -118,7 +118,64 @@ def test_calibrated_setting_follows_client_scores(tmp_path):
     assert len(rows) == 2 * len(FedCoE.beta_grid)
     assert [(r["beta"], r["label_prior"]) for r in rows if r["served"] == "1"] == [("1.0", "1")]
     assert sorted(float(r["mean_self_accuracy"]) for r in rows)[-2:] == [0.0, pytest.approx(0.9)]
-    assert {r["scores"] for r in rows} == {"2"}
+    assert {r["weight"] for r in rows} == {"1.0000"}  # one round of scores behind every setting
+
+
+def report_round(m: FedCoE, per_client_scores: list[torch.Tensor]) -> None:
+    """One aggregation in which each update carries the given calibration scores."""
+    ups = updates_for(m, [(1.0, [0.3, 0.3, 0.4])] * len(per_client_scores))
+    for u, sc in zip(ups, per_client_scores):
+        u.report["calibration"] = sc
+    m.aggregate(torch.zeros(m.flat["shared"].numel()), ups)
+
+
+def scores_with(entries: dict) -> torch.Tensor:
+    out = torch.zeros(len(FedCoE.beta_grid), 2)
+    for (b, lp), v in entries.items():
+        out[b, lp] = v
+    return out
+
+
+def test_calibration_is_a_decayed_average_of_per_round_means():
+    """Three rounds, two clients each; by hand: m_t is the round's client mean and
+    s = (m_3 + d m_2 + d^2 m_1) / (1 + d + d^2)."""
+    rounds = [[0.2, 0.4], [0.5, 0.7], [0.9, 0.9]]  # setting (beta index 1, no prior) per client
+    means = [0.3, 0.6, 0.9]
+    for d in (0.5, 1.0):
+        m = tiny(local_level=False, calibration_decay=d)
+        for r in rounds:
+            report_round(m, [scores_with({(1, 0): v}) for v in r])
+        want = (means[2] + d * means[1] + d * d * means[0]) / (1 + d + d * d)
+        assert float(m.self_scores()[1, 0]) == pytest.approx(want)
+    assert want == pytest.approx(0.6)  # d = 1: the plain average over rounds
+
+
+def test_recent_rounds_decide_the_served_setting_and_each_round_logs_it():
+    """Setting A (beta 0, no prior) wins the first three rounds by 0.3, setting B (beta 2, prior) the
+    last two by 0.2: the all-rounds average keeps A, a decay of 0.5 follows B; diagnostics show the switch."""
+    a, b = (0, 0), (3, 1)
+    history = [{a: 0.6, b: 0.3}] * 3 + [{a: 0.5, b: 0.7}] * 2
+    served = {}
+    for d in (1.0, 0.5):
+        m = tiny(local_level=False, calibration_decay=d)
+        served[d] = []
+        for entries in history:
+            report_round(m, [scores_with(entries)] * 2)
+            diag = m.round_diagnostics()
+            served[d].append((int(diag["cold_start_beta_index"]), int(diag["cold_start_label_prior"])))
+            assert diag["cold_start_self_score"] == pytest.approx(float(m.self_scores()[served[d][-1]]))
+        assert m.cold_start_setting() == (FedCoE.beta_grid[served[d][-1][0]], bool(served[d][-1][1]))
+    assert served[1.0] == [a] * 5  # (3 * 0.3 + 2 * -0.2) / 5 > 0: A stays
+    # d = 0.5 (decayed sums; the weights are common): after round 4, A 0.6 * 0.875 + 0.5 = 1.025 vs
+    # B 0.3 * 0.875 + 0.7 = 0.9625; after round 5, A 0.6 * 0.4375 + 0.5 * 1.5 = 1.0125 vs B 0.3 * 0.4375 + 0.7 * 1.5 = 1.18125
+    assert served[0.5] == [a] * 4 + [b]
+    assert "cold_start_beta_index" not in tiny(local_level=False, beta=1.0).round_diagnostics()
+
+
+def test_bad_calibration_decay_is_refused():
+    for d in (0.0, 1.5):
+        with pytest.raises(ValueError, match="calibration_decay"):
+            FedCoE(calibration_decay=d)
 
 
 def test_top_m_routing_is_sparse():

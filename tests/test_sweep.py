@@ -157,7 +157,7 @@ def test_sweep_file_errors_are_one_line(tmp_path, small_sweep, run_cli):
 
 
 # ---------------------------------------------------------------------- the shipped sweep files
-@pytest.mark.parametrize("name", ["main_table", "mnist10k", "ablation"])
+@pytest.mark.parametrize("name", ["main_table", "mnist10k", "ablation", "tune_mnist10k"])
 def test_shipped_sweeps_are_wandb_grid_definitions(name):
     spec = sweep.load_sweep(REPO / "benchmarks" / "sweeps" / f"{name}.yaml")
     assert spec["method"] == "grid" and spec["program"] == "fedbench"
@@ -233,3 +233,159 @@ def test_a_lock_released_while_being_read_is_claimed(small_sweep, tmp_path, monk
 
     monkeypatch.setattr(P, "read_text", released_meanwhile)
     assert sweep.claim(run) and lock.read_bytes().endswith(f":{__import__('os').getpid()}".encode())
+
+
+# ---------------------------------------------------------------------- choosing on validation
+# val_personal_acc and personal_acc per (setting, alpha, seed). On validation lr0.1 wins for fedavg at
+# alpha 0.1 by its mean over seeds (seed 0 alone would pick lr0.01) and lr0.01 everywhere else;
+# on test the other setting would win every time, so a selection that read a test metric chooses differently.
+VAL = {("fedavg-lr0.01", 0.1): (0.80, 0.60), ("fedavg-lr0.1", 0.1): (0.70, 0.75),
+       ("fedavg-lr0.01", 0.5): (0.90, 0.90), ("fedavg-lr0.1", 0.5): (0.50, 0.50),
+       ("fedper-lr0.01", 0.1): (0.95, 0.95), ("fedper-lr0.1", 0.1): (0.10, 0.10),
+       ("fedper-lr0.01", 0.5): (0.85, 0.85), ("fedper-lr0.1", 0.5): (0.20, 0.20)}
+CHOSEN = {("fedavg", 0.1): "fedavg-lr0.1", ("fedavg", 0.5): "fedavg-lr0.01",
+          ("fedper", 0.1): "fedper-lr0.01", ("fedper", 0.5): "fedper-lr0.01"}
+
+
+def held_out_accuracy(name: str, alpha: float, seed: int) -> float:
+    """Test numbers that favour the setting validation rejects; distinct per run, so each is traceable."""
+    method, alpha_key = name.split("-")[0], (name.split("-")[0], alpha)
+    return (0.40 if CHOSEN[alpha_key] == name else 0.99) - 0.01 * seed - (0.1 * alpha if method == "fedper" else 0)
+
+
+@pytest.fixture
+def tuning_sweep(small_sweep, tmp_path) -> Path:
+    """2 methods x 2 learning rates (one config file per setting) x 2 alphas x 2 seeds, selected on val_personal_acc."""
+    spec = yaml.safe_load(small_sweep.read_text())
+    files = []
+    for method in ("fedavg", "fedper"):
+        for lr in ("0.01", "0.1"):
+            f = tmp_path / f"{method}-lr{lr}.yaml"
+            f.write_text(yaml.safe_dump({"name": f"{method}-lr{lr}", "method": {
+                "class_path": f"baselines.{method}.{'FedAvg' if method == 'fedavg' else 'FedPer'}", "init_args": {"lr": float(lr)}}}))
+            files.append(str(f))
+    spec["metric"] = {"name": "val_personal_acc", "goal": "maximize"}
+    spec["parameters"] = {"seed": {"values": [0, 1]}, "data.alpha": {"values": [0.1, 0.5]}, "config": {"values": files},
+                          "loop.rounds": {"value": 2}}
+    small_sweep.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return small_sweep
+
+
+def finish(runs, test_value=held_out_accuracy, drop: str | None = None) -> None:
+    """Write each run's summary.json as `fedbench fit` would, with the accuracies above."""
+    for r in runs:
+        name, alpha, seed = r.config["name"], r.config["data"]["alpha"], r.config["seed"]
+        val = VAL[(name, alpha)][seed]
+        test = test_value(name, alpha, seed)
+        metrics = {k: test for k in ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")}
+        metrics.update({"val_global_acc": 0.5, "val_personal_acc": val, "val_cold_start_acc": 0.5})
+        metrics.pop(drop, None)
+        r.run_dir.mkdir(parents=True, exist_ok=True)
+        summary = {"status": "finished", "method": r.config["method"]["class_path"].rsplit(".", 1)[-1].lower(),
+                   "dataset": "synthetic", "scheme": "dirichlet", "alpha": alpha, "seed": seed, "rounds": 2,
+                   **{k: v for k, v in metrics.items() if not k.startswith("val_")}, "metrics": metrics,
+                   "global_model": "convention" if name.startswith("fedper") else "trained", "config": r.config}
+        (r.run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def chosen(selections) -> dict:
+    return {(s.group[-1], s.group[2]): s.runs[0].config["name"] for s in selections}
+
+
+def test_selection_picks_the_best_mean_validation_score_per_group(tuning_sweep, tmp_path):
+    runs = sweep.plan(tuning_sweep, tmp_path / "out")
+    assert len(runs) == 16 and sweep.selection_metric(sweep.load_sweep(tuning_sweep)) == ("val_personal_acc", "maximize")
+    finish(runs)
+    selections = sweep.select(runs, "val_personal_acc")
+    assert chosen(selections) == CHOSEN
+    fedavg = next(s for s in selections if s.group[-1] == "fedavg" and s.group[2] == 0.1)
+    assert fedavg.score == pytest.approx((0.70 + 0.75) / 2) and fedavg.settings == 2
+    assert fedavg.setting == {"config": str(tmp_path / "fedavg-lr0.1.yaml")} and len(fedavg.runs) == 2
+    # minimize flips every choice
+    assert set(chosen(sweep.select(runs, "val_personal_acc", "minimize")).items()).isdisjoint(CHOSEN.items())
+
+
+def test_selection_never_reads_a_test_metric(tuning_sweep, tmp_path):
+    runs = sweep.plan(tuning_sweep, tmp_path / "out")
+    finish(runs)
+    before = chosen(sweep.select(runs, "val_personal_acc"))
+    finish(runs, test_value=lambda *_: float("nan"))  # every test metric NaN, validation unchanged
+    assert chosen(sweep.select(runs, "val_personal_acc")) == before == CHOSEN
+
+
+def test_sweep_prints_the_chosen_settings_test_numbers_only(tuning_sweep, tmp_path, run_cli):
+    runs = sweep.plan(tuning_sweep, tmp_path / "out")
+    finish(runs)
+    code, out, err = run_cli(["sweep", str(tuning_sweep), "--sweep_dir", str(tmp_path / "out"), "--dry-run"])
+    assert code == 0, err
+    assert "# 16 runs: 0 to run, 16 already finished, 0 in conflict" in out
+    rows = [line for line in out.splitlines() if line.startswith("| synthetic")]
+    assert len(rows) == 4
+    for (method, alpha), name in CHOSEN.items():
+        row = next(r.split(" | ") for r in rows if f"alpha={alpha}," in r and f"| {method} |" in r)
+        assert row[2].startswith(f"config={tmp_path / name}.yaml (of 2)")
+        assert row[3] == f"{100 * sum(VAL[(name, alpha)]) / 2:.2f}"
+        mean, std = mean_std_pct([held_out_accuracy(name, alpha, s) for s in (0, 1)])
+        personal = f"{mean:.1f} ± {std:.1f}"
+        assert row[5] == personal and row[8] == "0 1 |"
+        assert row[4] == (personal + "†" if method == "fedper" else personal)  # FedPer's global is a convention
+    assert [line for line in out.splitlines() if line.startswith("† ")] == [
+        "† fedper: the method defines no server model; these columns serve the benchmark's convention (see the method's docstring)"]
+    # test numbers of settings validation rejected appear nowhere
+    rejected = {f"{100 * (0.99 - 0.005 - (0.1 * a if n.startswith('fedper') else 0)):.1f}" for (n, a) in VAL
+                if CHOSEN[(n.split("-")[0], a)] != n}
+    assert not any(f" {v} ±" in out for v in rejected)
+
+
+def mean_std_pct(values):
+    from fedcoe_bench.tables import mean_std
+
+    return mean_std([100 * v for v in values])
+
+
+def test_a_missing_validation_metric_is_a_one_line_error_naming_it(tuning_sweep, tmp_path, run_cli):
+    runs = sweep.plan(tuning_sweep, tmp_path / "out")
+    finish(runs, drop="val_personal_acc")
+    code, _, err = run_cli(["sweep", str(tuning_sweep), "--sweep_dir", str(tmp_path / "out"), "--dry-run"])
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("fedbench: error: ") and "no validation metric 'val_personal_acc'" in err
+
+
+def test_an_unfinished_group_chooses_nothing(tuning_sweep, tmp_path, capsys):
+    runs = sweep.plan(tuning_sweep, tmp_path / "out")
+    finish(runs[1:])  # the first run (fedavg, alpha 0.1, seed 0) never finished
+    selections = sweep.select(runs, "val_personal_acc")
+    open_groups = [s for s in selections if s.score is None]
+    assert [(s.group[-1], s.group[2], s.unfinished) for s in open_groups] == [("fedavg", 0.1, 1)]
+    assert len(selections) == 4
+    out = sweep.render_selection(selections, "val_personal_acc", "maximize")
+    assert "not chosen: 1 of its runs unfinished" in out
+
+
+def test_a_sweep_on_a_test_metric_selects_nothing(small_sweep):
+    assert sweep.selection_metric(sweep.load_sweep(small_sweep)) is None
+    assert sweep.selection_metric(sweep.load_sweep(REPO / "benchmarks" / "sweeps" / "mnist10k.yaml")) is None
+
+
+def test_tune_mnist10k_gives_every_method_its_knobs_on_validation(monkeypatch):
+    monkeypatch.chdir(REPO)
+    spec = sweep.load_sweep("benchmarks/sweeps/tune_mnist10k.yaml")
+    assert sweep.selection_metric(spec) == ("val_personal_acc", "maximize")
+    runs = sweep.plan("benchmarks/sweeps/tune_mnist10k.yaml", "runs/tune")
+    assert len(runs) == 33 * 2
+    assert {r.config["seed"] for r in runs} == {1} and {r.config["loop"]["rounds"] for r in runs} == {50}
+    assert {r.config["data"]["source"] for r in runs} == {"mnist10k"}
+    lrs, knobs = {0.005, 0.01, 0.03}, {"fedprox": ("mu", {0.001, 0.01, 0.1}), "fedmix": ("num_experts", {2, 4}),
+                                       "fedcoe": ("num_experts", {2, 4})}
+    want = set()
+    for m in METHODS:
+        key, values = knobs.get(m, (None, {None}))
+        want |= {(m, a, lr, key, v) for a in (0.1, 0.3) for lr in lrs for v in values}
+    got = set()
+    for r in runs:
+        m, init = r.config["method"]["class_path"].rsplit(".", 1)[-1].lower(), r.config["method"]["init_args"]
+        key = knobs.get(m, (None,))[0]
+        got.add((m, r.config["data"]["alpha"], init["lr"], key, init.get(key)))
+        assert init["backbone"] == "cnn" and init["momentum"] == 0.9  # the rest of the base config stays
+    assert got == want
+    assert len({r.config["name"] for r in runs}) == 33  # each setting its own row and run directory

@@ -20,7 +20,8 @@ FEDCOE = {0: (0.85, 0.88, 0.60, 0.58), 1: (0.87, 0.89, 0.64, 0.60)}  # seed 2 un
 
 
 def write_summary(root: Path, method: str, seed: int, accs, alpha: float = 0.3, rounds: int = 100,
-                  name: str | None = None, init_args: dict | None = None, dataset: str = "mnist10k") -> Path:
+                  name: str | None = None, init_args: dict | None = None, dataset: str = "mnist10k",
+                  global_model: str | None = None) -> Path:
     run = root / dataset / f"dirichlet{alpha}" / (name or method) / f"seed{seed}"
     run.mkdir(parents=True)
     keys = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")
@@ -30,7 +31,7 @@ def write_summary(root: Path, method: str, seed: int, accs, alpha: float = 0.3, 
                        "alpha": alpha}, "loop": {"rounds": rounds}}
     summary = {"status": "finished", "method": method, "dataset": dataset, "scheme": "dirichlet", "alpha": alpha,
                "seed": seed, "rounds": rounds, **dict(zip(keys, accs)), "metrics": dict(zip(keys, accs)),
-               "config": config}
+               "config": config, **({"global_model": global_model} if global_model else {})}
     (run / "summary.json").write_text(json.dumps(summary))
     (run / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
     return run
@@ -230,3 +231,72 @@ def test_wandb_errors_are_one_line(monkeypatch, run_cli):
     assert code == 1 and "ENTITY/PROJECT" in err
     assert load_wandb_runs("a/b", api=FakeApi([recorded_run("r", "fedavg", 0, FEDAVG[0])]))[0].metrics["global_acc"] == 0.80
     assert math.isclose(load_wandb_runs("a/b", api=FakeApi([recorded_run("r", "fedavg", 0, FEDAVG[0])]))[0].alpha, 0.3)
+
+
+# ---------------------------------------------------------------------- n/a and convention cells
+SERVER_COLUMNS = (1, 3, 4)  # global, cold-start, cold-start + prior (column 0 is the label)
+
+
+@pytest.fixture
+def models_dir(tmp_path) -> Path:
+    """One run per kind of server model; Local's untrained numbers are the highest, so bold must skip them."""
+    root = tmp_path / "runs"
+    write_summary(root, "fedavg", 0, (0.80, 0.70, 0.50, 0.55), global_model="trained")
+    write_summary(root, "fedmix", 0, (0.81, 0.71, 0.51, 0.56))  # written before the field existed: trained
+    write_summary(root, "local", 0, (0.99, 0.90, 0.99, 0.99), global_model="none")
+    write_summary(root, "fedper", 0, (0.60, 0.95, 0.40, 0.45), global_model="convention")
+    write_summary(root, "pfedmoe", 0, (0.61, 0.80, 0.41, 0.46), global_model="convention")
+    return root
+
+
+def test_na_exactly_where_a_method_has_no_server_model(models_dir):
+    tables = build_tables(load_runs(models_dir))
+    md, _ = render(tables, "md")
+    assert md.count("n/a") == len(SERVER_COLUMNS)
+    local = md_row(md, "local")
+    assert [local[i] for i in SERVER_COLUMNS] == ["n/a"] * 3 and local[2] == "90.0"  # personal is real
+    # Local's 99.0 is not a global model's number: the best global is FedMix's
+    assert md_row(md, "fedmix")[1] == "**81.0**" and md_row(md, "fedmix")[3] == "**51.0**"
+    latex, _ = render(tables, "latex")
+    assert latex.count("n/a") == len(SERVER_COLUMNS)
+    rows = list(csv.DictReader(io.StringIO(render(tables, "csv")[0])))
+    na = {(r["method"], k) for r in rows for k, v in r.items() if v == "n/a"}
+    assert na == {("local", f"{m}_{s}") for m in ("global_acc", "cold_start_acc", "cold_start_lp_acc")
+                  for s in ("mean", "std")}
+    assert {r["method"]: r["global_model"] for r in rows} == {"fedavg": "trained", "fedmix": "trained", "local": "none",
+                                                            "fedper": "convention", "pfedmoe": "convention"}
+
+
+def test_convention_cells_carry_a_dagger_and_a_footnote(models_dir):
+    md, _ = render(build_tables(load_runs(models_dir)), "md")
+    for label in ("fedper", "pfedmoe"):
+        row = md_row(md, label)
+        assert [i for i, c in enumerate(row) if c.endswith("†")] == list(SERVER_COLUMNS)
+    assert md_row(md, "fedper")[2] == "**95.0**"  # personal accuracy is no convention
+    assert sum(c.endswith("†") for label in ("fedavg", "fedmix", "local") for c in md_row(md, label)) == 0
+    notes = [line for line in md.splitlines() if line.startswith("† ")]
+    assert len(notes) == 1 and notes[0].startswith("† fedper, pfedmoe: the method defines no server model")
+    latex, _ = render(build_tables(load_runs(models_dir)), "latex")
+    rows = {line.split(" & ")[0]: line.split(" & ") for line in latex.splitlines() if " & " in line}
+    assert [i for i, c in enumerate(rows["pfedmoe"]) if c.endswith("$^\\dagger$")] == list(SERVER_COLUMNS)
+    assert "\\footnotesize $^\\dagger$ fedper, pfedmoe:" in latex
+
+
+def test_fit_records_the_methods_global_model_and_the_table_reads_it(tmp_path, fit_argv, run_cli):
+    for method in ("local", "fedper"):
+        code, _, err = run_cli(fit_argv(f"runs/synthetic/{method}", "--method", method, "--loop.rounds", "1"))
+        assert code == 0, err
+    assert json.loads((tmp_path / "runs/synthetic/local/summary.json").read_text())["global_model"] == "none"
+    code, out, err = run_cli(["table", str(tmp_path / "runs")])
+    assert code == 0, err
+    assert [md_row(out, "local")[i] for i in SERVER_COLUMNS] == ["n/a"] * 3 and out.count("n/a") == 3
+    assert all(md_row(out, "fedper")[i].endswith("†") for i in SERVER_COLUMNS)
+
+
+def test_wandb_runs_carry_the_global_model_too():
+    local = recorded_run("local-0", "local", 0, (0.1, 0.9, 0.1, 0.1))
+    local.summary._d["global_model"] = "none"
+    runs = load_wandb_runs("a/b", api=FakeApi([local, recorded_run("fedavg-0", "fedavg", 0, FEDAVG[0])]))
+    assert {r.method: r.global_model for r in runs} == {"local": "none", "fedavg": "trained"}
+    text, _ = render(build_tables(runs), "md")
+    assert [md_row(text, "local")[i] for i in SERVER_COLUMNS] == ["n/a"] * 3 and text.count("n/a") == 3

@@ -263,6 +263,7 @@ def fit(parser: ArgumentParser, cfg: Namespace, trained: str | None = None) -> d
     summary = {
         "status": "finished",
         "method": short_name(cfg.method.class_path),
+        "global_model": method_class(cfg).global_model,
         "dataset": data.source.name,
         "scheme": data.scheme,
         "alpha": data.alpha,

@@ -47,7 +47,15 @@ class FedCoE(FederatedMethod):
     :math:`\\pi_j(x)_k \\propto G(x)_k\\, r_{jk}^{\\beta}`, with :math:`\\beta = 1 - H(r_j)/\\log K`
     (``adaptive``), a number, or ``calibrated``: every sampled training client scores the
     cold-start predictor on its own data for a small grid of (beta, label-prior on/off) before
-    training, the server averages these scores, and new clients are served the best setting.
+    training, and new clients are served the setting with the best calibrated score
+
+    .. math:: \\bar s_T = \\frac{\\sum_{t \\le T} d^{T-t}\\, m_t}{\\sum_{t \\le T} d^{T-t}}, \\qquad
+              m_t = \\mathrm{mean}_{i \\in S_t}\\, s_{i,t},
+
+    an exponential moving average (bias-corrected) of the per-round mean self-scores with decay
+    :math:`d` = ``calibration_decay``: recent rounds, scored on the experts as they are now, weigh
+    more than early ones, scored on experts still poor. :math:`d = 1` is the average over all
+    rounds. The served setting is logged every round (:meth:`round_diagnostics`).
 
     Args:
         num_experts: K.
@@ -69,6 +77,9 @@ class FedCoE(FederatedMethod):
             the experts are trained for the pooled label distribution, a client knows its own).
         cold_start_prior: apply the routing prior for new clients; false: G alone.
         beta: ``adaptive``, ``calibrated`` or a number.
+        calibration_decay: d in (0, 1] above; 1 weighs every round alike. 0.9 (ours, not tuned:
+            a half-life of about 6.6 rounds, so a served setting rests on some 19 rounds of scores)
+            lets the choice follow the trained experts.
 
     Defaults: the METHODS.md specification is ``lambda_expert=0, local_prior=False, beta=adaptive``
     (``configs/method/fedcoe_spec.yaml``). On the tuning seed (seed 1; mnist10k, Dirichlet 0.1,
@@ -96,10 +107,15 @@ class FedCoE(FederatedMethod):
                  lambda_expert: float = 4.0, expert_loss_routed: bool = True, coordinated: bool = True, coordination_eps: float = 0.0,
                  shared_gate: bool = True, local_level: bool = True, local_warm_start: bool = True,
                  local_prior: bool = True,
-                 cold_start_prior: bool = True, beta: float | str = "calibrated", **kwargs):
+                 cold_start_prior: bool = True, beta: float | str = "calibrated", calibration_decay: float = 0.9,
+                 **kwargs):
         super().__init__(**kwargs)
         if not (isinstance(beta, (int, float)) or beta in ("adaptive", "calibrated")):
             raise ConfigError(f"method.init_args.beta must be a number, 'adaptive' or 'calibrated' (got {beta!r})")
+        if not 0 < calibration_decay <= 1:
+            raise ConfigError(f"method.init_args.calibration_decay must be in (0, 1] (got {calibration_decay}); "
+                              f"1 averages every round alike")
+        self.calibration_decay = calibration_decay
         self.num_experts, self.lambda_glob, self.lambda_bal, self.lambda_expert = num_experts, lambda_glob, lambda_bal, lambda_expert
         self.coordinated, self.coordination_eps, self.local_level = coordinated, coordination_eps, local_level
         self.local_warm_start, self.cold_start_prior, self.beta = local_warm_start, cold_start_prior, beta
@@ -114,7 +130,7 @@ class FedCoE(FederatedMethod):
             self.local_ready = nn.Parameter(torch.zeros(1), requires_grad=False)
             self.label_counts = nn.Parameter(torch.zeros(self.num_classes), requires_grad=False)
         # server-side statistics, filled by aggregate() from client reports (never sent to clients)
-        self.register_buffer("calibration", torch.zeros(2, len(self.beta_grid), 2))  # [sum, count] x beta x lp
+        self.register_buffer("calibration", torch.zeros(2, len(self.beta_grid), 2))  # [decayed sum, weight] x beta x lp
         self.routing: dict[int, torch.Tensor] = {}  # R: client id -> routing profile r_i
         self._diag: dict[str, float] = {}
 
@@ -155,6 +171,8 @@ class FedCoE(FederatedMethod):
     def on_client_start(self, x: torch.Tensor, y: torch.Tensor) -> None:
         # Pretend to be a new client: score the cold-start settings on our own data (server model).
         # Under every beta, so that beta changes predictions only (``fedbench eval`` can switch it).
+        # Seam: these are the client's training samples; once clients hold a validation split, the
+        # loop should hand that split to _self_score instead (nothing else here changes).
         self._calibration = self._self_score(x[:self.calibration_samples], y[:self.calibration_samples])
         if self.local_level:
             self.label_counts.copy_(torch.bincount(y, minlength=self.num_classes))
@@ -199,18 +217,33 @@ class FedCoE(FederatedMethod):
             w = n * (self.coordination_eps + profiles[:, k]) if self.coordinated else n
             new[span] = weighted_mean(stacked[:, span], w, server[span])
         if "calibration" in updates[0].report:
-            self.calibration[0] += torch.stack([u.report["calibration"] for u in updates]).sum(0).to(self.calibration)
-            self.calibration[1] += len(updates)
+            round_mean = torch.stack([u.report["calibration"] for u in updates]).mean(0).to(self.calibration)
+            self.calibration.mul_(self.calibration_decay)  # the sum and its weight alike
+            self.calibration[0] += round_mean
+            self.calibration[1] += 1
         self._diag = {
             "gate_entropy": float(torch.stack([u.report["gate_entropy"] for u in updates]).mean()),
             **{f"expert_usage_{k}": float(v) for k, v in enumerate(profiles.sum(0))},
+            **self._served_diagnostics(),
         }
         if self.local_level:
             self._diag["fusion_h"] = float(torch.stack([u.report["fusion_h"] for u in updates]).mean())
         return new
 
     def round_diagnostics(self) -> dict[str, float]:
+        """Gate entropy, expert usage, mean fusion weight and, when the cold-start setting is
+        calibrated, the setting served after this round: ``cold_start_beta_index`` (its position in
+        ``beta_grid``, the last being ``adaptive``), ``cold_start_label_prior`` (0/1) and
+        ``cold_start_self_score`` (its calibrated score)."""
         return self._diag
+
+    def _served_diagnostics(self) -> dict[str, float]:
+        if not (self.cold_start_prior and self.beta == "calibrated") or self.calibration[1].max() == 0:
+            return {}
+        beta, use_lp = self.cold_start_setting()
+        b = self.beta_grid.index(beta)
+        return {"cold_start_beta_index": float(b), "cold_start_label_prior": float(use_lp),
+                "cold_start_self_score": float(self.self_scores()[b, int(use_lp)])}
 
     def get_extra_state(self) -> dict:
         return {"routing": dict(self.routing)}
@@ -220,8 +253,8 @@ class FedCoE(FederatedMethod):
 
     def save_artifacts(self, run_dir) -> None:
         """R, the client-expert correlation matrix, as ``routing.csv`` (one row per client), and the
-        training clients' mean self-score of every cold-start setting as ``calibration.csv``, the
-        setting served to new clients marked."""
+        calibrated self-score of every cold-start setting as ``calibration.csv`` (``weight``: the
+        decayed number of rounds behind it), the setting served to new clients marked."""
         with open(Path(run_dir) / "routing.csv", "w", newline="") as f:
             out = csv.writer(f)
             out.writerow(["client"] + [f"expert_{k}" for k in range(self.num_experts)])
@@ -231,12 +264,12 @@ class FedCoE(FederatedMethod):
         served = self.cold_start_setting() if self.cold_start_prior else None
         with open(Path(run_dir) / "calibration.csv", "w", newline="") as f:
             out = csv.writer(f)
-            out.writerow(["beta", "label_prior", "mean_self_accuracy", "scores", "served"])
+            out.writerow(["beta", "label_prior", "mean_self_accuracy", "weight", "served"])
             for b, beta in enumerate(self.beta_grid):
                 for lp in (0, 1):
-                    n = int(count[b, lp])
-                    mean = f"{float(scores[b, lp]):.6f}" if n else "nan"
-                    out.writerow([beta, lp, mean, n, int((beta, bool(lp)) == served)])
+                    weight = float(count[b, lp])
+                    mean = f"{float(scores[b, lp]):.6f}" if weight else "nan"
+                    out.writerow([beta, lp, mean, f"{weight:.4f}", int((beta, bool(lp)) == served)])
 
     # ------------------------------------------------------------------ predictors
     @torch.no_grad()
@@ -263,7 +296,7 @@ class FedCoE(FederatedMethod):
         return self.beta_grid[b], bool(lp)
 
     def self_scores(self) -> torch.Tensor:
-        """Mean accuracy the training clients measured for each cold-start setting, ``[betas, 2]``
+        """The calibrated self-score :math:`\\bar s_T` of each cold-start setting, ``[betas, 2]``
         (label prior off, on); 0 where nothing was reported."""
         total, count = self.calibration
         return total / count.clamp_min(1)

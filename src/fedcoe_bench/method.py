@@ -58,6 +58,11 @@ class FederatedMethod(L.LightningModule):
     personal: tuple[str, ...] = ()
     server_only: tuple[str, ...] = ()
     serving: tuple[str, ...] = ()  # init args that training never reads: ``fedbench eval`` may change them
+    # What the global and cold-start columns measure (summary.json records it, tables read it):
+    # "trained", a server model the method trains; "convention", a server model the method's paper
+    # does not define, served by this benchmark's convention (the class docstring says which; tables
+    # mark it); "none", no such model at all (tables print n/a).
+    global_model: str = "trained"
 
     def __init__(self, backbone: str = "cnn", lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
                  num_classes: int = 10, in_channels: int = 1, image_size: int = 28):

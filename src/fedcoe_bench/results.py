@@ -19,6 +19,9 @@ import yaml
 from fedcoe_bench.errors import UserError
 
 METRICS = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")
+# The columns that measure the server-side model, which a method may lack or serve by a convention
+# (its ``global_model``: trained | convention | none, recorded in summary.json).
+SERVER_METRICS = ("global_acc", "cold_start_acc", "cold_start_lp_acc")
 # Methods in the order of the paper's tables; other names follow alphabetically.
 METHOD_ORDER = ("fedavg", "fedprox", "fedper", "fedmix", "pfedmoe", "local", "fedcoe")
 
@@ -41,6 +44,7 @@ class Run:
     name: str | None = None  # the config's ``name`` (a label chosen by the user), if any
     metrics: dict[str, float | None] = field(default_factory=dict)
     init_args: dict = field(default_factory=dict)
+    global_model: str = "trained"  # the method's ``global_model``; summaries written before it existed: trained
     status: str = "finished"
     label: str = ""  # the table row; set by :func:`assign_labels`
 
@@ -79,7 +83,7 @@ def run_from_config(config: dict, path: str, status: str) -> Run:
 def run_from_summary(summary: dict, path: str) -> Run:
     """A record from ``summary.json``."""
     run = run_from_config(summary.get("config") or {}, path, "finished")
-    for key in ("method", "dataset", "scheme", "alpha", "rounds", "seed"):
+    for key in ("method", "dataset", "scheme", "alpha", "rounds", "seed", "global_model"):
         if summary.get(key) is not None:
             setattr(run, key, summary[key])
     run.metrics = {k: summary.get(k, (summary.get("metrics") or {}).get(k)) for k in METRICS}
@@ -157,7 +161,8 @@ def run_from_wandb(wb_run) -> Run:
               dataset=pick("dataset") or _source_name(pick("data.source.class_path", "data.source")),
               scheme=pick("scheme", "data.scheme"), alpha=pick("alpha", "data.alpha"),
               rounds=pick("rounds", "loop.rounds"), seed=pick("seed"), name=pick("name"),
-              init_args={k[len("method.init_args."):]: v for k, v in config.items() if k.startswith("method.init_args.")})
+              init_args={k[len("method.init_args."):]: v for k, v in config.items() if k.startswith("method.init_args.")},
+              global_model=pick("global_model") or "trained")
     run.metrics = {k: summary.get(k) for k in METRICS}
     state = getattr(wb_run, "state", "finished")
     if method is None:

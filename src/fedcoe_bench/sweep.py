@@ -11,12 +11,20 @@ the same config is skipped, so an interrupted sweep resumes where it stopped (an
 continues from its checkpoint). Several ``fedbench sweep`` processes on the same file share the
 grid: each run is claimed with a lock file in its directory, so on N cores run N of them (with
 ``OMP_NUM_THREADS`` set so that they do not oversubscribe the cores).
+
+A tuning sweep is one whose W&B ``metric`` names a validation metric (``val_*``, e.g.
+``val_personal_acc``): after its runs (or with ``--dry-run``, instead of them) ``fedbench sweep``
+prints, for each (method, dataset, scheme/alpha, rounds), the setting with the best validation
+score, averaged over seeds, and the test accuracies of that setting only (:func:`select`). W&B's
+own key says which metric to optimise, so the file stays a clean W&B sweep (a key of our own
+would be a schema violation there), and choosing can never read a test metric.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import shlex
 import socket
@@ -259,6 +267,122 @@ def run_sweep(runs: list[SweepRun], dry_run: bool = False, runner=None) -> int:
     return 1 if failed or conflicts else 0
 
 
+# ---------------------------------------------------------------------- choosing on validation
+VALIDATION_PREFIX = "val_"
+# Grid parameters that say which group a run belongs to, or which repetition it is, not which setting.
+NOT_A_SETTING = ("seed", "method", "data.source", "data.scheme", "data.alpha", "loop.rounds")
+
+
+@dataclass
+class Selection:
+    """The chosen setting of one (dataset, scheme, alpha, rounds, method) group."""
+
+    group: tuple  # results.Run.group + (method,)
+    setting: dict  # the grid parameters that make the setting (seed and group keys left out)
+    score: float | None  # mean validation metric over its seeds; None when the group is incomplete
+    runs: list[SweepRun]  # the chosen setting's runs
+    settings: int  # how many settings competed
+    unfinished: int = 0  # runs of the group without a finished summary: nothing is chosen then
+
+
+def selection_metric(config: dict) -> tuple[str, str] | None:
+    """(name, goal) of the sweep's W&B ``metric`` when it is a validation metric, else None.
+
+    >>> selection_metric({"metric": {"name": "val_personal_acc"}}), selection_metric({"metric": {"name": "personal_acc"}})
+    (('val_personal_acc', 'maximize'), None)
+    """
+    metric = config.get("metric") or {}
+    name, goal = metric.get("name"), metric.get("goal", "maximize")
+    if not (isinstance(name, str) and name.startswith(VALIDATION_PREFIX)):
+        return None
+    if goal not in ("maximize", "minimize"):
+        raise SweepError(f"metric.goal is {goal!r}; use maximize or minimize")
+    return name, goal
+
+
+def validation_score(run: SweepRun, metric: str) -> float:
+    """``metric`` from the run's summary.json ``metrics``; the only number :func:`select` reads to choose."""
+    metrics = json.loads((run.run_dir / "summary.json").read_text()).get("metrics") or {}
+    value = metrics.get(metric)
+    if value is None:
+        raise SweepError(f"{run.run_dir / 'summary.json'} has no validation metric '{metric}' (the sweep's "
+                         f"metric.name); rerun it with validation splits or name a val_* metric it logged")
+    return float(value)
+
+
+def select(runs: list[SweepRun], metric: str, goal: str = "maximize") -> list[Selection]:
+    """Per group (method, dataset, scheme, alpha, rounds; read from each run's resolved config), the
+    setting whose mean ``metric`` over its seeds is best; ties go to the first in grid order, NaN ranks
+    last. A group with an unfinished run chooses nothing (its ``unfinished`` says how many)."""
+    from fedcoe_bench.results import run_from_config
+
+    groups: dict[tuple, dict[tuple, list[SweepRun]]] = {}
+    for r in runs:
+        record = run_from_config(r.config, str(r.run_dir), "planned")
+        setting = tuple((k, str(v)) for k, v in r.params.items() if k not in NOT_A_SETTING)
+        groups.setdefault((*record.group, record.method), {}).setdefault(setting, []).append(r)
+    out = []
+    for group, settings in groups.items():
+        members = [r for same in settings.values() for r in same]
+        unfinished = sum(check_finished(r) != "finished" for r in members)
+        if unfinished:
+            out.append(Selection(group, {}, None, [], len(settings), unfinished))
+            continue
+        sign = 1.0 if goal == "maximize" else -1.0
+        best, best_key = None, None
+        for same in settings.values():
+            score = sum(validation_score(r, metric) for r in same) / len(same)
+            key = -math.inf if math.isnan(score) else sign * score
+            if best_key is None or key > best_key:
+                best, best_key = (same, score), key
+        chosen, score = best
+        setting = {k: v for k, v in chosen[0].params.items() if k not in NOT_A_SETTING}
+        out.append(Selection(group, setting, score, chosen, len(settings)))
+    return out
+
+
+def render_selection(selections: list[Selection], metric: str, goal: str) -> str:
+    """A markdown table: per group the chosen setting, its validation score and its test accuracies
+    (mean ± std over its seeds, as ``fedbench table`` prints them), read from the chosen runs only."""
+    from fedcoe_bench.results import METRICS, SERVER_METRICS, group_title, load_run, method_sort_key
+    from fedcoe_bench.tables import CONVENTION_NOTE, HEADERS, Cell, mean_std
+
+    lines = [f"## selection by {metric} ({goal}, mean over seeds); test accuracy (%) of the chosen setting only", "",
+             f"| data | method | chosen | {metric} | " + " | ".join(HEADERS[m] for m in METRICS) + " | seeds |",
+             "|---|---|---|---:|" + "---:|" * len(METRICS) + "---|"]
+    conventions: list[str] = []
+    for sel in sorted(selections, key=lambda s: (str(s.group[:-1]), method_sort_key(s.group[-1]))):
+        title, method = group_title(sel.group[:-1]), sel.group[-1]
+        if sel.score is None:
+            row = [f"not chosen: {sel.unfinished} of its runs unfinished", "", *[""] * len(METRICS), ""]
+        else:
+            tested = [load_run(r.run_dir) for r in sel.runs]
+            cells = []
+            for m in METRICS:
+                values = [100.0 * t.metrics[m] for t in tested if t.metrics.get(m) is not None]
+                cells.append(Cell(*mean_std(values), len(values), tested[0].global_model if m in SERVER_METRICS
+                                  else "trained").styled(False, "{}", "†"))
+            conventions += [method] * (tested[0].global_model == "convention")
+            chosen = ", ".join(f"{k}={v}" for k, v in sel.setting.items()) or "(the only one)"
+            row = [f"{chosen} (of {sel.settings})", f"{100.0 * sel.score:.2f}", *cells,
+                   " ".join(str(r.config.get("seed")) for r in sel.runs)]
+        lines.append("| " + " | ".join([title, method, *row]) + " |")
+    if conventions:
+        lines += ["", CONVENTION_NOTE.format(dagger="†", labels=", ".join(dict.fromkeys(conventions)))]
+    return "\n".join(lines) + "\n"
+
+
+def report_selection(path: str | os.PathLike, runs: list[SweepRun]) -> None:
+    """Print the selection of a tuning sweep (one whose metric is a validation metric); nothing otherwise."""
+    chosen_by = selection_metric(load_sweep(path))
+    if chosen_by is not None:
+        print(render_selection(select(runs, *chosen_by), *chosen_by), end="", flush=True)
+
+
 def command(cfg) -> int:
-    """``fedbench sweep FILE [--sweep_dir DIR] [--dry-run] [--logger csv|wandb]``."""
-    return run_sweep(plan(cfg.file, cfg.sweep_dir, cfg.logger), dry_run=cfg.dry_run)
+    """``fedbench sweep FILE [--sweep_dir DIR] [--dry-run] [--logger csv|wandb]``; a tuning sweep then
+    prints its selection (:func:`select`)."""
+    runs = plan(cfg.file, cfg.sweep_dir, cfg.logger)
+    code = run_sweep(runs, dry_run=cfg.dry_run)
+    report_selection(cfg.file, runs)
+    return code

@@ -5,6 +5,11 @@ the sample standard deviation (n - 1) over seeds; ``n`` is the number of seeds. 
 each column (compared at the printed precision, so ties are all bold) is bold. Runs that could not
 be counted are listed under their table as ``missing: PATH (why)``; a method with fewer seeds
 than the others in its table gets a ``note:`` line naming the seeds it lacks.
+
+The global and cold-start columns measure a server-side model, which the run's method declares
+(``global_model`` in summary.json, from the method class): where it has none (Local) the cells
+read ``n/a`` and are never bold; where the benchmark serves one by a convention the method's paper
+does not define (FedPer's and pFedMoE's averaged heads) the cells carry a dagger and a footnote.
 """
 
 from __future__ import annotations
@@ -14,11 +19,16 @@ import io
 import statistics
 from dataclasses import dataclass, field
 
-from fedcoe_bench.results import METRICS, Run, group_title, method_sort_key
+from fedcoe_bench.results import METRICS, SERVER_METRICS, Run, group_title, method_sort_key
 
 HEADERS = {"global_acc": "global", "personal_acc": "personal", "cold_start_acc": "cold-start",
            "cold_start_lp_acc": "cold-start + prior"}
 FORMATS = ("md", "csv", "latex")
+NA = "n/a"
+# the most cautious first: a row whose runs disagree (e.g. summaries written before the field) takes it
+GLOBAL_MODELS = ("none", "convention", "trained")
+CONVENTION_NOTE = ("{dagger} {labels}: the method defines no server model; these columns serve the benchmark's "
+                   "convention (see the method's docstring)")
 
 
 @dataclass
@@ -26,11 +36,19 @@ class Cell:
     mean: float | None  # in %
     std: float | None  # in %; None with fewer than two values
     n: int
+    model: str = "trained"  # what the cell measures: trained | convention | none (see GLOBAL_MODELS)
 
     def text(self, pm: str = " ± ") -> str:
+        if self.model == "none":
+            return NA
         if self.mean is None:
             return "–"
         return f"{self.mean:.1f}" + (f"{pm}{self.std:.1f}" if self.std is not None else "")
+
+    def styled(self, bold: bool, bold_fmt: str, dagger: str, pm: str = " ± ") -> str:
+        """The text, bold where asked, with ``dagger`` after a convention-based number."""
+        text = bold_fmt.format(self.text(pm)) if bold else self.text(pm)
+        return text + dagger if self.model == "convention" and self.mean is not None else text
 
 
 @dataclass
@@ -89,16 +107,18 @@ def build_tables(runs: list[Run]) -> list[Table]:
         rows = []
         for label in sorted(by_label, key=method_sort_key):
             seed_runs = by_label[label]
+            model = min((r.global_model for r in seed_runs.values()), key=_caution)
             cells = {}
             for m in METRICS:
                 values = [100.0 * r.metrics[m] for r in seed_runs.values() if r.metrics.get(m) is not None]
                 mean, std = mean_std(values)
-                cells[m] = Cell(mean, std, len(values))
+                cells[m] = Cell(mean, std, len(values), model if m in SERVER_METRICS else "trained")
             rows.append(Row(label, sorted(seed_runs, key=str), [r.path for r in seed_runs.values()], cells))
         for m in METRICS:
-            shown = [round(r.cells[m].mean, 1) for r in rows if r.cells[m].mean is not None]
-            for r in rows:
-                if shown and r.cells[m].mean is not None and round(r.cells[m].mean, 1) == max(shown):
+            ranked = [r for r in rows if r.cells[m].mean is not None and r.cells[m].model != "none"]
+            shown = [round(r.cells[m].mean, 1) for r in ranked]
+            for r in ranked:
+                if round(r.cells[m].mean, 1) == max(shown):
                     r.bold.add(m)
         all_seeds = sorted({s for r in rows for s in r.seeds}, key=str)
         for r in rows:
@@ -109,6 +129,14 @@ def build_tables(runs: list[Run]) -> list[Table]:
                              f"missing seed{'s' * (len(lacking) != 1)} {', '.join(map(str, lacking))}")
         tables.append(Table(key, rows, missing, notes))
     return tables
+
+
+def _caution(model: str) -> int:
+    return GLOBAL_MODELS.index(model) if model in GLOBAL_MODELS else len(GLOBAL_MODELS)
+
+
+def _convention_labels(table: Table) -> list[str]:
+    return [r.label for r in table.rows if any(c.model == "convention" for c in r.cells.values())]
 
 
 def _missing_lines(table: Table) -> list[str]:
@@ -123,9 +151,11 @@ def render_md(tables: list[Table]) -> str:
             out.append("| method | " + " | ".join(HEADERS[m] for m in METRICS) + " | n |")
             out.append("|---|" + "---:|" * len(METRICS) + "---:|")
             for r in t.rows:
-                cells = [f"**{r.cells[m].text()}**" if m in r.bold else r.cells[m].text() for m in METRICS]
+                cells = [r.cells[m].styled(m in r.bold, "**{}**", "†") for m in METRICS]
                 out.append(f"| {r.label} | " + " | ".join(cells) + f" | {len(r.seeds)} |")
             out.append("")
+            if _convention_labels(t):
+                out += [CONVENTION_NOTE.format(dagger="†", labels=", ".join(_convention_labels(t))), ""]
         else:
             out.append("(no finished runs)\n")
         extra = t.notes + _missing_lines(t)
@@ -151,10 +181,12 @@ def render_latex(tables: list[Table]) -> str:
         out.append("Method & " + " & ".join(HEADERS[m].capitalize() for m in METRICS) + " & $n$ \\\\")
         out.append("\\midrule")
         for r in t.rows:
-            cells = [r.cells[m].text(" $\\pm$ ") for m in METRICS]
-            cells = [f"\\textbf{{{c}}}" if m in r.bold else c for m, c in zip(METRICS, cells)]
+            cells = [r.cells[m].styled(m in r.bold, "\\textbf{{{}}}", "$^\\dagger$", " $\\pm$ ") for m in METRICS]
             out.append(f"{_tex(r.label)} & " + " & ".join(cells) + f" & {len(r.seeds)} \\\\")
         out.append("\\bottomrule")
+        if _convention_labels(t):
+            note = CONVENTION_NOTE.format(dagger="$^\\dagger$", labels=", ".join(map(_tex, _convention_labels(t))))
+            out.append(f"\\multicolumn{{{len(METRICS) + 2}}}{{l}}{{\\footnotesize {note}}} \\\\")
         out.append("\\end{tabular}")
         out += [f"% {line}" for line in t.notes + _missing_lines(t)]
         out.append("")
@@ -165,16 +197,20 @@ def render_csv(tables: list[Table]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["dataset", "scheme", "alpha", "rounds", "method", "n", "seeds"]
-               + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")])
+               + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["global_model"])
     for t in tables:
         dataset, scheme, alpha, rounds = t.group
         for r in t.rows:
             stats = []
             for m in METRICS:
                 c = r.cells[m]
-                stats += ["" if c.mean is None else f"{c.mean:.4f}", "" if c.std is None else f"{c.std:.4f}"]
+                if c.model == "none":
+                    stats += [NA, NA]  # pandas reads n/a as missing
+                else:
+                    stats += ["" if c.mean is None else f"{c.mean:.4f}", "" if c.std is None else f"{c.std:.4f}"]
+            model = min((c.model for c in r.cells.values()), key=_caution)
             w.writerow([dataset, scheme, "" if alpha is None else alpha, "" if rounds is None else rounds,
-                        r.label, len(r.seeds), " ".join(map(str, r.seeds))] + stats)
+                        r.label, len(r.seeds), " ".join(map(str, r.seeds))] + stats + [model])
     return buf.getvalue()
 
 
