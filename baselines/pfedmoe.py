@@ -48,7 +48,7 @@ class PFedMoE(LatestHeads, FederatedMethod):
     """
 
     personal = ("local_expert.", "gate.", "head.", "head_weight")
-    server_only = ("eval_head.",)
+    server_only = ("eval_head",)  # the evaluation head and its running sums
     global_model = "convention"
     head_prefix = "head."
 

@@ -137,7 +137,7 @@ def test_the_initial_personal_state_is_taken_before_restore_in_fit_and_evaluate(
     for run in ("fit", "evaluate"):
         torch.manual_seed(0)
         fresh = FedPer(**DIMS)
-        initial = torch.cat([p.detach().flatten() for p in fresh.net.head.parameters()])
+        initial = torch.cat([p.detach().flatten() for _, p in fresh.named_state("personal")])
         loop = FederatedLoop(rounds=1, clients_per_round=PER_ROUND, checkpoint_every=0, progress=False)
         fabric = Fabric(accelerator="cpu", devices=1)
         if run == "fit":
@@ -303,7 +303,7 @@ def test_a_user_backbone_keeps_every_methods_split(fed, cls, personal_bn):
     assert any(n.endswith("running_mean") for n in shared), "the shared body's statistics are shared"
     assert set(personal_bn) <= personal
     if cls is FedPer:
-        assert personal == {"net.head.weight", "net.head.bias"}
+        assert personal == {"head_weight", "net.head.weight", "net.head.bias"}
     assert 0 <= loop.metrics["personal_acc"] <= 1
 
 
