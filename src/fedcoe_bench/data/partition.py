@@ -162,7 +162,8 @@ def shards(labels: np.ndarray, num_clients: int, shards_per_client: int, seed: i
     pieces = num_clients * shards_per_client
     if len(labels) < pieces:
         raise DataError(f"{len(labels)} samples cannot be cut into {pieces} shards ({num_clients} clients x "
-                        f"data.shards_per_client {shards_per_client}); lower data.num_clients or data.shards_per_client")
+                        f"data.shards_per_client {shards_per_client}); lower data.num_clients or "
+                        f"data.shards_per_client")
     _check_sizes(len(labels), num_clients, min_size)
     rng = np.random.default_rng(seed)
     deal = rng.permutation(pieces)
