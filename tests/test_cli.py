@@ -60,6 +60,25 @@ def test_another_seed_gives_another_partition(tmp_path, run_cli):
     assert histogram("0") != histogram("1")
 
 
+@pytest.mark.parametrize("scheme", [["--data.scheme", "classes", "--data.classes_per_client", "3"],
+                                    ["--data.scheme", "iid", "--data.quantity_skew", "1.0"]])
+def test_partition_shows_each_clients_train_val_test_sizes(tmp_path, run_cli, scheme):
+    rc, out, err = run_cli(["partition", "--data.source", "synthetic", "--data.source.samples", "400",
+                            "--data.num_clients", "10", "--data.cache_dir", str(tmp_path), *scheme])
+    assert rc == 0, err
+    header, columns, *lines = out.strip().splitlines()
+    assert "server validation 40 samples" in header and columns.split()[-3:] == ["train", "val", "test"]
+    rows = [[int(v) for v in line.split()[2:]] for line in lines]
+    assert len(rows) == 10 and sum(sum(r[-3:]) for r in rows) == 360, "clients hold the pool less the server's val"
+    for r in rows:
+        hist, (train, val, test) = r[:-3], r[-3:]
+        assert sum(hist) == train and train >= 1 and test >= 1 and val == int(0.1 * (train + val + test) + 0.5)
+        if "classes" in scheme:
+            assert sum(v > 0 for v in hist) <= 3  # of its 3 classes, a train split may miss one
+    if "iid" in scheme:
+        assert max(sum(r[-3:]) for r in rows) > 2 * min(sum(r[-3:]) for r in rows), "quantity skew not shown"
+
+
 # The README's example of a user data source (keep it short: it is copied there verbatim).
 MY_SOURCE = '''
 import torch

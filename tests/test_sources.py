@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedcoe_bench.data import CIFAR10, CIFAR100, DataError, MNIST10k
+from fedcoe_bench.data import CIFAR10, CIFAR100, DataError, MNIST10k, Synthetic
 
 # ---------------------------------------------------------------- CIFAR, torchvision / python-pickle format
 # The real files are Python-2 pickles of dicts with keys 'batch_label', 'labels' (CIFAR-100: 'fine_labels',
@@ -169,3 +169,23 @@ def test_mnist10k_is_a_fixed_stratified_8000_2000_split():
     b = MNIST10k().load()  # the global test set (and pool) do not depend on anything but the files
     assert torch.equal(a.test_x, b.test_x) and torch.equal(a.test_y, b.test_y)
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.train_y, b.train_y)
+
+
+# ---------------------------------------------------------------- synthetic pools
+def test_synthetic_generates_a_million_small_class_conditional_images():
+    images = Synthetic(samples=1_000_000, test_samples=1000, image_size=8, noise=60.0).load()
+    assert images.train_x.shape == (1_000_000, 1, 8, 8) and images.train_x.dtype == torch.uint8
+    assert images.train_y.shape == (1_000_000,) and set(images.train_y[:1000].tolist()) == set(range(10))
+    # class-conditional: the nearest class mean (from the pool) labels the global test split
+    x = images.train_x[:100_000].flatten(1).float()
+    means = torch.stack([x[images.train_y[:100_000] == c].mean(0) for c in range(10)])
+    guess = torch.cdist(images.test_x.flatten(1).float(), means).argmin(1)
+    assert (guess == images.test_y).float().mean() > 0.9
+
+
+def test_synthetic_images_do_not_depend_on_the_chunk_size(monkeypatch):
+    whole = Synthetic(samples=300, test_samples=50, image_size=5, in_channels=3).load()
+    monkeypatch.setattr(Synthetic, "chunk", 16)
+    chunked = Synthetic(samples=300, test_samples=50, image_size=5, in_channels=3).load()
+    for a, b in ((whole.train_x, chunked.train_x), (whole.test_x, chunked.test_x), (whole.train_y, chunked.train_y)):
+        assert torch.equal(a, b)

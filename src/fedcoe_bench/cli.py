@@ -300,15 +300,21 @@ def partition(parser: ArgumentParser, cfg: Namespace) -> None:
     data: FederatedData = parser.instantiate(cfg).data
     fed = data.setup(cfg.seed)
     hist = fed.label_histogram()
-    ids = [c.id for c in fed.clients] + [c.id for c in fed.new_clients]
+    everyone = fed.clients + fed.new_clients
     cold = {c.id for c in fed.new_clients}
+    knob = {"dirichlet": f" (alpha {data.alpha})", "classes": f" ({data.classes_per_client} classes per client)",
+            "shards": f" ({data.shards_per_client} shards per client)"}.get(data.scheme, "")
+    skew = f", quantity skew {data.quantity_skew}" if data.quantity_skew else ""
     print(f"{data.source.name}: {len(fed.clients)} training + {len(fed.new_clients)} cold-start clients, "
-          f"scheme {data.scheme}, alpha {data.alpha}, seed {cfg.seed} (train-split label counts)")
+          f"scheme {data.scheme}{knob}{skew}, seed {cfg.seed}, server validation {len(fed.val_y)} samples "
+          f"(label counts of each client's train split, then its train / val / test sizes)")
     width = max(4, len(str(int(hist.max()))) + 1)
-    print("client  kind  " + "".join(f"{c:>{width}}" for c in range(hist.shape[1])) + "   total")
-    for cid, row in sorted(zip(ids, hist.tolist())):
+    print("client  kind  " + "".join(f"{c:>{width}}" for c in range(hist.shape[1])) + "   train     val    test")
+    rows = sorted(zip([c.id for c in everyone], hist.tolist(), everyone), key=lambda r: r[0])
+    for cid, row, c in rows:
         kind = "new " if cid in cold else "train"
-        print(f"{cid:>6}  {kind:<5}" + "".join(f"{v:>{width}}" for v in row) + f"{sum(row):>8}")
+        sizes = "".join(f"{len(s):>8}" for s in (c.train, c.val, c.test))
+        print(f"{cid:>6}  {kind:<5}" + "".join(f"{v:>{width}}" for v in row) + sizes)
 
 
 def _one_line(err: BaseException, parser: ArgumentParser | None = None) -> str:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedcoe_bench.data.partition import dirichlet, iid, shards, split_local
+from fedcoe_bench.data.partition import (
+    SERVER, VAL, Partition, classes, dirichlet, iid, shards, split_local,
+)
 from fedcoe_bench.data.sources import (
     CIFAR10, CIFAR100, MNIST10k, SOURCES, DataError, DataSource, Images, Synthetic,
 )
@@ -22,21 +23,45 @@ __all__ = [
 ]
 
 
-@dataclass
 class Client:
-    """One client's data: indices into the federation's pool (on the device)."""
+    """One client's data: pool indices (on the device), drawn at random from the client's samples
+    into ``train`` (a cold-start client's unlabeled inputs), ``val`` (validation, for tuning; empty
+    for a client of fewer than five samples at the default share) and ``test``.
 
-    id: int
-    train: torch.Tensor
-    test: torch.Tensor
+    The three are consecutive slices of one index tensor, shared by all clients of a federation and
+    sliced on access, so 100,000 clients cost 100,000 small objects, not 300,000 tensors.
+
+    Example:
+        >>> c = Client(7, torch.tensor([4, 9, 2, 5, 1]), (0, 2, 3, 5))
+        >>> c.train.tolist(), c.val.tolist(), c.test.tolist(), c.num_train
+        ([4, 9], [2], [5, 1], 2)
+    """
+
+    __slots__ = ("id", "index", "bounds")
+
+    def __init__(self, id: int, index: torch.Tensor, bounds: tuple[int, int, int, int]):
+        self.id, self.index, self.bounds = id, index, bounds
+
+    @property
+    def train(self) -> torch.Tensor:
+        return self.index[self.bounds[0] : self.bounds[1]]
+
+    @property
+    def val(self) -> torch.Tensor:
+        return self.index[self.bounds[1] : self.bounds[2]]
+
+    @property
+    def test(self) -> torch.Tensor:
+        return self.index[self.bounds[2] : self.bounds[3]]
 
     @property
     def num_train(self) -> int:
-        return len(self.train)
+        return self.bounds[1] - self.bounds[0]
 
 
 class Federation:
-    """The pool, the global test split and the clients, all on one device.
+    """The pool, the server's validation split (``val_x``, ``val_y``: pool samples no client holds),
+    the global test split and the clients, all on one device.
 
     Images stay uint8 until a batch is drawn; :meth:`prepare` turns a batch into normalised
     floats and, for natural images during training, applies random crop (pad 4) + flip batched
@@ -44,14 +69,15 @@ class Federation:
     """
 
     def __init__(self, images: Images, clients: list[Client], new_clients: list[Client],
-                 num_classes: int, device: torch.device | str = "cpu"):
+                 num_classes: int, device: torch.device | str = "cpu", val: torch.Tensor | None = None):
         self.device = torch.device(device)
         self.pool_x = images.train_x.to(self.device)
         self.pool_y = images.train_y.to(self.device)
         self.test_x = images.test_x.to(self.device)
         self.test_y = images.test_y.to(self.device)
-        self.clients = [Client(c.id, c.train.to(self.device), c.test.to(self.device)) for c in clients]
-        self.new_clients = [Client(c.id, c.train.to(self.device), c.test.to(self.device)) for c in new_clients]
+        val = (torch.empty(0, dtype=torch.long) if val is None else val).to(self.device)
+        self.val_x, self.val_y = self.pool_x[val], self.pool_y[val]
+        self.clients, self.new_clients = clients, new_clients  # their indices already on `device`
         self.num_classes = num_classes
         self.augment = images.augment
         shape = (1, -1, 1, 1)
@@ -75,32 +101,50 @@ class Federation:
         return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
     def label_histogram(self, clients: list[Client] | None = None, split: str = "train") -> torch.Tensor:
-        """[clients, classes] label counts of each client's ``split`` ('train' or 'test')."""
+        """[clients, classes] label counts of each client's ``split`` ('train', 'val' or 'test')."""
         clients = self.clients + self.new_clients if clients is None else clients
-        return torch.stack([
-            torch.bincount(self.pool_y[getattr(c, split)], minlength=self.num_classes) for c in clients
-        ]).cpu()
+        idx = [getattr(c, split) for c in clients]
+        sizes = torch.tensor([len(i) for i in idx], device=self.device)
+        row = torch.repeat_interleave(torch.arange(len(idx), device=self.device), sizes)
+        cell = row * self.num_classes + self.pool_y[torch.cat(idx)] if idx else row
+        return torch.bincount(cell, minlength=len(idx) * self.num_classes).view(len(idx), self.num_classes).cpu()
 
 
 class FederatedData:
     """How a data source is split over clients.
 
+    First a seeded ``val_fraction`` share of the pool is set aside as the server's validation split
+    (no client holds it; the global test split is the source's own). The rest is dealt out to
+    ``num_clients`` clients by ``scheme``; ``cold_start_fraction`` of them are held out as new
+    clients; and every client's data is split uniformly at random into local train / validation /
+    test (:func:`~fedcoe_bench.data.partition.split_local`).
+
     Args:
         source: where the images come from (``mnist10k``, ``cifar10``, ``cifar100``, ``synthetic``,
             or any :class:`DataSource` subclass given by class path).
-        scheme: ``dirichlet`` (label skew with concentration ``alpha``), ``shards``
-            (``shards_per_client`` label-sorted shards each) or ``iid``.
+        scheme: ``dirichlet`` (label skew with concentration ``alpha``), ``classes`` (exactly
+            ``classes_per_client`` classes per client), ``shards`` (``shards_per_client``
+            label-sorted shards each) or ``iid``.
         alpha: Dirichlet concentration, > 0; smaller is more skewed.
         num_clients: all clients, training and cold-start together.
         cold_start_fraction: share of clients held out entirely as new clients, in [0, 1).
-        train_fraction: per-client local train share; the rest is the client's local test split.
-        min_size: the fewest samples a client may get (Dirichlet redraws until it holds).
+        train_fraction: per-client local train share of what validation leaves; the rest is the
+            client's local test split.
+        val_fraction: share of the pool for the server's validation split, and of each client's
+            data for its local validation split, in [0, 1); 0 turns validation off.
+        min_size: the fewest samples a client may get; met by moving samples from the largest
+            clients, never by redrawing.
+        shards_per_client: shards per client for ``scheme: shards``.
+        classes_per_client: k for ``scheme: classes``.
+        quantity_skew: sigma of log-normal client sizes, w_k ~ LogNormal(0, sigma) (FedLab, PFLlib);
+            0 = sizes set by the scheme alone. Applies to ``dirichlet``, ``classes`` and ``iid``.
         cache_dir: where partitions are cached, keyed by a hash of everything that defines them.
     """
 
     def __init__(self, source: DataSource | str = "mnist10k", scheme: str = "dirichlet", alpha: float = 0.3,
                  num_clients: int = 50, cold_start_fraction: float = 0.2, train_fraction: float = 0.8,
-                 min_size: int = 10, shards_per_client: int = 2,
+                 val_fraction: float = 0.1, min_size: int = 10, shards_per_client: int = 2,
+                 classes_per_client: int = 2, quantity_skew: float = 0.0,
                  cache_dir: str = os.path.join("~", ".cache", "fedcoe_bench", "partitions")):
         if isinstance(source, str):
             if "." in source:  # a class path that jsonargparse could not import
@@ -110,8 +154,8 @@ class FederatedData:
             if source not in SOURCES:
                 raise DataError(f"unknown data.source '{source}'; choose one of {', '.join(SOURCES)} or give a DataSource class path")
             source = SOURCES[source]()
-        if scheme not in ("dirichlet", "shards", "iid"):
-            raise DataError(f"unknown data.scheme '{scheme}'; choose dirichlet, shards or iid")
+        if scheme not in SCHEMES:
+            raise DataError(f"unknown data.scheme '{scheme}'; choose {', '.join(SCHEMES)}")
         if scheme == "dirichlet" and alpha <= 0:
             raise DataError(f"data.alpha must be > 0 (got {alpha}); smaller values mean more label skew, e.g. --data.alpha 0.3")
         if num_clients < 1:
@@ -120,10 +164,18 @@ class FederatedData:
             raise DataError(f"data.cold_start_fraction must be in [0, 1) (got {cold_start_fraction})")
         if not 0 < train_fraction < 1:
             raise DataError(f"data.train_fraction must be in (0, 1) (got {train_fraction})")
+        if not 0 <= val_fraction < 1:
+            raise DataError(f"data.val_fraction must be in [0, 1) (got {val_fraction}); e.g. --data.val_fraction 0.1")
+        if quantity_skew < 0:
+            raise DataError(f"data.quantity_skew must be >= 0 (got {quantity_skew}); 0 is off, 1 a strong spread")
+        if quantity_skew > 0 and scheme == "shards":
+            raise DataError("data.quantity_skew does not apply to data.scheme shards (equal shards); "
+                            "use dirichlet, classes or iid")
         self.source, self.scheme, self.alpha = source, scheme, alpha
         self.num_clients, self.cold_start_fraction = num_clients, cold_start_fraction
-        self.train_fraction, self.min_size, self.shards_per_client = train_fraction, min_size, shards_per_client
-        self.cache_dir = cache_dir
+        self.train_fraction, self.val_fraction, self.min_size = train_fraction, val_fraction, min_size
+        self.shards_per_client, self.classes_per_client = shards_per_client, classes_per_client
+        self.quantity_skew, self.cache_dir = quantity_skew, cache_dir
 
     @property
     def num_cold_start(self) -> int:
@@ -135,51 +187,73 @@ class FederatedData:
 
     def key(self, seed: int) -> str:
         spec = {k: v for k, v in vars(self).items() if k not in ("source", "cache_dir")}
-        spec.update(source=self.source.fingerprint(), seed=seed, version=1)
+        spec.update(source=self.source.fingerprint(), seed=seed, version=2)
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def split(self, labels: np.ndarray, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]:
-        """Pure function of (labels, config, seed): [(train_idx, test_idx)] per client, and the ids of
-        the cold-start clients."""
+    def split(self, labels: np.ndarray, seed: int) -> Partition:
+        """Pure function of (labels, config, seed): every pool sample's client and part, and the
+        cold-start client ids."""
+        n, k = len(labels), self.num_clients
         min_size = max(self.min_size, 2)  # a client needs a local train and a local test sample
+        server_val = np.random.default_rng([seed, 2]).choice(n, int(self.val_fraction * n + 0.5), replace=False)
+        dealt = np.ones(n, dtype=bool)
+        dealt[server_val] = False
+        dealt = np.flatnonzero(dealt)
+        if len(dealt) < k * min_size:
+            aside = f" ({n - len(dealt)} set aside by data.val_fraction {self.val_fraction})" if len(dealt) < n else ""
+            raise DataError(f"the pool's {n} samples{aside} cannot give {k} clients {min_size} samples each; "
+                            f"lower data.num_clients or data.min_size, or use a larger data.source")
+        y = labels[dealt]
         if self.scheme == "dirichlet":
-            parts = dirichlet(labels, self.num_clients, self.alpha, seed, min_size)
+            owner = dirichlet(y, k, self.alpha, seed, min_size, self.quantity_skew)
+        elif self.scheme == "classes":
+            owner = classes(y, k, self.classes_per_client, seed, min_size, self.quantity_skew)
         elif self.scheme == "shards":
-            parts = shards(labels, self.num_clients, self.shards_per_client, seed, min_size)
+            owner = shards(y, k, self.shards_per_client, seed, min_size)
         else:
-            parts = iid(labels, self.num_clients, seed, min_size)
+            owner = iid(y, k, seed, min_size, self.quantity_skew)
         rng = np.random.default_rng([seed, 1])
-        cold = sorted(rng.choice(self.num_clients, self.num_cold_start, replace=False).tolist())
-        return [split_local(labels, p, self.train_fraction, rng) for p in parts], cold
+        cold = sorted(rng.choice(k, self.num_cold_start, replace=False).tolist())
+        client = np.full(n, SERVER, dtype=np.int32)
+        client[dealt] = owner
+        part = np.full(n, VAL, dtype=np.int8)
+        part[dealt] = split_local(owner, k, self.train_fraction, self.val_fraction, rng)
+        return Partition(client, part, cold)
 
     def setup(self, seed: int, device: torch.device | str = "cpu") -> Federation:
         images = self.source.load()
         labels = images.train_y.numpy()
         if self.num_training_clients < 1:
             raise DataError("no training clients left: lower data.cold_start_fraction or raise data.num_clients")
-        splits, cold = self._cached_split(labels, seed)
-        make = lambda i: Client(i, torch.from_numpy(splits[i][0]), torch.from_numpy(splits[i][1]))
-        cold_set = set(cold)
-        clients = [make(i) for i in range(self.num_clients) if i not in cold_set]
-        return Federation(images, clients, [make(i) for i in cold], self.source.num_classes, device)
+        partition = self._cached_split(labels, seed)
+        order, bounds = partition.grouped(self.num_clients)
+        index = torch.from_numpy(order).to(device)  # one transfer; every client slices it
+        make = lambda i: Client(i, index, tuple(bounds[3 * i + 3 : 3 * i + 7]))
+        cold = set(partition.cold)
+        clients = [make(i) for i in range(self.num_clients) if i not in cold]
+        return Federation(images, clients, [make(i) for i in partition.cold], self.source.num_classes, device,
+                          val=index[bounds[VAL] : bounds[VAL + 1]])
 
-    def _cached_split(self, labels: np.ndarray, seed: int):
+    def _cached_split(self, labels: np.ndarray, seed: int) -> Partition:
         path = Path(self.cache_dir).expanduser() / f"{self.key(seed)}.npz"
         if path.exists():
             try:
-                z = np.load(path)
-                n = int(z["num_clients"])
-                return [(z[f"train{i}"], z[f"test{i}"]) for i in range(n)], z["cold"].tolist()
+                with np.load(path) as z:
+                    cached = Partition(z["client"], z["part"], z["cold"].tolist())
+                if len(cached.client) == len(cached.part) == len(labels):
+                    return cached
             except (OSError, KeyError, ValueError):
                 pass  # a damaged cache file is recomputed, never trusted
-        splits, cold = self.split(labels, seed)
+        partition = self.split(labels, seed)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            arrays = {f"train{i}": tr for i, (tr, _) in enumerate(splits)}
-            arrays.update({f"test{i}": te for i, (_, te) in enumerate(splits)})
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, num_clients=len(splits), cold=np.asarray(cold, dtype=np.int64), **arrays)
+            np.savez(tmp, client=partition.client, part=partition.part,
+                     cold=np.asarray(partition.cold, dtype=np.int64))
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only cache only costs recomputation
-        return splits, cold
+        return partition
+
+
+SCHEMES = ("dirichlet", "classes", "shards", "iid")

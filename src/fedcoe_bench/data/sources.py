@@ -205,7 +205,13 @@ class CIFAR100(CIFAR10):
 
 
 class Synthetic(DataSource):
-    """Generated class-conditional images for fast tests: a fixed random prototype per class + noise."""
+    """Generated class-conditional images for fast tests: a fixed random prototype per class + noise.
+
+    Generated in chunks straight into uint8, so pools of millions of small images (e.g. 8x8) take
+    seconds and little more memory than the images themselves.
+    """
+
+    chunk = 1 << 16  # images per chunk: a multiple of 16, so the noise is the one-shot stream's
 
     def __init__(self, num_classes: int = 10, samples: int = 2000, test_samples: int = 400,
                  image_size: int = 12, in_channels: int = 1, noise: float = 60.0, seed: int = 0):
@@ -218,7 +224,11 @@ class Synthetic(DataSource):
         protos = torch.rand((self.num_classes, *shape), generator=g) * 255
         n = self.samples + self.test_samples
         y = torch.randint(0, self.num_classes, (n,), generator=g)
-        x = (protos[y] + self.noise * torch.randn((n, *shape), generator=g)).clamp(0, 255).to(torch.uint8)
+        x = torch.empty((n, *shape), dtype=torch.uint8)
+        for i in range(0, n, self.chunk):
+            part = y[i : i + self.chunk]
+            noise = torch.randn((len(part), *shape), generator=g).mul_(self.noise)
+            x[i : i + self.chunk] = noise.add_(protos[part]).clamp_(0, 255)
         s = self.samples
         return Images(x[:s], y[:s], x[s:], y[s:])
 
