@@ -114,7 +114,85 @@ class MNIST10k(DataSource):
         return Images(x[pool], y[pool], x[test], y[test], mean=(0.1325,), std=(0.3105,))
 
 
-class CIFAR10(DataSource):
+class FileSource(DataSource):
+    """A data set read from files under ``root``: its own ``folder`` in its original format, or a
+    Hugging Face ``datasets`` copy saved with ``save_to_disk`` in ``root/<name>`` (used when both lie there).
+
+    The folder is downloaded from ``url`` when it is missing and ``download`` is true. Subclasses
+    set ``folder``, ``url``, ``mean``, ``std`` and ``label_key`` and implement ``_read_folder`` and
+    ``_fetch_command``.
+    """
+
+    folder: str
+    url: str
+    label_key = "label"
+    test_splits = ("test",)  # the Hugging Face split that serves as the global test split, first found
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __init__(self, root: str = "data", download: bool = True):
+        self.root = root
+        self.download = download
+
+    def fingerprint(self) -> dict:
+        return {"source": type(self).__name__}  # the data, not where it lies, defines a partition
+
+    def _read_folder(self, folder: Path) -> Images:
+        raise NotImplementedError
+
+    def _fetch_command(self) -> str:
+        """A shell command that puts the data under ``root`` on a machine with network."""
+        raise NotImplementedError
+
+    def _from_hf(self, path: Path) -> Images:
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        names = ds["train"].column_names
+        img_key = "img" if "img" in names else "image"
+        # torchvision's key, then the Hugging Face names (cifar100 uses fine_label, cifar10 label)
+        lbl_key = next(k for k in (self.label_key, self.label_key.rstrip("s"), "label") if k in names)
+        if isinstance(ds["train"].features[img_key], datasets.Image):
+            # some sets mix grayscale with colour images; decoding to RGB gives every image 3 channels
+            ds = ds.cast_column(img_key, datasets.Image(mode="RGB"))
+        ds = ds.with_format("numpy")
+        test = next((s for s in self.test_splits if s in ds), None)
+        if test is None:
+            raise DataError(f"{self.name}: the Hugging Face copy at {path.resolve()} has no split named "
+                            f"{' or '.join(self.test_splits)} (it has {', '.join(ds)}); save it with one")
+
+        def arrays(split):
+            x = np.stack(ds[split][img_key]).astype(np.uint8, copy=False)  # numpy formatting widens ints
+            x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+            return x, torch.from_numpy(np.asarray(ds[split][lbl_key], dtype=np.int64))
+
+        return Images(*arrays("train"), *arrays(test), self.mean, self.std, augment=True)
+
+    def load(self) -> Images:
+        root = Path(self.root)
+        if (root / self.name / "dataset_dict.json").exists():
+            return self._from_hf(root / self.name)
+        if not (root / self.folder).is_dir() and self.download:
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            try:
+                download_and_extract_archive(self.url, str(root))
+            except (urllib.error.URLError, OSError) as err:
+                raise DataError(self._missing(f"download failed: {err}")) from None
+        if not (root / self.folder).is_dir():
+            raise DataError(self._missing("not found"))
+        return self._read_folder(root / self.folder)
+
+    def _missing(self, why: str) -> str:
+        where = (Path(self.root) / self.folder).resolve()
+        return (
+            f"{self.name}: {why} at {where} (or a Hugging Face copy at {Path(self.root).resolve() / self.name}); "
+            f"on a machine with network run `{self._fetch_command()}` and copy the folder here, "
+            f"or set --data.source.root to where it lies"
+        )
+
+
+class CIFAR10(FileSource):
     """CIFAR-10 (Krizhevsky, 2009): 50,000 train / 10,000 test 32x32 colour images.
 
     Looks in ``root`` for the torchvision folder ``cifar-10-batches-py`` (the python pickle
@@ -131,13 +209,6 @@ class CIFAR10(DataSource):
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
 
-    def __init__(self, root: str = "data", download: bool = True):
-        self.root = root
-        self.download = download
-
-    def fingerprint(self) -> dict:
-        return {"source": type(self).__name__}  # the data, not where it lies, defines a partition
-
     def _read_batches(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         for name in names:
@@ -147,48 +218,15 @@ class CIFAR10(DataSource):
             ys.append(np.asarray(entry[self.label_key], dtype=np.int64))
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
-    def _from_hf(self, path: Path) -> Images:
-        import datasets
-
-        ds = datasets.load_from_disk(str(path)).with_format("numpy")
-        img_key = "img" if "img" in ds["train"].column_names else "image"
-        # torchvision's key, then the Hugging Face names (cifar100 uses fine_label, cifar10 label)
-        names = ds["train"].column_names
-        lbl_key = next(k for k in (self.label_key, self.label_key.rstrip("s"), "label") if k in names)
-
-        def arrays(split):
-            x = np.stack(ds[split][img_key]).astype(np.uint8, copy=False)  # numpy formatting widens ints
-            x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-            return x, torch.from_numpy(np.asarray(ds[split][lbl_key], dtype=np.int64))
-
-        return Images(*arrays("train"), *arrays("test"), self.mean, self.std, augment=True)
-
-    def load(self) -> Images:
-        root = Path(self.root)
-        if (root / self.name / "dataset_dict.json").exists():
-            return self._from_hf(root / self.name)
-        if not (root / self.folder).is_dir() and self.download:
-            from torchvision.datasets.utils import download_and_extract_archive
-
-            try:
-                download_and_extract_archive(self.url, str(root))
-            except (urllib.error.URLError, OSError) as err:
-                raise DataError(self._missing(f"download failed: {err}")) from None
-        if not (root / self.folder).is_dir():
-            raise DataError(self._missing("not found"))
+    def _read_folder(self, folder: Path) -> Images:
         return Images(
             *self._read_batches(self.train_files), *self._read_batches(self.test_files),
             self.mean, self.std, augment=True,
         )
 
-    def _missing(self, why: str) -> str:
-        where = (Path(self.root) / self.folder).resolve()
-        return (
-            f"{self.name}: {why} at {where} (or a Hugging Face copy at {Path(self.root).resolve() / self.name}); "
-            f"on a machine with network run `python -c \"import torchvision; torchvision.datasets."
-            f"{type(self).__name__}('{self.root}', download=True)\"` and copy the folder here, "
-            f"or set --data.source.root to where it lies"
-        )
+    def _fetch_command(self) -> str:
+        return (f"python -c \"import torchvision; torchvision.datasets."
+                f"{type(self).__name__}('{self.root}', download=True)\"")
 
 
 class CIFAR100(CIFAR10):
