@@ -14,10 +14,11 @@ import torch
 from fedcoe_bench.data.partition import dirichlet, iid, shards, split_local
 from fedcoe_bench.data.sources import (
     CIFAR10, CIFAR100, MNIST10k, SOURCES, DataError, DataSource, Images, Synthetic,
+    TinyImageNet,
 )
 
 __all__ = [
-    "CIFAR10", "CIFAR100", "MNIST10k", "Synthetic", "DataError", "DataSource", "Images",
+    "CIFAR10", "CIFAR100", "MNIST10k", "Synthetic", "TinyImageNet", "DataError", "DataSource", "Images",
     "FederatedData", "Federation", "Client",
 ]
 
@@ -86,8 +87,8 @@ class FederatedData:
     """How a data source is split over clients.
 
     Args:
-        source: where the images come from (``mnist10k``, ``cifar10``, ``cifar100``, ``synthetic``,
-            or any :class:`DataSource` subclass given by class path).
+        source: where the images come from (``mnist10k``, ``cifar10``, ``cifar100``, ``tinyimagenet``,
+            ``synthetic``, or any :class:`DataSource` subclass given by class path).
         scheme: ``dirichlet`` (label skew with concentration ``alpha``), ``shards``
             (``shards_per_client`` label-sorted shards each) or ``iid``.
         alpha: Dirichlet concentration, > 0; smaller is more skewed.

@@ -21,6 +21,7 @@ data plugs in with ``--data.source my_module.MySource``::
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import urllib.error
 from dataclasses import dataclass
@@ -82,6 +83,29 @@ def stratified_split(labels: np.ndarray, first: int, seed: int) -> tuple[np.ndar
     elif len(head) < first:
         head, tail = np.concatenate([head, tail[: first - len(head)]]), tail[first - len(head) :]
     return np.sort(head), np.sort(tail)
+
+
+def _cached(data: Path, index_files: list[Path], decode) -> list[torch.Tensor]:
+    """The tensors ``decode()`` returns, kept in ``<data>.uint8.pt`` next to ``data`` and reused while
+    ``index_files`` keep their size and modification time; a damaged or read-only cache only costs
+    decoding again."""
+    path = data.with_name(data.name + ".uint8.pt")
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in index_files]
+    if path.exists():
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved["stamp"] == stamp:
+                return saved["tensors"]
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError):
+            pass
+    tensors = list(decode())
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save({"stamp": stamp, "tensors": tensors}, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return tensors
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -242,6 +266,80 @@ class CIFAR100(CIFAR10):
     std = (0.2673, 0.2564, 0.2762)
 
 
+class TinyImageNet(FileSource):
+    """Tiny-ImageNet (Le & Yang, 2015; CS231n): 200 ImageNet classes, 500 train and 50 validation
+    64x64 colour images each.
+
+    Looks in ``root`` for the official folder ``tiny-imagenet-200`` (``wnids.txt``,
+    ``train/<wnid>/images/<wnid>_<k>.JPEG``, ``val/images/val_<k>.JPEG`` labelled by the
+    tab-separated ``val/val_annotations.txt``: file, wnid, box) or a Hugging Face ``datasets`` copy
+    saved with ``save_to_disk`` in ``root/tinyimagenet`` (as ``zh-plus/tiny-imagenet``: splits
+    ``train`` and ``valid``, columns ``image`` and ``label``); downloads the official zip when
+    ``download`` is true and the machine is online. The validation split is the global test split
+    (the official test split has no labels). Class ``i`` is the ``i``-th wnid in sorted order, in
+    both formats (a copy's ``ClassLabel`` names are mapped to it). Grayscale images are decoded to
+    3 channels. Decoding 110,000 JPEGs takes a while, so the tensors are kept next to the data in
+    ``<folder>.uint8.pt`` and reused while the data's index files are unchanged.
+    """
+
+    num_classes, in_channels, image_size = 200, 3, 64
+    folder = "tiny-imagenet-200"
+    url = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+    test_splits = ("valid", "validation")
+    mean = (0.4802, 0.4481, 0.3975)  # the values commonly used for its train split
+    std = (0.2770, 0.2691, 0.2821)
+
+    def _read_folder(self, folder: Path) -> Images:
+        index_files = [folder / "wnids.txt", folder / "val" / "val_annotations.txt"]
+        tensors = _cached(folder, index_files, lambda: self._decode_folder(folder))
+        return Images(*tensors, self.mean, self.std, augment=True)
+
+    def _decode_folder(self, folder: Path) -> tuple[torch.Tensor, ...]:
+        import PIL.Image
+
+        wnids = sorted((folder / "wnids.txt").read_text().split())
+        index = {w: i for i, w in enumerate(wnids)}
+        train = [(f, i) for i, w in enumerate(wnids)
+                 for f in sorted((folder / "train" / w / "images").glob("*.JPEG"))]
+        val = []
+        for line in (folder / "val" / "val_annotations.txt").read_text().splitlines():
+            name, wnid = line.split("\t")[:2]
+            if wnid not in index:
+                raise DataError(f"{self.name}: {folder / 'val' / 'val_annotations.txt'} labels {name} with "
+                                f"{wnid}, which is not in wnids.txt; unpack the official zip again")
+            val.append((folder / "val" / "images" / name, index[wnid]))
+
+        def arrays(files):
+            # filled in place: the train split alone is 1.2 GB, a list of decoded images would double it
+            x = torch.empty((len(files), 3, self.image_size, self.image_size), dtype=torch.uint8)
+            for k, (path, _) in enumerate(files):
+                # PIL, not torchvision.io, whose decoders are deprecated since torchvision 0.29
+                with PIL.Image.open(path) as im:
+                    x[k] = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+            return x, torch.tensor([i for _, i in files], dtype=torch.int64)
+
+        return (*arrays(train), *arrays(val))
+
+    def _from_hf(self, path: Path) -> Images:
+        tensors = _cached(path, [path / "dataset_dict.json"], lambda: self._decode_hf(path))
+        return Images(*tensors, self.mean, self.std, augment=True)
+
+    def _decode_hf(self, path: Path) -> tuple[torch.Tensor, ...]:
+        import datasets
+
+        images = super()._from_hf(path)
+        label = datasets.load_from_disk(str(path))["train"].features["label"]
+        if isinstance(label, datasets.ClassLabel):
+            rank = {w: i for i, w in enumerate(sorted(label.names))}
+            to_sorted = torch.tensor([rank[w] for w in label.names])
+            images.train_y, images.test_y = to_sorted[images.train_y], to_sorted[images.test_y]
+        return images.train_x, images.train_y, images.test_x, images.test_y
+
+    def _fetch_command(self) -> str:
+        return (f"python -c \"import datasets; datasets.load_dataset('zh-plus/tiny-imagenet')"
+                f".save_to_disk('{Path(self.root) / self.name}')\"")
+
+
 class Synthetic(DataSource):
     """Generated class-conditional images for fast tests: a fixed random prototype per class + noise."""
 
@@ -261,4 +359,5 @@ class Synthetic(DataSource):
         return Images(x[:s], y[:s], x[s:], y[s:])
 
 
-SOURCES = {"mnist10k": MNIST10k, "cifar10": CIFAR10, "cifar100": CIFAR100, "synthetic": Synthetic}
+SOURCES = {"mnist10k": MNIST10k, "cifar10": CIFAR10, "cifar100": CIFAR100, "synthetic": Synthetic,
+           "tinyimagenet": TinyImageNet}
