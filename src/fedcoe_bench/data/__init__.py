@@ -15,10 +15,11 @@ from fedcoe_bench.data.partition import (
 )
 from fedcoe_bench.data.sources import (
     CIFAR10, CIFAR100, MNIST10k, SOURCES, DataError, DataSource, Images, Synthetic,
+    TinyImageNet,
 )
 
 __all__ = [
-    "CIFAR10", "CIFAR100", "MNIST10k", "Synthetic", "DataError", "DataSource", "Images",
+    "CIFAR10", "CIFAR100", "MNIST10k", "Synthetic", "TinyImageNet", "DataError", "DataSource", "Images",
     "FederatedData", "Federation", "Client",
 ]
 
@@ -120,8 +121,8 @@ class FederatedData:
     test (:func:`~fedcoe_bench.data.partition.split_local`).
 
     Args:
-        source: where the images come from (``mnist10k``, ``cifar10``, ``cifar100``, ``synthetic``,
-            or any :class:`DataSource` subclass given by class path).
+        source: where the images come from (``mnist10k``, ``cifar10``, ``cifar100``,
+            ``tinyimagenet``, ``synthetic``, or any :class:`DataSource` subclass given by class path).
         scheme: ``dirichlet`` (label skew with concentration ``alpha``), ``classes`` (exactly
             ``classes_per_client`` classes per client), ``shards`` (``shards_per_client``
             label-sorted shards each) or ``iid``.

@@ -21,6 +21,7 @@ data plugs in with ``--data.source my_module.MySource``::
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import urllib.error
 from dataclasses import dataclass
@@ -84,6 +85,29 @@ def stratified_split(labels: np.ndarray, first: int, seed: int) -> tuple[np.ndar
     return np.sort(head), np.sort(tail)
 
 
+def _cached(data: Path, index_files: list[Path], decode) -> list[torch.Tensor]:
+    """The tensors ``decode()`` returns, kept in ``<data>.uint8.pt`` next to ``data`` and reused while
+    ``index_files`` keep their size and modification time; a damaged or read-only cache only costs
+    decoding again."""
+    path = data.with_name(data.name + ".uint8.pt")
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in index_files]
+    if path.exists():
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved["stamp"] == stamp:
+                return saved["tensors"]
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError):
+            pass
+    tensors = list(decode())
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save({"stamp": stamp, "tensors": tensors}, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return tensors
+
+
 def _read_idx(path: Path) -> np.ndarray:
     """Read a (gzipped) IDX file, the MNIST on-disk format: magic, dims (big-endian int32), uint8 data."""
     with gzip.open(path, "rb") as f:
@@ -114,7 +138,85 @@ class MNIST10k(DataSource):
         return Images(x[pool], y[pool], x[test], y[test], mean=(0.1325,), std=(0.3105,))
 
 
-class CIFAR10(DataSource):
+class FileSource(DataSource):
+    """A data set read from files under ``root``: its own ``folder`` in its original format, or a
+    Hugging Face ``datasets`` copy saved with ``save_to_disk`` in ``root/<name>`` (used when both lie there).
+
+    The folder is downloaded from ``url`` when it is missing and ``download`` is true. Subclasses
+    set ``folder``, ``url``, ``mean``, ``std`` and ``label_key`` and implement ``_read_folder`` and
+    ``_fetch_command``.
+    """
+
+    folder: str
+    url: str
+    label_key = "label"
+    test_splits = ("test",)  # the Hugging Face split that serves as the global test split, first found
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __init__(self, root: str = "data", download: bool = True):
+        self.root = root
+        self.download = download
+
+    def fingerprint(self) -> dict:
+        return {"source": type(self).__name__}  # the data, not where it lies, defines a partition
+
+    def _read_folder(self, folder: Path) -> Images:
+        raise NotImplementedError
+
+    def _fetch_command(self) -> str:
+        """A shell command that puts the data under ``root`` on a machine with network."""
+        raise NotImplementedError
+
+    def _from_hf(self, path: Path) -> Images:
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        names = ds["train"].column_names
+        img_key = "img" if "img" in names else "image"
+        # torchvision's key, then the Hugging Face names (cifar100 uses fine_label, cifar10 label)
+        lbl_key = next(k for k in (self.label_key, self.label_key.rstrip("s"), "label") if k in names)
+        if isinstance(ds["train"].features[img_key], datasets.Image):
+            # some sets mix grayscale with colour images; decoding to RGB gives every image 3 channels
+            ds = ds.cast_column(img_key, datasets.Image(mode="RGB"))
+        ds = ds.with_format("numpy")
+        test = next((s for s in self.test_splits if s in ds), None)
+        if test is None:
+            raise DataError(f"{self.name}: the Hugging Face copy at {path.resolve()} has no split named "
+                            f"{' or '.join(self.test_splits)} (it has {', '.join(ds)}); save it with one")
+
+        def arrays(split):
+            x = np.stack(ds[split][img_key]).astype(np.uint8, copy=False)  # numpy formatting widens ints
+            x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+            return x, torch.from_numpy(np.asarray(ds[split][lbl_key], dtype=np.int64))
+
+        return Images(*arrays("train"), *arrays(test), self.mean, self.std, augment=True)
+
+    def load(self) -> Images:
+        root = Path(self.root)
+        if (root / self.name / "dataset_dict.json").exists():
+            return self._from_hf(root / self.name)
+        if not (root / self.folder).is_dir() and self.download:
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            try:
+                download_and_extract_archive(self.url, str(root))
+            except (urllib.error.URLError, OSError) as err:
+                raise DataError(self._missing(f"download failed: {err}")) from None
+        if not (root / self.folder).is_dir():
+            raise DataError(self._missing("not found"))
+        return self._read_folder(root / self.folder)
+
+    def _missing(self, why: str) -> str:
+        where = (Path(self.root) / self.folder).resolve()
+        return (
+            f"{self.name}: {why} at {where} (or a Hugging Face copy at {Path(self.root).resolve() / self.name}); "
+            f"on a machine with network run `{self._fetch_command()}` and copy the folder here, "
+            f"or set --data.source.root to where it lies"
+        )
+
+
+class CIFAR10(FileSource):
     """CIFAR-10 (Krizhevsky, 2009): 50,000 train / 10,000 test 32x32 colour images.
 
     Looks in ``root`` for the torchvision folder ``cifar-10-batches-py`` (the python pickle
@@ -131,13 +233,6 @@ class CIFAR10(DataSource):
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
 
-    def __init__(self, root: str = "data", download: bool = True):
-        self.root = root
-        self.download = download
-
-    def fingerprint(self) -> dict:
-        return {"source": type(self).__name__}  # the data, not where it lies, defines a partition
-
     def _read_batches(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         for name in names:
@@ -147,48 +242,15 @@ class CIFAR10(DataSource):
             ys.append(np.asarray(entry[self.label_key], dtype=np.int64))
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
-    def _from_hf(self, path: Path) -> Images:
-        import datasets
-
-        ds = datasets.load_from_disk(str(path)).with_format("numpy")
-        img_key = "img" if "img" in ds["train"].column_names else "image"
-        # torchvision's key, then the Hugging Face names (cifar100 uses fine_label, cifar10 label)
-        names = ds["train"].column_names
-        lbl_key = next(k for k in (self.label_key, self.label_key.rstrip("s"), "label") if k in names)
-
-        def arrays(split):
-            x = np.stack(ds[split][img_key]).astype(np.uint8, copy=False)  # numpy formatting widens ints
-            x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-            return x, torch.from_numpy(np.asarray(ds[split][lbl_key], dtype=np.int64))
-
-        return Images(*arrays("train"), *arrays("test"), self.mean, self.std, augment=True)
-
-    def load(self) -> Images:
-        root = Path(self.root)
-        if (root / self.name / "dataset_dict.json").exists():
-            return self._from_hf(root / self.name)
-        if not (root / self.folder).is_dir() and self.download:
-            from torchvision.datasets.utils import download_and_extract_archive
-
-            try:
-                download_and_extract_archive(self.url, str(root))
-            except (urllib.error.URLError, OSError) as err:
-                raise DataError(self._missing(f"download failed: {err}")) from None
-        if not (root / self.folder).is_dir():
-            raise DataError(self._missing("not found"))
+    def _read_folder(self, folder: Path) -> Images:
         return Images(
             *self._read_batches(self.train_files), *self._read_batches(self.test_files),
             self.mean, self.std, augment=True,
         )
 
-    def _missing(self, why: str) -> str:
-        where = (Path(self.root) / self.folder).resolve()
-        return (
-            f"{self.name}: {why} at {where} (or a Hugging Face copy at {Path(self.root).resolve() / self.name}); "
-            f"on a machine with network run `python -c \"import torchvision; torchvision.datasets."
-            f"{type(self).__name__}('{self.root}', download=True)\"` and copy the folder here, "
-            f"or set --data.source.root to where it lies"
-        )
+    def _fetch_command(self) -> str:
+        return (f"python -c \"import torchvision; torchvision.datasets."
+                f"{type(self).__name__}('{self.root}', download=True)\"")
 
 
 class CIFAR100(CIFAR10):
@@ -202,6 +264,80 @@ class CIFAR100(CIFAR10):
     label_key = "fine_labels"
     mean = (0.5071, 0.4865, 0.4409)
     std = (0.2673, 0.2564, 0.2762)
+
+
+class TinyImageNet(FileSource):
+    """Tiny-ImageNet (Le & Yang, 2015; CS231n): 200 ImageNet classes, 500 train and 50 validation
+    64x64 colour images each.
+
+    Looks in ``root`` for the official folder ``tiny-imagenet-200`` (``wnids.txt``,
+    ``train/<wnid>/images/<wnid>_<k>.JPEG``, ``val/images/val_<k>.JPEG`` labelled by the
+    tab-separated ``val/val_annotations.txt``: file, wnid, box) or a Hugging Face ``datasets`` copy
+    saved with ``save_to_disk`` in ``root/tinyimagenet`` (as ``zh-plus/tiny-imagenet``: splits
+    ``train`` and ``valid``, columns ``image`` and ``label``); downloads the official zip when
+    ``download`` is true and the machine is online. The validation split is the global test split
+    (the official test split has no labels). Class ``i`` is the ``i``-th wnid in sorted order, in
+    both formats (a copy's ``ClassLabel`` names are mapped to it). Grayscale images are decoded to
+    3 channels. Decoding 110,000 JPEGs takes a while, so the tensors are kept next to the data in
+    ``<folder>.uint8.pt`` and reused while the data's index files are unchanged.
+    """
+
+    num_classes, in_channels, image_size = 200, 3, 64
+    folder = "tiny-imagenet-200"
+    url = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+    test_splits = ("valid", "validation")
+    mean = (0.4802, 0.4481, 0.3975)  # the values commonly used for its train split
+    std = (0.2770, 0.2691, 0.2821)
+
+    def _read_folder(self, folder: Path) -> Images:
+        index_files = [folder / "wnids.txt", folder / "val" / "val_annotations.txt"]
+        tensors = _cached(folder, index_files, lambda: self._decode_folder(folder))
+        return Images(*tensors, self.mean, self.std, augment=True)
+
+    def _decode_folder(self, folder: Path) -> tuple[torch.Tensor, ...]:
+        import PIL.Image
+
+        wnids = sorted((folder / "wnids.txt").read_text().split())
+        index = {w: i for i, w in enumerate(wnids)}
+        train = [(f, i) for i, w in enumerate(wnids)
+                 for f in sorted((folder / "train" / w / "images").glob("*.JPEG"))]
+        val = []
+        for line in (folder / "val" / "val_annotations.txt").read_text().splitlines():
+            name, wnid = line.split("\t")[:2]
+            if wnid not in index:
+                raise DataError(f"{self.name}: {folder / 'val' / 'val_annotations.txt'} labels {name} with "
+                                f"{wnid}, which is not in wnids.txt; unpack the official zip again")
+            val.append((folder / "val" / "images" / name, index[wnid]))
+
+        def arrays(files):
+            # filled in place: the train split alone is 1.2 GB, a list of decoded images would double it
+            x = torch.empty((len(files), 3, self.image_size, self.image_size), dtype=torch.uint8)
+            for k, (path, _) in enumerate(files):
+                # PIL, not torchvision.io, whose decoders are deprecated since torchvision 0.29
+                with PIL.Image.open(path) as im:
+                    x[k] = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+            return x, torch.tensor([i for _, i in files], dtype=torch.int64)
+
+        return (*arrays(train), *arrays(val))
+
+    def _from_hf(self, path: Path) -> Images:
+        tensors = _cached(path, [path / "dataset_dict.json"], lambda: self._decode_hf(path))
+        return Images(*tensors, self.mean, self.std, augment=True)
+
+    def _decode_hf(self, path: Path) -> tuple[torch.Tensor, ...]:
+        import datasets
+
+        images = super()._from_hf(path)
+        label = datasets.load_from_disk(str(path))["train"].features["label"]
+        if isinstance(label, datasets.ClassLabel):
+            rank = {w: i for i, w in enumerate(sorted(label.names))}
+            to_sorted = torch.tensor([rank[w] for w in label.names])
+            images.train_y, images.test_y = to_sorted[images.train_y], to_sorted[images.test_y]
+        return images.train_x, images.train_y, images.test_x, images.test_y
+
+    def _fetch_command(self) -> str:
+        return (f"python -c \"import datasets; datasets.load_dataset('zh-plus/tiny-imagenet')"
+                f".save_to_disk('{Path(self.root) / self.name}')\"")
 
 
 class Synthetic(DataSource):
@@ -233,4 +369,5 @@ class Synthetic(DataSource):
         return Images(x[:s], y[:s], x[s:], y[s:])
 
 
-SOURCES = {"mnist10k": MNIST10k, "cifar10": CIFAR10, "cifar100": CIFAR100, "synthetic": Synthetic}
+SOURCES = {"mnist10k": MNIST10k, "cifar10": CIFAR10, "cifar100": CIFAR100, "synthetic": Synthetic,
+           "tinyimagenet": TinyImageNet}
