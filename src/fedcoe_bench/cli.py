@@ -157,8 +157,9 @@ def _known(base: type) -> dict[str, type]:
 
 
 def expand_short_names(argv: list[str]) -> list[str]:
-    """``--method fedavg`` -> ``--method baselines.fedavg.FedAvg`` (likewise ``--data.source``)."""
-    targets = {"--method": ("fedcoe_bench.method", "FederatedMethod"), "--data.source": ("fedcoe_bench.data", "DataSource")}
+    """``--method fedavg`` -> ``--method baselines.fedavg.FedAvg`` (likewise ``--data.source`` and their ``.help``)."""
+    method, source = ("fedcoe_bench.method", "FederatedMethod"), ("fedcoe_bench.data", "DataSource")
+    targets = {"--method": method, "--method.help": method, "--data.source": source, "--data.source.help": source}
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]
