@@ -6,6 +6,7 @@ import csv
 import math
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from helpers import read_summary
@@ -155,3 +156,54 @@ def test_an_unimportable_user_source_says_the_import_failed(fit_argv, run_cli):
     rc, _, err = run_cli(fit_argv("run", source=("--data.source", "nosuchmod.MySource")))
     assert rc != 0 and len(err.strip().splitlines()) == 1
     assert "nosuchmod" in err and ("import" in err.lower() or "no module" in err.lower()), err
+
+
+# ---------------------------------------------------------------------- configs/method, --help, start-up
+METHOD_FILES = sorted((Path(__file__).parents[1] / "configs" / "method").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", METHOD_FILES, ids=[p.stem for p in METHOD_FILES])
+def test_each_method_file_lists_every_setting_at_its_default_and_trains(path, tmp_path, fit_argv, run_cli):
+    import yaml
+
+    from fedcoe_bench.cli import DATA_SHAPE, fit_parser
+
+    spec = yaml.safe_load(path.read_text())
+    defaults = fit_parser().parse_args(["--method", spec["class_path"]]).method.init_args.as_dict()
+    assert spec["init_args"] == {k: v for k, v in defaults.items() if k not in DATA_SHAPE}, \
+        "the file must list every setting of its method at the method's default"
+    rc, _, err = run_cli(fit_argv("run", "--method", str(path), "--data.source.image_size", "12",
+                                  "--loop.rounds", "1", "--loop.clients_per_round", "2"))
+    assert rc == 0, err
+    method = read_summary(tmp_path / "run")["config"]["method"]
+    assert method["class_path"] == spec["class_path"] and method["init_args"] == spec["init_args"]
+
+
+def test_every_help_is_readable(capsys):
+    from fedcoe_bench.cli import COMMANDS, main
+
+    for command in [[], *([c] for c in COMMANDS)]:
+        with pytest.raises(SystemExit) as done:
+            main([*command, "--help"])
+        out = capsys.readouterr().out
+        assert done.value.code == 0 and out.startswith("usage: fedbench")
+        for unreadable in (" at 0x", "<function", "<lambda>", "<locals>"):
+            assert unreadable not in out, f"fedbench {' '.join(command)} --help shows {unreadable!r}"
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("accelerator", "devices", "strategy", "num_nodes", "precision"):
+        assert f"--fabric.{flag}" in out
+    assert "bf16-mixed" in out and "Literal['csv', 'wandb']" in out  # typed from Fabric's signature, and ours
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["table", "--help"], ["table", "NO_RUNS"]], ids=["help", "table-help", "table"])
+def test_commands_that_do_not_train_do_not_import_torch(argv, tmp_path):
+    import subprocess
+
+    argv = [str(tmp_path) if a == "NO_RUNS" else a for a in argv]
+    code = ("import sys; from fedcoe_bench.cli import main\n"
+            "try: main(sys.argv[1:])\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'lightning', 'wandb', 'matplotlib', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out

@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import read_summary
 
-from fedcoe_bench.sweep import _comparable
+from fedcoe_bench.runs import comparable
 
 FEDCOE = ("--method", "fedcoe", "--method.init_args.num_experts", "2", "--method.init_args.lr", "0.05",
           "--loop.local_epochs", "3", "--loop.rounds", "3")
@@ -35,7 +35,7 @@ def test_eval_equals_training_with_the_setting(tmp_path, trained, fit_argv, run_
     assert {k: evaluated[k] for k in ACCURACIES} == {k: again[k] for k in ACCURACIES}
     assert evaluated["evaluated_from"] == str(trained) and evaluated["config"]["method"]["init_args"][key] != "calibrated"
     # a sweep counts the evaluated run as the run it stands for
-    assert _comparable(evaluated["config"]) == _comparable(again["config"])
+    assert comparable(evaluated["config"]) == comparable(again["config"])
 
 
 def test_eval_writes_the_default_run_directory_of_its_name(tmp_path, trained, run_cli, monkeypatch):

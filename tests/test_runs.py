@@ -86,3 +86,70 @@ def test_partition_accepts_a_benchmark_config(tmp_path, run_cli):
                             "--data.cache_dir", str(tmp_path)])
     assert rc == 0, err
     assert len(out.strip().splitlines()) == 2 + 50
+
+
+def test_overwrite_empties_the_run_directory_and_refuses_one_that_holds_no_run(tmp_path, fit_argv, run_cli):
+    from fedcoe_bench.runs import LOCK
+
+    run = tmp_path / "run"
+    assert run_cli(fit_argv("run", "--method", "fedcoe", "--method.init_args.num_experts", "2"))[0] == 0
+    assert (run / "routing.csv").exists()
+    (run / LOCK).write_text("host:1")  # a sweep's claim on the directory is not the run's to delete
+    rc, _, err = run_cli(fit_argv("run", "--method", "fedavg", "--overwrite", "true"))
+    assert rc == 0, err
+    assert read_summary(run)["method"] == "fedavg"
+    assert not (run / "routing.csv").exists(), "another method's artefact survived --overwrite"
+    assert (run / LOCK).read_text() == "host:1"
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("months of work")
+    rc, _, err = run_cli(fit_argv("notes", "--overwrite", "true"))
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and "Traceback" not in err
+    assert str(notes) in lines[0] and "holds no run" in lines[0] and "--run_dir" in lines[0]
+    assert [p.name for p in notes.iterdir()] == ["thesis.tex"] and (notes / "thesis.tex").read_text() == "months of work"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A finished 2-round FedAvg run (checkpoint at the end) and its argv."""
+    from fedcoe_bench.cli import main
+
+    tmp = tmp_path_factory.mktemp("neutral")
+    argv = ["fit", "--data.source", "synthetic", "--data.source.samples", "400", "--data.source.test_samples", "100",
+            "--data.num_clients", "10", "--loop.rounds", "2", "--loop.clients_per_round", "3", "--loop.progress",
+            "false", "--fabric.accelerator", "cpu", "--data.cache_dir", str(tmp / "partitions")]
+    assert main([*argv, "--run_dir", str(tmp / "trained")]) == 0
+    return tmp / "trained", argv
+
+
+@pytest.mark.parametrize("change, neutral", [
+    (("--wandb_project", "elsewhere"), True),  # where it is logged: was refused by resume
+    (("--loop.eval_batch_size", "7"), True),  # how evaluation is batched: was refused by resume
+    (("--fabric.precision", "bf16-true"), False),  # changes the numbers: was accepted by resume and eval
+], ids=["wandb_project", "eval_batch_size", "precision"])
+def test_resume_sweep_and_eval_agree_on_which_keys_are_neutral(trained, tmp_path, run_cli, change, neutral):
+    import shutil
+
+    from fedcoe_bench import cli, sweep
+
+    run, argv = trained
+    key = change[0][2:]
+    # resume: an unfinished copy of the run, resumed with the change
+    shutil.copytree(run, tmp_path / "unfinished")
+    (tmp_path / "unfinished" / "summary.json").unlink()
+    rc, _, resume_err = run_cli([*argv, *change, "--run_dir", str(tmp_path / "unfinished")])
+    # sweep: does the finished run count as done for a grid point with the change?
+    cfg = cli.fit_parser().parse_args(cli.expand_short_names([*argv[1:], *change, "--run_dir", str(run)]))
+    state = sweep.check_finished(sweep.SweepRun(1, {}, [], run, cli.stored_config(cli.fit_parser(), cfg)))
+    # eval: does it serve the trained state under the change?
+    eval_rc, _, eval_err = run_cli(["eval", str(run), "--name", "x", *change, "--run_dir", str(tmp_path / "evaluated")])
+    if neutral:
+        assert rc == 0 and read_summary(tmp_path / "unfinished")["resumed_from_round"] == 2, resume_err
+        assert state == "finished"
+        assert eval_rc == 0, eval_err
+    else:
+        assert rc == 1 and resume_err.count("\n") == 1 and f"{key}: " in resume_err, resume_err
+        assert state.startswith("conflict") and f"{key}: " in state
+        assert eval_rc == 1 and eval_err.count("\n") == 1 and key in eval_err, eval_err

@@ -12,6 +12,7 @@ import yaml
 
 from fedcoe_bench import sweep
 from fedcoe_bench.cli import main
+from fedcoe_bench.runs import comparable
 
 REPO = Path(__file__).parents[1]
 METHODS = ["fedavg", "fedprox", "fedper", "fedmix", "pfedmoe", "local", "fedcoe"]
@@ -212,7 +213,7 @@ def test_ablation_is_one_run_per_variant_and_seed(monkeypatch):
     # the default variant is the mnist10k sweep's fedcoe run: same directory, same config
     mnist = {r.run_dir: r.config for r in sweep.plan("benchmarks/sweeps/mnist10k.yaml", "runs")}
     default = [r for r in runs if r.config["name"] is None]
-    assert all(sweep._comparable(mnist[r.run_dir]) == sweep._comparable(r.config) for r in default)
+    assert all(comparable(mnist[r.run_dir]) == comparable(r.config) for r in default)
 
 
 def test_a_lock_released_while_being_read_is_claimed(small_sweep, tmp_path, monkeypatch):

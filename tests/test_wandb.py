@@ -161,3 +161,51 @@ def test_wandb_sees_the_sweep_keys():
     assert flat["method.init_args.lr"] == 0.01
     assert run_name(config) == ("fedper/mnist10k/dirichlet0.1/seed1", "fedper/mnist10k/dirichlet0.1")
     assert run_name({**config, "name": "fedper-x"})[0] == "fedper-x/mnist10k/dirichlet0.1/seed1"
+
+
+def logged_steps(run_file: Path) -> list[int]:
+    """The rounds (``trainer/global_step``) of the history rows in a ``.wandb`` file, in order."""
+    steps = []
+    for record in read_wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or ".".join(item.nested_key): item.value_json for item in record.history.item}
+            if "trainer/global_step" in items and "train_loss" in items:
+                steps.append(int(json.loads(items["trainer/global_step"])))
+    return steps
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_overwrite_starts_a_new_one(fit_argv, run_cli, tmp_path, offline,
+                                                                                monkeypatch):
+    from fedcoe_bench.runs import RunDir
+
+    args = ("--logger", "wandb", "--loop.rounds", "4", "--loop.checkpoint_every", "1", "--loop.eval_every", "2")
+    save = RunDir.save_checkpoint
+
+    def killed_before_round_3_is_saved(self, fabric, state):
+        if state["round"] == 3:  # W&B has received round 3, the checkpoint holds round 2
+            raise RuntimeError("killed")
+        save(self, fabric, state)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", killed_before_round_3_is_saved)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_cli(fit_argv("run", *args))
+    wandb.finish(exit_code=1)  # what W&B makes of a dead process
+    monkeypatch.setattr(RunDir, "save_checkpoint", save)
+    stored = json.loads((tmp_path / "run" / "wandb_run.json").read_text())
+    assert stored["step"] == 3
+
+    code, _, err = run_cli(fit_argv("run", *args))
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["resumed_from_round"] == 2
+    first, resumed = sorted(offline.glob("wandb/offline-run-*/run-*.wandb"))
+    assert first.stem == resumed.stem == f"run-{stored['id']}", "the resumed run logs into the same W&B run"
+    try:
+        steps = logged_steps(first) + logged_steps(resumed)
+    except Exception as err:  # the file format is W&B's own business
+        pytest.skip(f"cannot read this W&B version's run file ({err})")
+    assert steps == [1, 2, 3, 4], "each round reaches W&B once: replayed and retrained rounds are not sent again"
+
+    code, _, err = run_cli(fit_argv("run", *args, "--overwrite", "true"))
+    assert code == 0, err
+    new_id = json.loads((tmp_path / "run" / "wandb_run.json").read_text())["id"]
+    assert new_id != stored["id"] and len(list(offline.glob(f"wandb/offline-run-*/run-{new_id}.wandb"))) == 1

@@ -6,6 +6,9 @@
     fedbench sweep benchmarks/sweeps/mnist10k.yaml [--sweep_dir runs] [--dry-run]
     fedbench table runs [--format md|csv|latex] [--wandb ENTITY/PROJECT]
     fedbench plot runs [--out runs/plots]
+
+Each subcommand's parser is built only when that subcommand runs: ``fit``'s imports torch and
+Lightning (seconds), which ``fedbench --help`` and ``fedbench table`` need not wait for.
 """
 
 from __future__ import annotations
@@ -13,28 +16,134 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import operator
 import os
 import platform
 import subprocess
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Literal
 
-import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from fedcoe_bench.data import DataSource, FederatedData
 from fedcoe_bench.errors import UserError
-from fedcoe_bench.evaluation import write_per_client
-from fedcoe_bench.loop import FederatedLoop
-from fedcoe_bench.method import FederatedMethod
-from fedcoe_bench.runs import RunDir, flatten, is_volatile
+from fedcoe_bench.runs import CHECKPOINT_NEUTRAL_KEYS, RunDir, config_diff
+
+# The method's input and output shape: taken from the data source (a link), never given by hand.
+DATA_SHAPE = ("num_classes", "in_channels", "image_size")
 
 
 class UsageError(UserError):
     """A command-line or config mistake."""
 
 
+# ---------------------------------------------------------------------- parsers
+def fit_parser() -> ArgumentParser:
+    """The parser of ``fedbench fit`` (also read by ``eval``, ``partition``, ``sweep`` and ``plot``)."""
+    from lightning.fabric import Fabric
+
+    from fedcoe_bench.data import FederatedData
+    from fedcoe_bench.loop import FederatedLoop
+    from fedcoe_bench.method import FederatedMethod
+
+    p = ArgumentParser(description="Train one federated method on one setting.", exit_on_error=False, allow_abbrev=False)
+    p.add_argument("--config", action=ActionConfigFile, help="YAML config file (later flags override it)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the partition, the client sampling and every client")
+    p.add_argument("--run_dir", type=str | None, default=None,
+                   help="output directory (default runs/<dataset>/<scheme><alpha>/<name or method>/seed<seed>)")
+    p.add_argument("--name", type=str | None, default=None,
+                   help="label of this setting (e.g. an ablation) in run directories, tables and W&B (default: the method)")
+    p.add_subclass_arguments(FederatedMethod, "method", default={"class_path": "baselines.fedavg.FedAvg"},
+                             required=False, help="the federated method: a short name (fedavg, fedcoe, ...), a class "
+                             "path, or a YAML file such as configs/method/fedcoe.yaml")
+    p.add_class_arguments(FederatedData, "data")
+    for key in DATA_SHAPE:
+        p.link_arguments("data", f"method.init_args.{key}", compute_fn=operator.attrgetter(f"source.{key}"),
+                         apply_on="instantiate")
+    p.add_class_arguments(FederatedLoop, "loop")
+    # Fabric's own arguments, typed and documented by its signature; built by `fit` with the run's loggers
+    p.add_class_arguments(Fabric, "fabric", skip={"plugins", "callbacks", "loggers"}, instantiate=False)
+    p.set_defaults({"fabric.devices": 1, "fabric.precision": "32-true"})
+    p.add_argument("--logger", type=Literal["csv", "wandb"], default="csv",
+                   help="csv: metrics.csv only; wandb: also Weights & Biases (WANDB_MODE=offline works without account)")
+    p.add_argument("--wandb_project", type=str, default="fedcoe-bench")
+    p.add_argument("--resume", type=bool, default=True, help="continue an unfinished run found in run_dir")
+    p.add_argument("--overwrite", type=bool, default=False,
+                   help="empty run_dir (it must hold a run or nothing) and start over")
+    p.add_argument("--debug", type=bool, default=False, help="show tracebacks")
+    return p
+
+
+def eval_parser() -> ArgumentParser:
+    """The parser of ``fedbench eval``: the fit parser plus the trained run's directory."""
+    p = fit_parser()
+    p.description = ("Evaluate a finished run's final state, without training, under other prediction-time "
+                     "settings (the method's ``serving`` init args, e.g. FedCoE's cold_start_prior and beta); "
+                     "the trained run's config.yaml is the base config. Writes a new run directory.")
+    p.add_argument("trained", type=str, help="directory of a finished `fedbench fit` run")
+    return p
+
+
+def sweep_parser() -> ArgumentParser:
+    """The parser of ``fedbench sweep``."""
+    p = ArgumentParser(description="Run a W&B grid-sweep definition locally, without W&B: one `fedbench fit` per "
+                       "grid point, each in SWEEP_DIR/<dataset>/<scheme><alpha>/<name or method>/seed<seed>; "
+                       "finished runs are skipped.", exit_on_error=False, allow_abbrev=False)
+    p.add_argument("file", type=str, help="sweep YAML, e.g. benchmarks/sweeps/mnist10k.yaml")
+    p.add_argument("--sweep_dir", type=str, default="runs", help="where the run directories go")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print the commands only")
+    p.add_argument("--logger", type=Literal["csv", "wandb"], default="csv", help="logger of every run")
+    p.add_argument("--debug", type=bool, default=False)
+    return p
+
+
+def table_parser() -> ArgumentParser:
+    """The parser of ``fedbench table``."""
+    p = ArgumentParser(description="Methods as rows, global / personalized / cold-start accuracy as columns, "
+                       "mean ± std over seeds, one table per dataset and alpha.", exit_on_error=False, allow_abbrev=False)
+    p.add_argument("dir", nargs="?", default=None, help="runs directory: every summary.json below it")
+    p.add_argument("--format", type=Literal["md", "csv", "latex"], default="md", help="markdown, CSV or LaTeX (booktabs)")
+    p.add_argument("--wandb", type=str | None, default=None, metavar="ENTITY/PROJECT",
+                   help="read the runs of this W&B project instead of a directory")
+    p.add_argument("--debug", type=bool, default=False)
+    return p
+
+
+def plot_parser() -> ArgumentParser:
+    """The parser of ``fedbench plot``."""
+    p = ArgumentParser(description="PNG figures of the finished runs below a directory.", exit_on_error=False,
+                       allow_abbrev=False)
+    p.add_argument("dir", type=str, help="runs directory")
+    p.add_argument("--out", type=str | None, default=None, help="output folder (default DIR/plots)")
+    p.add_argument("--debug", type=bool, default=False)
+    return p
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its one-line help, its parser and what runs it, ``run(parser, cfg, argv) -> exit code``
+    (None: 0), with the subcommand's own parser and parsed config."""
+
+    help: str
+    parser: Callable[[], ArgumentParser]
+    run: Callable[[ArgumentParser, Namespace, list[str]], int | None]
+
+
+def build_parser(parsers: dict[str, ArgumentParser] | None = None) -> ArgumentParser:
+    """The ``fedbench`` parser, with ``parsers`` as the subcommands' parsers. ``None`` builds them all;
+    a subcommand missing from ``parsers`` gets an empty one (its line in ``fedbench --help`` stays)."""
+    parser = ArgumentParser(prog="fedbench", description="Federated-learning benchmark: global, personalized "
+                            "and cold-start accuracy.", exit_on_error=False, allow_abbrev=False)
+    sub = parser.add_subcommands()
+    for name, command in COMMANDS.items():
+        own = command.parser() if parsers is None else parsers.get(name, ArgumentParser())
+        sub.add_subcommand(name, own, help=command.help)
+    return parser
+
+
+# ---------------------------------------------------------------------- names and paths
 def _known(base: type) -> dict[str, type]:
     """Short names (lower-cased class names) of the imported subclasses of ``base``."""
     importlib.import_module("baselines")
@@ -47,9 +156,10 @@ def _known(base: type) -> dict[str, type]:
     return out
 
 
-def _expand_short_names(argv: list[str]) -> list[str]:
-    """``--method fedavg`` -> ``--method baselines.fedavg.FedAvg`` (likewise ``--data.source``)."""
-    targets = {"--method": FederatedMethod, "--data.source": DataSource}
+def expand_short_names(argv: list[str]) -> list[str]:
+    """``--method fedavg`` -> ``--method baselines.fedavg.FedAvg`` (likewise ``--data.source`` and their ``.help``)."""
+    method, source = ("fedcoe_bench.method", "FederatedMethod"), ("fedcoe_bench.data", "DataSource")
+    targets = {"--method": method, "--method.help": method, "--data.source": source, "--data.source.help": source}
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]
@@ -58,7 +168,8 @@ def _expand_short_names(argv: list[str]) -> list[str]:
             if not eq:
                 i += 1
                 value = argv[i]
-            known = _known(targets[key])
+            module, base = targets[key]
+            known = _known(getattr(importlib.import_module(module), base))
             cls = known.get(value.lower())
             if cls is None and "." not in value and not value.startswith("{"):
                 raise UsageError(f"unknown {key[2:]} '{value}'; choose one of {', '.join(sorted(known))} "
@@ -70,96 +181,19 @@ def _expand_short_names(argv: list[str]) -> list[str]:
     return out
 
 
-def _fit_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Train one federated method on one setting.", exit_on_error=False, allow_abbrev=False)
-    p.add_argument("--config", action=ActionConfigFile, help="YAML config file (later flags override it)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the partition, the client sampling and every client")
-    p.add_argument("--run_dir", type=str | None, default=None,
-                   help="output directory (default runs/<dataset>/<scheme><alpha>/<name or method>/seed<seed>)")
-    p.add_argument("--name", type=str | None, default=None,
-                   help="label of this setting (e.g. an ablation) in run directories, tables and W&B (default: the method)")
-    p.add_subclass_arguments(FederatedMethod, "method", skip={"num_classes", "in_channels", "image_size"},
-                             default={"class_path": "baselines.fedavg.FedAvg"}, required=False)
-    p.add_class_arguments(FederatedData, "data")
-    p.add_class_arguments(FederatedLoop, "loop")
-    p.add_argument("--fabric.accelerator", type=str, default="auto")
-    p.add_argument("--fabric.devices", type=int | str, default=1)
-    p.add_argument("--fabric.strategy", type=str, default="auto")
-    p.add_argument("--fabric.num_nodes", type=int, default=1)
-    p.add_argument("--fabric.precision", type=str, default="32-true")
-    p.add_argument("--logger", type=str, default="csv", choices=["csv", "wandb"],
-                   help="csv: metrics.csv only; wandb: also Weights & Biases (WANDB_MODE=offline works without account)")
-    p.add_argument("--wandb_project", type=str, default="fedcoe-bench")
-    p.add_argument("--resume", type=bool, default=True, help="continue an unfinished run found in run_dir")
-    p.add_argument("--overwrite", type=bool, default=False, help="replace a finished run in run_dir")
-    p.add_argument("--debug", type=bool, default=False, help="show tracebacks")
-    return p
-
-
-def _eval_parser() -> ArgumentParser:
-    p = _fit_parser()
-    p.description = ("Evaluate a finished run's final state, without training, under other prediction-time "
-                     "settings (the method's ``serving`` init args, e.g. FedCoE's cold_start_prior and beta); "
-                     "the trained run's config.yaml is the base config. Writes a new run directory.")
-    p.add_argument("trained", type=str, help="directory of a finished `fedbench fit` run")
-    return p
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="fedbench", description="Federated-learning benchmark: global, personalized "
-                            "and cold-start accuracy.", exit_on_error=False, allow_abbrev=False)
-    sub = parser.add_subcommands()
-    sub.add_subcommand("fit", _fit_parser(), help="train one method on one setting")
-    sub.add_subcommand("eval", _eval_parser(), help="evaluate a finished run under other prediction-time settings")
-    # partition takes the fit config as it is (only its seed and data keys matter)
-    sub.add_subcommand("partition", _fit_parser(), help="show how a partition deals classes to clients")
-    sub.add_subcommand("sweep", _sweep_parser(), help="run a W&B grid-sweep file locally, one run after another")
-    sub.add_subcommand("table", _table_parser(), help="results table: methods x accuracies, mean ± std over seeds")
-    sub.add_subcommand("plot", _plot_parser(), help="figures: accuracy curves, per-client spread, partitions")
-    return parser
-
-
-# subcommands whose module has ``command(cfg) -> exit code``
-RESULTS_COMMANDS = {"sweep": "fedcoe_bench.sweep", "table": "fedcoe_bench.tables", "plot": "fedcoe_bench.plots"}
-
-
-def _sweep_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Run a W&B grid-sweep definition locally, without W&B: one `fedbench fit` per "
-                       "grid point, each in SWEEP_DIR/<dataset>/<scheme><alpha>/<name or method>/seed<seed>; "
-                       "finished runs are skipped.", exit_on_error=False, allow_abbrev=False)
-    p.add_argument("file", type=str, help="sweep YAML, e.g. benchmarks/sweeps/mnist10k.yaml")
-    p.add_argument("--sweep_dir", type=str, default="runs", help="where the run directories go")
-    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print the commands only")
-    p.add_argument("--logger", default="csv", choices=["csv", "wandb"], help="logger of every run")
-    p.add_argument("--debug", type=bool, default=False)
-    return p
-
-
-def _table_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Methods as rows, global / personalized / cold-start accuracy as columns, "
-                       "mean ± std over seeds, one table per dataset and alpha.", exit_on_error=False, allow_abbrev=False)
-    p.add_argument("dir", nargs="?", default=None, help="runs directory: every summary.json below it")
-    p.add_argument("--format", default="md", choices=["md", "csv", "latex"], help="markdown, CSV or LaTeX (booktabs)")
-    p.add_argument("--wandb", type=str | None, default=None, metavar="ENTITY/PROJECT",
-                   help="read the runs of this W&B project instead of a directory")
-    p.add_argument("--debug", type=bool, default=False)
-    return p
-
-
-def _plot_parser() -> ArgumentParser:
-    p = ArgumentParser(description="PNG figures of the finished runs below a directory.", exit_on_error=False,
-                       allow_abbrev=False)
-    p.add_argument("dir", type=str, help="runs directory")
-    p.add_argument("--out", type=str | None, default=None, help="output folder (default DIR/plots)")
-    p.add_argument("--debug", type=bool, default=False)
-    return p
-
-
 def short_name(class_path: str) -> str:
+    """``baselines.fedper.FedPer`` -> ``fedper``: how tables, run directories and W&B name a class."""
     return class_path.rsplit(".", 1)[-1].lower()
 
 
+def stored_config(parser: ArgumentParser, cfg: Namespace) -> dict:
+    """The config as a run directory stores it (``summary.json``, checkpoints) and sweeps compare it:
+    jsonargparse's JSON dump, every key but the link targets (the method's shape is the data's)."""
+    return json.loads(parser.dump(cfg, format="json", skip_unset=False))
+
+
 def default_run_dir(cfg: Namespace) -> str:
+    """``runs/<dataset>/<scheme><alpha>/<name or method>/seed<seed>``."""
     src = cfg.data.source
     dataset = short_name(src.class_path) if isinstance(src, Namespace) else str(src)
     scheme = cfg.data.scheme + (str(cfg.data.alpha) if cfg.data.scheme == "dirichlet" else "")
@@ -174,16 +208,6 @@ def _git_sha() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def method_class(cfg: Namespace) -> type[FederatedMethod]:
-    module, _, name = cfg.method.class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def build_method(cfg: Namespace, source: DataSource) -> FederatedMethod:
-    init = dict(cfg.method.get("init_args") or {})
-    return method_class(cfg)(**init, num_classes=source.num_classes, in_channels=source.in_channels, image_size=source.image_size)
 
 
 def load_trained(trained: str, config: dict, serving: tuple[str, ...], run: RunDir) -> dict:
@@ -204,8 +228,7 @@ def load_trained(trained: str, config: dict, serving: tuple[str, ...], run: RunD
     as_trained = {**config, "name": trained_config.get("name"),
                   "method": {**config["method"], "init_args": {**config["method"].get("init_args", {}), **{
                       k: v for k, v in trained_config["method"].get("init_args", {}).items() if k in serving}}}}
-    a, b = flatten(as_trained), flatten(trained_config)
-    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not is_volatile(k))
+    differ = [d.partition(":")[0] for d in config_diff(trained_config, as_trained, CHECKPOINT_NEUTRAL_KEYS)]
     if differ:
         allowed = ", ".join(f"method.init_args.{k}" for k in serving) or "none for this method"
         raise UsageError(f"eval may change only prediction-time settings ({allowed}) and name; this config also "
@@ -217,87 +240,119 @@ def load_trained(trained: str, config: dict, serving: tuple[str, ...], run: RunD
     return state
 
 
+# ---------------------------------------------------------------------- fit: build, run, report
+class Fit:
+    """One ``fedbench fit`` (or, with ``trained``, one ``fedbench eval``) from its parsed config, in the
+    order it happens: :meth:`build` the pieces, :meth:`run` the rounds, :meth:`report` the results."""
+
+    def __init__(self, parser: ArgumentParser, cfg: Namespace, trained: str | None = None):
+        self.parser, self.cfg, self.trained = parser, cfg, trained
+        self.config = stored_config(parser, cfg)
+
+    def build(self) -> None:
+        """Method, data and loop from the config (bad values fail here, before any file is touched), the
+        run directory, the checkpoint to resume (or the trained state to serve), and Fabric."""
+        from lightning.fabric import Fabric
+
+        cfg = self.cfg
+        Fabric.seed_everything(cfg.seed, verbose=False)  # the method's initial weights follow the seed
+        init = self.parser.instantiate(cfg)  # the method sized by the data source (see DATA_SHAPE)
+        self.method, self.data, self.loop = init.method, init.data, init.loop
+        if os.environ.get("CI"):
+            self.loop.progress = False
+
+        self.run_dir = RunDir(cfg.run_dir or default_run_dir(cfg), self.config)
+        self.trained_state = None
+        if self.trained is not None:
+            self.trained_state = load_trained(self.trained, self.config, type(self.method).serving, self.run_dir)
+        self.run_dir.prepare(overwrite=cfg.overwrite)
+        resume = cfg.resume and not cfg.overwrite and self.trained is None
+        self.resume_state = self.run_dir.load_checkpoint() if resume else None
+
+        self.fabric = Fabric(**cfg.fabric.as_dict(), loggers=self.loggers())
+        self.fabric.launch()
+        if self.fabric.device.type == "cpu" and self.fabric.world_size > 1:
+            import torch
+
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.fabric.world_size))
+        if self.fabric.is_global_zero:
+            (self.run_dir.path / "config.yaml").write_text(self.parser.dump(cfg))
+        self.fed = self.data.setup(cfg.seed, self.fabric.device)
+
+    def loggers(self) -> list:
+        """``metrics.csv`` in the run directory, and W&B with ``--logger wandb``."""
+        from lightning.fabric.loggers import CSVLogger
+
+        # config.yaml and checkpoints share the folder; resumed rows are replayed into the CSV by the loop
+        warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+        loggers = [CSVLogger(self.run_dir.path, name="", version="", flush_logs_every_n_steps=10)]
+        if self.cfg.logger == "wandb":
+            from fedcoe_bench.wandb_logging import wandb_logger
+
+            loggers += wandb_logger(self.run_dir.path, self.cfg.wandb_project, self.config)
+        return loggers
+
+    def run(self) -> dict:
+        """Train (from the checkpoint, if any) and return the final metrics; with ``trained``, evaluate its state."""
+        if self.trained is not None:
+            return self.loop.evaluate(self.fabric, self.method, self.fed, self.trained_state)
+        return self.loop.fit(self.fabric, self.method, self.fed, self.cfg.seed, self.run_dir, self.resume_state)
+
+    def report(self, metrics: dict) -> dict:
+        """Write the method's artefacts, ``clients.csv`` and ``summary.json`` (rank 0), close the loggers,
+        and return the summary."""
+        import torch
+
+        fabric, cfg = self.fabric, self.cfg
+        summary = {
+            "status": "finished",
+            "method": short_name(cfg.method.class_path),
+            "global_model": type(self.method).global_model,
+            "dataset": self.data.source.name,
+            "scheme": self.data.scheme,
+            "alpha": self.data.alpha,
+            "seed": cfg.seed,
+            "rounds": self.loop.rounds,
+            **{k: metrics.get(k) for k in ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")},
+            "metrics": metrics,
+            "wall_time_s": self.loop.wall_time_s,
+            "resumed_from_round": self.resume_state["round"] if self.resume_state else None,
+            "evaluated_from": str(self.trained) if self.trained else None,
+            "clients": {"training": len(self.fed.clients), "cold_start": len(self.fed.new_clients)},
+            "config": self.config,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "lightning": importlib.import_module("lightning").__version__},
+            "git_sha": _git_sha(),
+            "device": str(fabric.device),
+            "world_size": fabric.world_size,
+        }
+        if fabric.is_global_zero:
+            from fedcoe_bench.evaluation import write_per_client
+
+            self.method.save_artifacts(self.run_dir.path)
+            if self.loop.evaluator.per_client:  # the final evaluation, client by client
+                write_per_client(self.loop.evaluator.per_client, self.run_dir.path / "clients.csv")
+            for logger in fabric.loggers:
+                if hasattr(logger, "log_summary"):  # W&B: the final numbers and the files above
+                    logger.log_summary(summary, self.run_dir.path)
+        for logger in fabric.loggers:
+            logger.finalize("success")
+        if fabric.is_global_zero:
+            self.run_dir.write_summary(summary)
+        return summary
+
+
 def fit(parser: ArgumentParser, cfg: Namespace, trained: str | None = None) -> dict:
     """Train, evaluate and write the run directory; returns the summary. With ``trained`` (a finished
     run's directory) its final state is evaluated under this config instead of training."""
-    from lightning.fabric import Fabric
-    from lightning.fabric.loggers import CSVLogger
-
-    init = parser.instantiate(cfg)
-    data: FederatedData = init.data
-    loop: FederatedLoop = init.loop
-    if os.environ.get("CI"):
-        loop.progress = False
-    config = cfg.as_dict()
-    config.pop("config", None)
-    run = RunDir(cfg.run_dir or default_run_dir(cfg), config)
-    if trained is not None:
-        trained_state = load_trained(trained, config, method_class(cfg).serving, run)
-    run.prepare(overwrite=cfg.overwrite)
-    resume_state = run.load_checkpoint() if cfg.resume and not cfg.overwrite and trained is None else None
-
-    # config.yaml and checkpoints share the folder; resumed rows are replayed into the CSV by the loop
-    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
-    loggers = [CSVLogger(run.path, name="", version="", flush_logs_every_n_steps=10)]
-    if cfg.logger == "wandb":
-        from fedcoe_bench.wandb_logging import wandb_logger
-
-        loggers += wandb_logger(run.path, cfg.wandb_project, config)
-    f = cfg.fabric
-    fabric = Fabric(accelerator=f.accelerator, devices=f.devices, strategy=f.strategy, num_nodes=f.num_nodes,
-                    precision=f.precision, loggers=loggers)
-    fabric.launch()
-    if fabric.device.type == "cpu" and fabric.world_size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // fabric.world_size))
-    if fabric.is_global_zero:
-        (run.path / "config.yaml").write_text(parser.dump(cfg))
-
-    fed = data.setup(cfg.seed, fabric.device)
-    fabric.seed_everything(cfg.seed, verbose=False)
-    method = build_method(cfg, data.source)
-    if trained is None:
-        metrics = loop.fit(fabric, method, fed, cfg.seed, run, resume_state)
-    else:
-        metrics = loop.evaluate(fabric, method, fed, trained_state)
-
-    summary = {
-        "status": "finished",
-        "method": short_name(cfg.method.class_path),
-        "global_model": method_class(cfg).global_model,
-        "dataset": data.source.name,
-        "scheme": data.scheme,
-        "alpha": data.alpha,
-        "seed": cfg.seed,
-        "rounds": loop.rounds,
-        **{k: metrics.get(k) for k in ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")},
-        "metrics": metrics,
-        "wall_time_s": loop.wall_time_s,
-        "resumed_from_round": resume_state["round"] if resume_state else None,
-        "evaluated_from": str(trained) if trained else None,
-        "clients": {"training": len(fed.clients), "cold_start": len(fed.new_clients)},
-        "config": config,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "lightning": importlib.import_module("lightning").__version__},
-        "git_sha": _git_sha(),
-        "device": str(fabric.device),
-        "world_size": fabric.world_size,
-    }
-    if fabric.is_global_zero:
-        method.save_artifacts(run.path)
-        if loop.evaluator.per_client:  # the final evaluation, client by client
-            write_per_client(loop.evaluator.per_client, run.path / "clients.csv")
-        for logger in fabric.loggers:
-            if hasattr(logger, "log_summary"):  # W&B: the final numbers and the files above
-                logger.log_summary(summary, run.path)
-    for logger in fabric.loggers:
-        logger.finalize("success")
-    if fabric.is_global_zero:
-        run.write_summary(summary)
-    return summary
+    job = Fit(parser, cfg, trained)
+    job.build()
+    return job.report(job.run())
 
 
 def partition(parser: ArgumentParser, cfg: Namespace) -> None:
-    data: FederatedData = parser.instantiate(cfg).data
+    """Print how the partition of ``cfg`` deals classes to clients: one line per client."""
+    data = parser.instantiate(cfg).data
     fed = data.setup(cfg.seed)
     hist = fed.label_histogram()
     everyone = fed.clients + fed.new_clients
@@ -317,24 +372,55 @@ def partition(parser: ArgumentParser, cfg: Namespace) -> None:
         print(f"{cid:>6}  {kind:<5}" + "".join(f"{v:>{width}}" for v in row) + sizes)
 
 
-def _one_line(err: BaseException, parser: ArgumentParser | None = None) -> str:
+# ---------------------------------------------------------------------- the subcommands
+def _run_fit(parser: ArgumentParser, cfg: Namespace, argv: list[str]) -> None:
+    fit(parser, cfg)
+
+
+def _run_eval(parser: ArgumentParser, cfg: Namespace, argv: list[str]) -> None:
+    trained = cfg.pop("trained")
+    if not any(a == "--run_dir" or a.startswith("--run_dir=") for a in argv):
+        cfg.run_dir = None  # not the trained run's, which its config.yaml names
+    fit(fit_parser(), cfg, trained)  # the fit parser: the stored config.yaml has no `trained`
+
+
+def _run_partition(parser: ArgumentParser, cfg: Namespace, argv: list[str]) -> None:
+    partition(parser, cfg)
+
+
+def _results_command(module: str) -> Callable[[ArgumentParser, Namespace, list[str]], int]:
+    """The ``command(cfg) -> exit code`` of a results module, imported when it runs."""
+    return lambda parser, cfg, argv: importlib.import_module(module).command(cfg)
+
+
+COMMANDS = {
+    "fit": Command("train one method on one setting", fit_parser, _run_fit),
+    "eval": Command("evaluate a finished run under other prediction-time settings", eval_parser, _run_eval),
+    # partition takes the fit config as it is (only its seed and data keys matter)
+    "partition": Command("show how a partition deals classes to clients", fit_parser, _run_partition),
+    "sweep": Command("run a W&B grid-sweep file locally, one run after another", sweep_parser,
+                     _results_command("fedcoe_bench.sweep")),
+    "table": Command("results table: methods x accuracies, mean ± std over seeds", table_parser,
+                     _results_command("fedcoe_bench.tables")),
+    "plot": Command("figures: accuracy curves, per-client spread, partitions", plot_parser,
+                    _results_command("fedcoe_bench.plots")),
+}
+
+
+# ---------------------------------------------------------------------- errors and main
+def one_line(err: BaseException, parser: ArgumentParser | None = None) -> str:
+    """A parse error as one line; an unknown ``--key`` gets the closest key of ``parser`` as a hint."""
     msg = " ".join(str(err).split())
     if "does not correspond to a subclass of" in msg:
         path = msg.split("Import path ")[-1].split(" does not")[0]
         return f"{path} is not a subclass of {msg.split('subclass of ')[-1]}; give a class that subclasses it"
     if "unrecognized arguments:" in msg.lower() and parser is not None:
-        keys = _all_keys(parser)
+        keys = [f"--{k}" for k in parser.get_defaults().keys()]
         bad = [a.split("=")[0] for a in msg.lower().split("unrecognized arguments:")[-1].split() if a.startswith("--")]
         hints = [f"{b} (did you mean {m[0]}?)" for b in bad if (m := difflib.get_close_matches(b, keys, 1))]
         if hints:
             msg += "; " + ", ".join(hints)
     return msg
-
-
-def _all_keys(parser: ArgumentParser) -> list[str]:
-    sub = parser._subcommands_action._name_parser_map.get("fit") if parser._subcommands_action else None
-    p = sub or parser
-    return [opt for a in p._actions for opt in a.option_strings if opt.startswith("--")]
 
 
 def _eval_base_config(argv: list[str]) -> list[str]:
@@ -348,38 +434,31 @@ def _eval_base_config(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``fedbench``: parse ``argv`` and run its subcommand. Returns the exit code: 1 for a user error
+    (one line on stderr, no traceback unless ``--debug``), 2 for a parse error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if os.getcwd() not in sys.path:  # user methods and sources next to the config, as with `python -m`
         sys.path.insert(0, os.getcwd())
     debug = "--debug" in argv or "--debug=true" in argv
-    parser = build_parser()
+    name = argv[0] if argv and argv[0] in COMMANDS else None
+    own = None
     try:
-        argv = _expand_short_names(_eval_base_config(argv))
-        cfg = parser.parse_args(argv)
-        if cfg.subcommand == "fit":
-            fit(parser._subcommands_action._name_parser_map["fit"], cfg.fit)
-        elif cfg.subcommand == "eval":
-            trained = cfg.eval.pop("trained")
-            if not any(a == "--run_dir" or a.startswith("--run_dir=") for a in argv):
-                cfg.eval.run_dir = None  # not the trained run's, which its config.yaml names
-            fit(parser._subcommands_action._name_parser_map["fit"], cfg.eval, trained)
-        elif cfg.subcommand == "partition":
-            partition(parser._subcommands_action._name_parser_map["partition"], cfg.partition)
-        elif cfg.subcommand in RESULTS_COMMANDS:
-            return importlib.import_module(RESULTS_COMMANDS[cfg.subcommand]).command(cfg[cfg.subcommand])
+        own = COMMANDS[name].parser() if name else None  # only the parser this call needs
+        parser = build_parser({name: own} if name else {})
+        cfg = parser.parse_args(expand_short_names(_eval_base_config(argv)))
+        return COMMANDS[name].run(own, cfg[name], argv) or 0
     except UserError as err:
         if debug:
             raise
-        print(f"fedbench: error: {_one_line(err)}", file=sys.stderr)
+        print(f"fedbench: error: {one_line(err)}", file=sys.stderr)
         return 1
     except Exception as err:
         from jsonargparse import ArgumentError
 
         if isinstance(err, ArgumentError) and not debug:
-            print(f"fedbench: error: {_one_line(err, parser)}", file=sys.stderr)
+            print(f"fedbench: error: {one_line(err, own)}", file=sys.stderr)
             return 2
         raise
-    return 0
 
 
 if __name__ == "__main__":

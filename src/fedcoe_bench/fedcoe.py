@@ -4,7 +4,8 @@ Only the paper's abstract is available to us. What it states: several independen
 on the server, one shared gating network that models client-expert correlation during
 aggregation, a dual-level (global + local) mixture for personalization, and an adaptive path
 that lets new clients use the global expert pool without local training. Everything more
-specific below is *inferred* and is a switch (see ../shared/METHODS.md and the ablation configs).
+specific below is *inferred* and is a switch (see the class's Args and the ablation configs in
+benchmarks/sweeps/fedcoe_variants/).
 """
 
 from __future__ import annotations
@@ -81,12 +82,13 @@ class FedCoE(FederatedMethod):
             a half-life of about 6.6 rounds, so a served setting rests on some 19 rounds of scores)
             lets the choice follow the trained experts.
 
-    Defaults: the METHODS.md specification is ``lambda_expert=0, local_prior=False, beta=adaptive``
-    (``configs/method/fedcoe_spec.yaml``). On the tuning seed (seed 1; mnist10k, Dirichlet 0.1,
-    30 rounds) the specification reached 0.587 / 0.813 / 0.384 global / personal / cold-start
-    accuracy; at round 15, adding ``lambda_expert=4`` (= K, so each expert's own loss has the
-    weight of a lone model's under uniform routing), ``local_prior`` and ``beta=calibrated`` lifted
-    it from 0.433 / 0.736 / 0.146 to 0.524 / 0.811 / 0.377, so those are the defaults.
+    Defaults: the method's written specification is ``lambda_expert=0, local_prior=False,
+    beta=adaptive`` (``benchmarks/sweeps/fedcoe_variants/spec.yaml``). On the tuning seed (seed 1;
+    mnist10k, Dirichlet 0.1, 30 rounds) the specification reached 0.587 / 0.813 / 0.384 global /
+    personal / cold-start accuracy; at round 15, adding ``lambda_expert=4`` (= K, so each expert's
+    own loss has the weight of a lone model's under uniform routing), ``local_prior`` and
+    ``beta=calibrated`` lifted it from 0.433 / 0.736 / 0.146 to 0.524 / 0.811 / 0.377, so those
+    are the defaults.
 
     Example:
         >>> m = FedCoE(num_experts=3, num_classes=4, in_channels=1, image_size=8)

@@ -5,7 +5,9 @@
    10,000 clients with the same samples per round (target: flat, <= 1.2x);
 3. bytes per stored client state for FedPer and FedCoE (what 10,000 clients cost);
 4. FedCoE (K = 4) vs FedAvg training round time on mnist10k (target <= 6x);
-5. with ``--ddp``: a FedAvg round with 20 sampled clients on 2 CPU processes vs 1.
+5. with ``--ddp``: a FedAvg round with 20 sampled clients on 2 CPU processes vs 1;
+6. start-up: seconds to ``fedbench --help`` and to the first round of the default benchmark
+   (with ``--startup_baseline DIR``, also another checkout's, alternated, and the ratios).
 
 Timings on a shared 2-core machine are noisy: each figure is the median of several repeats.
 """
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[100, 1000, 10000])
     p.add_argument("--ddp", action="store_true", help="also compare 2 gloo processes with 1")
     p.add_argument("--json", type=str, default=None, help="also write the results here")
+    p.add_argument("--startup_baseline", type=str, default=None, help="root of another checkout to compare start-up with")
     args = p.parse_args(argv)
     results = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"}
     print(results["machine"], flush=True)
@@ -185,12 +188,60 @@ def main(argv: list[str] | None = None) -> None:
              ("4. FedCoE (K=4) / FedAvg run wall time", lambda: fedcoe_vs_fedavg(10, args.repeats))]
     if args.ddp:
         steps.append(("5. 2 processes vs 1 (20 clients per round)", lambda: ddp_vs_single(args.rounds)))
+    steps.append(("6. start-up: fedbench --help, time to the first round", lambda: startup(args.repeats, args.startup_baseline)))
     for title, fn in steps:
         res = fn()
         results[title] = res
         print(f"{title}: {json.dumps(res, default=lambda v: round(v, 4))}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+
+
+# Run in a fresh interpreter: stops `fedbench fit` where the loop starts, printing the seconds since
+# the epoch at that moment (everything before is start-up: imports, parsing, data, method, Fabric).
+_UNTIL_FIRST_ROUND = """
+import sys, time
+from fedcoe_bench.loop import FederatedLoop
+def first_round(self, *args, **kwargs):
+    print(time.time(), flush=True)
+    sys.exit(0)
+FederatedLoop.fit = first_round
+from fedcoe_bench.cli import main
+main(sys.argv[1:])
+"""
+
+
+def startup(repeats: int, baseline: str | None = None) -> dict:
+    """Seconds from starting a process to (a) the end of ``fedbench --help`` and (b) the first round of
+    ``fedbench fit`` on the default benchmark (``benchmarks/mnist10k_dir0.3.yaml``, partition cached),
+    median of ``repeats``. With ``baseline`` (the root of another checkout, e.g. a ``git worktree``
+    of an older commit) the same for it, alternated run by run, and the ratios this / baseline."""
+    roots = {"this": str(Path(__file__).parents[2])} | ({"baseline": baseline} if baseline else {})
+    config = Path(__file__).parents[2] / "benchmarks" / "mnist10k_dir0.3.yaml"
+    work = tempfile.mkdtemp(prefix="fedbench-perf-startup-")  # cwd: neither checkout's baselines/ shadows the other
+
+    def seconds(root: str, argv: list[str], until_first_round: bool) -> float:
+        env = {**os.environ, "PYTHONPATH": f"{root}/src{os.pathsep}{root}", "CI": "1"}
+        cmd = [sys.executable, "-c", _UNTIL_FIRST_ROUND, *argv] if until_first_round else \
+            [sys.executable, "-m", "fedcoe_bench.cli", *argv]
+        t0 = time.time()
+        out = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, check=True).stdout
+        return (float(out.strip().splitlines()[-1]) if until_first_round else time.time()) - t0
+
+    fit = ["fit", "--config", str(config), "--data.cache_dir", os.path.join(work, "partitions"), "--overwrite", "true"]
+    times: dict[str, dict[str, list[float]]] = {r: {"help_s": [], "first_round_s": []} for r in roots}
+    for i in range(repeats + 1):  # the first pass caches the partition and warms the file cache: not counted
+        for name, root in roots.items():
+            help_s = seconds(root, ["--help"], False)
+            first = seconds(root, [*fit, "--run_dir", os.path.join(work, name)], True)
+            if i:
+                times[name]["help_s"].append(help_s)
+                times[name]["first_round_s"].append(first)
+    out = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+    if baseline:
+        out["ratio"] = {k: statistics.median(a / b for a, b in zip(times["this"][k], times["baseline"][k]))
+                        for k in ("help_s", "first_round_s")}
+    return out
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def partition_histogram(config: dict):
     """(label histogram [clients, classes], client ids, cold-start ids, seed) of a run's partition."""
     from fedcoe_bench import cli
 
-    parser = cli.build_parser()._subcommands_action._name_parser_map["fit"]
+    parser = cli.fit_parser()
     config = {k: v for k, v in config.items() if k != "config"}
     cfg = parser.parse_object(config)
     data = parser.instantiate(cfg).data

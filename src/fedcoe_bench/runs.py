@@ -2,34 +2,67 @@
 
 Layout of ``RUN_DIR``: ``config.yaml`` (the full config), ``metrics.csv`` (one row per round),
 ``checkpoint.pt`` (the latest checkpoint), ``summary.json`` (written once, when the run finishes;
-its absence marks an unfinished run), plus method artefacts (e.g. FedCoE's ``routing.csv``).
+its absence marks an unfinished run), plus method artefacts (e.g. FedCoE's ``routing.csv``) and,
+with W&B, ``wandb_run.json`` (the W&B run a resumed run continues).
+
+Which config keys may differ between two runs that count as the same is defined once, here:
+:data:`NEUTRAL_KEYS` for a finished run (``fedbench sweep`` skips it), those plus
+:data:`SCHEDULE_KEYS` for a checkpoint (resume, ``fedbench eval``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
+import shutil
 from pathlib import Path
-
-import torch
 
 from fedcoe_bench.errors import RunError
 
-# Keys that may differ between an interrupted run and its resumption.
-VOLATILE_KEYS = {"run_dir", "resume", "overwrite", "debug", "logger", "loop.progress", "loop.rounds",
-                 "loop.eval_every", "loop.checkpoint_every", "config", "fabric"}
+# Keys that change neither what a run computes nor what it reports: where it is written, logged and
+# cached, how it is shown, how often it is checkpointed, and the devices it runs on (results equal up
+# to float rounding). ``fabric.precision`` is not one of them: it changes the numbers.
+NEUTRAL_KEYS = ("config", "run_dir", "resume", "overwrite", "debug", "logger", "wandb_project", "loop.progress",
+                "loop.checkpoint_every", "loop.eval_batch_size", "data.cache_dir", "data.source.init_args.root",
+                "data.source.init_args.download", "fabric.accelerator", "fabric.devices", "fabric.strategy",
+                "fabric.num_nodes")
+# How far a run goes and when it is measured, not what a round computes: the state after round t is the
+# same for any of their values, so a checkpoint serves them all (a resume may extend a run, eval serves a
+# finished one) while a finished run serves only its own.
+SCHEDULE_KEYS = ("loop.rounds", "loop.eval_every")
+CHECKPOINT_NEUTRAL_KEYS = NEUTRAL_KEYS + SCHEDULE_KEYS
+
+# Files only a run directory holds; ``--overwrite`` empties a directory only if it holds one of them.
+RUN_FILES = ("config.yaml", "summary.json", "checkpoint.pt")
+LOCK = ".sweep.lock"  # a sweep process's claim on the directory (see fedcoe_bench.sweep.claim), kept by --overwrite
 
 
-def is_volatile(key: str) -> bool:
-    """A flattened config key that may change without changing what training computes."""
-    return key in VOLATILE_KEYS or key.split(".")[0] in VOLATILE_KEYS
+def comparable(config: dict, neutral: tuple[str, ...] = NEUTRAL_KEYS) -> dict:
+    """The flattened config without the keys under ``neutral``: what two runs must share to count as one.
+
+    Example:
+        >>> comparable({"seed": 1, "run_dir": "a", "fabric": {"devices": 2, "precision": "32-true"}})
+        {'seed': 1, 'fabric.precision': '32-true'}
+    """
+    flat = flatten(json.loads(json.dumps(config, default=str)))  # tuples and paths as a summary.json holds them
+    return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in neutral)}
 
 
-def config_hash(config: dict) -> str:
-    flat = {k: v for k, v in flatten(config).items() if not is_volatile(k)}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def config_diff(there: dict, here: dict, neutral: tuple[str, ...] = NEUTRAL_KEYS) -> list[str]:
+    """``key: X there, Y here`` for each key outside ``neutral`` where two configs differ, sorted by key.
+
+    Example:
+        >>> config_diff({"seed": 0, "logger": "csv"}, {"seed": 1, "logger": "wandb"})
+        ['seed: 0 there, 1 here']
+    """
+    a, b = comparable(there, neutral), comparable(here, neutral)
+    return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def shown(diff: list[str], limit: int = 3) -> str:
+    """The first ``limit`` differences of :func:`config_diff`, for a one-line message."""
+    return ", ".join(diff[:limit]) + (", ..." if len(diff) > limit else "")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -59,11 +92,13 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class RunDir:
-    """One run's directory. ``prepare`` refuses to overwrite a finished run unless ``overwrite``."""
+    """One run's directory, for the run of ``config`` (the config as ``summary.json`` stores it).
+    ``prepare`` refuses to overwrite a finished run unless asked; a checkpoint serves only a config
+    that differs from its own in :data:`CHECKPOINT_NEUTRAL_KEYS`."""
 
     def __init__(self, path: str | os.PathLike, config: dict | None = None):
         self.path = Path(path)
-        self.config_hash = config_hash(config or {})
+        self.config = config or {}
 
     summary_path = property(lambda self: self.path / "summary.json")
     checkpoint_path = property(lambda self: self.path / "checkpoint.pt")
@@ -72,21 +107,31 @@ class RunDir:
         return self.summary_path.exists()
 
     def prepare(self, overwrite: bool = False) -> None:
+        """Make the directory ready for this run. With ``overwrite`` it is emptied first (a sweep's lock
+        aside), which only a directory that holds a run (one of :data:`RUN_FILES`) or nothing allows."""
         if self.is_finished() and not overwrite:
             raise RunError(f"{self.path} already holds a finished run; pass --overwrite to replace it or choose another --run_dir")
+        old = [p for p in self.path.iterdir() if p.name != LOCK] if overwrite and self.path.is_dir() else []
+        if old and not any((self.path / name).exists() for name in RUN_FILES):
+            raise RunError(f"--overwrite empties a run directory, and {self.path} holds no run (none of "
+                           f"{', '.join(RUN_FILES)}); choose another --run_dir")
         try:
+            for entry in old:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write_test"
             probe.write_text("")
             probe.unlink()
         except OSError as err:
             raise RunError(f"run directory {self.path} is not writable ({err.strerror}); choose another --run_dir") from None
-        if overwrite:
-            for name in ("summary.json", "checkpoint.pt", "metrics.csv"):
-                (self.path / name).unlink(missing_ok=True)
 
     def load_checkpoint(self) -> dict | None:
         """The latest checkpoint, or None. A corrupt one or one from another config is refused."""
+        import torch
+
         if not self.checkpoint_path.exists():
             return None
         try:
@@ -96,17 +141,23 @@ class RunDir:
                 f"checkpoint {self.checkpoint_path} is corrupt ({type(err).__name__}); delete it to start over "
                 f"or pass --overwrite"
             ) from None
-        if state.get("config_hash") != self.config_hash:
+        if "run_config" not in state:
+            raise RunError(f"checkpoint {self.checkpoint_path} was written by an older fedbench that did not store "
+                           f"its config; pass --overwrite to start over or choose another --run_dir")
+        diff = config_diff(state["run_config"], self.config, CHECKPOINT_NEUTRAL_KEYS)
+        if diff:
             raise RunError(
-                f"checkpoint {self.checkpoint_path} was written by a different config; resume with the same "
-                f"config, choose another --run_dir, or pass --overwrite"
+                f"checkpoint {self.checkpoint_path} was written by a different config ({shown(diff)}); resume with "
+                f"the same config, choose another --run_dir, or pass --overwrite"
             )
         return state
 
     def save_checkpoint(self, fabric, state: dict) -> None:
         if fabric.is_global_zero:
+            import torch
+
             buf = io.BytesIO()
-            torch.save({**state, "config_hash": self.config_hash}, buf)
+            torch.save({**state, "run_config": comparable(self.config, CHECKPOINT_NEUTRAL_KEYS)}, buf)
             atomic_write(self.checkpoint_path, buf.getvalue())
         fabric.barrier()
 

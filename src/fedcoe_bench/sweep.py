@@ -36,12 +36,7 @@ from pathlib import Path
 import yaml
 
 from fedcoe_bench.errors import UserError
-from fedcoe_bench.runs import flatten
-
-# Keys that do not change a run's results: a finished run that differs only in them counts as done.
-IGNORED_KEYS = ("run_dir", "resume", "overwrite", "debug", "logger", "wandb_project", "config", "fabric.accelerator",
-                "fabric.devices", "fabric.strategy", "fabric.num_nodes", "loop.progress", "loop.checkpoint_every",
-                "loop.eval_batch_size", "data.cache_dir", "data.source.init_args.root", "data.source.init_args.download")
+from fedcoe_bench.runs import LOCK, config_diff, shown
 
 
 class SweepError(UserError):
@@ -135,15 +130,15 @@ def plan(path: str | os.PathLike, sweep_dir: str | os.PathLike = "runs", logger:
     from fedcoe_bench import cli
 
     config = load_sweep(path)
-    fit_parser = cli.build_parser()._subcommands_action._name_parser_map["fit"]
+    fit_parser = cli.fit_parser()
     runs, seen = [], {}
     for i, params in enumerate(grid(config), 1):
         args = command_args(config, params)
         try:
-            cfg = fit_parser.parse_args(cli._expand_short_names(args))
+            cfg = fit_parser.parse_args(cli.expand_short_names(args))
         except (ArgumentError, cli.UsageError) as err:
             point = ", ".join(f"{k}={v}" for k, v in params.items())
-            raise SweepError(f"grid point {i} ({point}): {cli._one_line(err)}") from None
+            raise SweepError(f"grid point {i} ({point}): {cli.one_line(err)}") from None
         default = Path(cli.default_run_dir(cfg))
         run_dir = Path(sweep_dir) / default.relative_to(default.parts[0])
         if run_dir in seen:
@@ -151,17 +146,11 @@ def plan(path: str | os.PathLike, sweep_dir: str | os.PathLike = "runs", logger:
                              f"'name' (see benchmarks/sweeps/ablation.yaml)")
         seen[run_dir] = i
         cfg.run_dir = str(run_dir)
-        resolved = cfg.as_dict()
-        resolved.pop("config", None)
-        runs.append(SweepRun(i, params, [*args, f"--logger={logger}", f"--run_dir={run_dir}"], run_dir, resolved))
+        runs.append(SweepRun(i, params, [*args, f"--logger={logger}", f"--run_dir={run_dir}"], run_dir,
+                             cli.stored_config(fit_parser, cfg)))
     for r in runs:
         check_finished(r)
     return runs
-
-
-def _comparable(config: dict) -> dict:
-    flat = flatten(json.loads(json.dumps(config, default=str)))
-    return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED_KEYS)}
 
 
 def check_finished(run: SweepRun) -> str:
@@ -176,17 +165,9 @@ def check_finished(run: SweepRun) -> str:
     except (OSError, ValueError, AttributeError):
         run.state = "conflict: its summary.json is unreadable"
         return run.state
-    want, have = _comparable(run.config), _comparable(done)
-    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-    if not diff:
-        run.state = "finished"
-    else:
-        shown = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} here" for k in diff[:3])
-        run.state = f"conflict: holds a finished run of another config ({shown}{', ...' if len(diff) > 3 else ''})"
+    diff = config_diff(done, run.config)  # a finished run serves a config that differs in neutral keys only
+    run.state = f"conflict: holds a finished run of another config ({shown(diff)})" if diff else "finished"
     return run.state
-
-
-LOCK = ".sweep.lock"
 
 
 def claim(run: SweepRun) -> bool:

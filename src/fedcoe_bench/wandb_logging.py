@@ -7,6 +7,10 @@ time, clients, versions) and, where the run wrote them, ``routing.csv`` and ``cl
 tables. ``WANDB_MODE=offline`` works without an account; W&B's files go to ``WANDB_DIR`` if set,
 else into the run directory.
 
+A resumed run continues its W&B run: ``wandb_run.json`` in the run directory keeps the W&B run id
+and the last round W&B received, so the rounds the loop replays from the checkpoint (and the ones it
+trains again after a kill) are not sent twice.
+
 W&B never costs a run: :class:`SafeLogger` reports the first exception of any W&B call in one
 line on stderr and ignores W&B from then on, while ``metrics.csv`` and ``summary.json`` are
 written as always.
@@ -15,14 +19,18 @@ written as always.
 from __future__ import annotations
 
 import csv
+import json
 import os
+import secrets
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.loggers import Logger
+from lightning.fabric.utilities import rank_zero_only
 
-from fedcoe_bench.runs import flatten
+from fedcoe_bench.runs import atomic_write, flatten
 
 
 def _short(class_path: Any) -> str:
@@ -47,14 +55,45 @@ def run_name(config: dict) -> tuple[str, str]:
     return f"{group}/seed{config.get('seed')}", group
 
 
+@dataclass
+class WandbRun:
+    """The W&B run of a run directory, kept in its ``wandb_run.json``: the id, and the last round
+    (step) W&B received. A new one takes W&B's agent's id (``WANDB_RUN_ID``) or a fresh one."""
+
+    path: Path
+    id: str
+    step: int = 0
+
+    @classmethod
+    def of(cls, run_dir: str | os.PathLike) -> WandbRun:
+        path = Path(run_dir) / "wandb_run.json"
+        try:
+            stored = json.loads(path.read_text())
+            return cls(path, str(stored["id"]), int(stored["step"]))
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, or cut short: a new W&B run
+            return cls(path, os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))
+
+    def logged(self, step: int) -> None:
+        """Record that W&B received round ``step`` (written by rank 0 only)."""
+        self.step = max(self.step, step)
+        _write_json(self.path, {"id": self.id, "step": self.step})
+
+
+@rank_zero_only
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write(path, json.dumps(data).encode())
+
+
 class SafeLogger(Logger):
     """Wraps a logger so that the first exception of any call is reported once (one line on stderr)
-    and every later call is a no-op. ``make`` builds the wrapped logger (and may fail too)."""
+    and every later call is a no-op. ``make`` builds the wrapped logger (and may fail too). With
+    ``run`` (the :class:`WandbRun` it logs to), rounds W&B already received are not sent again."""
 
-    def __init__(self, make, what: str = "W&B"):
+    def __init__(self, make, what: str = "W&B", run: WandbRun | None = None):
         super().__init__()
         self.what = what
         self.failed = False
+        self.run = run
         self.logger = self._guard("setting up", make)
 
     def _guard(self, action: str, fn, *args, **kwargs):
@@ -84,7 +123,11 @@ class SafeLogger(Logger):
         return self._guard("naming the run", lambda: self.logger.version) if self.logger is not None else None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.run is not None and step is not None and step <= self.run.step:
+            return  # a resumed run replays rounds its W&B run already holds
         self._wrapped("logging metrics", "log_metrics", metrics, step)
+        if self.run is not None and step is not None and not self.failed:
+            self.run.logged(step)
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         self._wrapped("logging the config", "log_hyperparams", params, *args, **kwargs)
@@ -137,8 +180,10 @@ def _num(v: str):
 
 
 def wandb_logger(run_dir: str | os.PathLike, project: str, config: dict) -> list[Logger]:
-    """The W&B logger of one run, wrapped in :class:`SafeLogger`. Under ``wandb agent`` the sweep's
-    project (``WANDB_PROJECT``) wins over ``project``."""
+    """The W&B logger of one run, wrapped in :class:`SafeLogger`: the W&B run the run directory names
+    (see :class:`WandbRun`), resumed, or a new one. Under ``wandb agent`` the sweep's project
+    (``WANDB_PROJECT``) wins over ``project``."""
+    run = WandbRun.of(run_dir)
 
     def make():
         from lightning.pytorch.loggers import WandbLogger
@@ -146,6 +191,6 @@ def wandb_logger(run_dir: str | os.PathLike, project: str, config: dict) -> list
         name, group = run_name(config)
         return WandbLogger(project=os.environ.get("WANDB_PROJECT") or project, name=name, group=group,
                            save_dir=os.environ.get("WANDB_DIR") or str(run_dir), config=wandb_config(config),
-                           job_type="fit")
+                           job_type="fit", id=run.id, resume="allow")
 
-    return [SafeLogger(make)]
+    return [SafeLogger(make, run=run)]
