@@ -229,3 +229,46 @@ def test_a_shifted_fit_logs_agreement_each_round_and_writes_the_cluster_column(s
     assert all(1 / 3 <= float(m["expert_cluster_purity"]) <= 1 for m in metrics)
     summary = json.loads((run / "summary.json").read_text())
     assert {"global_acc_cluster_3", "cold_start_acc_new_domain"} <= set(summary["metrics"])
+
+
+def test_shifted_runs_get_their_own_folder_and_table_group(shifted_runs):
+    from fedcoe_bench.cli import build_parser, default_run_dir
+    from fedcoe_bench.results import load_runs
+
+    runs = load_runs(shifted_runs)
+    assert {r.group for r in runs} == {("synthetic rotate4-held3", "dirichlet", 0.3, 2)}
+    cfg = build_parser().parse_args(["fit", "--data.shift", "rotate", "--data.held_out_clusters", "[3]"]).fit
+    assert default_run_dir(cfg).split("/")[2] == "dirichlet0.3-rotate4-held3"
+
+
+# ---------------------------------------------------------------- what a user sees
+def test_partition_shows_each_cluster_with_its_sizes(tmp_path, run_cli):
+    rc, out, err = run_cli(["partition", "--data.source", "synthetic", "--data.source.samples", "400",
+                            "--data.num_clients", "12", "--data.cache_dir", str(tmp_path), "--data.shift", "invert",
+                            "--data.clusters", "3", "--data.held_out_clusters", "[1]"])
+    assert rc == 0, err
+    header, cluster_columns, *lines = out.strip().splitlines()
+    assert "shift invert over 3 clusters (held out: 1)" in header
+    assert cluster_columns.split() == ["cluster", "clients", "training", "cold-start", "samples"]
+    summary, columns, clients = lines[:3], lines[3], lines[4:]
+    assert columns.split()[:3] == ["client", "kind", "cluster"] and len(clients) == 12
+    per_client = [[int(v) if v.isdigit() else v for v in line.split()] for line in clients]
+    for row in summary:
+        k, n, training, cold, samples = (int(v) for v in row.split()[:5])
+        members = [r for r in per_client if r[2] == k]
+        assert n == len(members) == 4 and cold == sum(r[1] == "new" for r in members) and training == n - cold
+        assert samples == sum(sum(r[-3:]) for r in members)
+        assert row.endswith("held out") == (k == 1) and (training == 0) == (k == 1)
+
+
+def test_plot_draws_cluster_samples_and_routing_by_cluster(shifted_runs, tmp_path, run_cli):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "figures"
+    code, stdout, err = run_cli(["plot", str(shifted_runs), "--out", str(out)])
+    assert code == 0, err
+    slug = "synthetic-rotate4-held3_dirichlet0.3_2r"
+    names = {p.name for p in out.iterdir()}
+    assert {f"{slug}_clusters.png", f"{slug}_routing.png", f"{slug}_partition.png"} <= names
+    for name in (f"{slug}_clusters.png", f"{slug}_routing.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000

@@ -265,7 +265,7 @@ def plot_routing(runs: list[Run], title: str, out: Path) -> bool:
             panels.append((label, *found))
     if not panels:
         return False
-    fig = _figure(2.2 + 2.6 * len(panels), 5.0)
+    fig = _figure(max(5.5, 2.2 + 2.6 * len(panels)), 5.0)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (label, run, (clusters, profiles)) in zip(axes, panels):
         top = [max(range(len(p)), key=p.__getitem__) for p in profiles]
@@ -284,7 +284,7 @@ def plot_routing(runs: list[Run], title: str, out: Path) -> bool:
         ax.set_title(f"{label} (seed {run.seed})\nNMI {agree['expert_cluster_nmi']:.2f}, "
                      f"purity {agree['expert_cluster_purity']:.2f}", fontsize=9)
     fig.colorbar(image, ax=axes.tolist(), label="mean gate weight")
-    fig.suptitle(f"{title}: routing profile of each trained client, grouped by cluster", fontsize=10)
+    fig.suptitle(f"{title}:\nrouting profile of each trained client, grouped by cluster", fontsize=10)
     fig.savefig(out)
     return True
 
