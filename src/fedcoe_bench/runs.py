@@ -2,7 +2,8 @@
 
 Layout of ``RUN_DIR``: ``config.yaml`` (the full config), ``metrics.csv`` (one row per round),
 ``checkpoint.pt`` (the latest checkpoint), ``summary.json`` (written once, when the run finishes;
-its absence marks an unfinished run), plus method artefacts (e.g. FedCoE's ``routing.csv``).
+its absence marks an unfinished run), plus method artefacts (e.g. FedCoE's ``calibration.csv``)
+and, for methods with experts, ``routing.csv``.
 """
 
 from __future__ import annotations
