@@ -64,6 +64,7 @@ class FedMix(FederatedMethod):
         # Dense routing: top_m limits what is *sent*, not which experts a client mixes.
         self.gate = Gate(self.in_channels, num_experts, hidden=gate_hidden)
         self._diagnostics: dict[str, float] = {}
+        self.routing: dict[int, torch.Tensor] = {}  # client id -> its latest gate mass (server side)
 
     # ------------------------------------------------------------------ the mixture
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +94,8 @@ class FedMix(FederatedMethod):
     def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
         # The experts are FedMix's only shared parameters, so every entry is covered below.
         w = self.aggregation_weights(updates)
+        for u in updates:
+            self.routing[u.client] = u.report["gate_mass"].detach().cpu()
         new = server.clone()
         for k in range(self.num_experts):
             s = self.span(f"experts.{k}.")
@@ -106,6 +109,16 @@ class FedMix(FederatedMethod):
 
     def round_diagnostics(self) -> dict[str, float]:
         return dict(self._diagnostics)
+
+    def routing_profiles(self) -> dict[int, torch.Tensor]:
+        """Each trained client's latest gate mass :math:`m_i`."""
+        return self.routing
+
+    def get_extra_state(self) -> dict:
+        return {"routing": dict(self.routing)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.routing = dict(state["routing"])
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -256,7 +256,8 @@ def test_the_cache_is_one_assignment_whatever_the_clients(small_data):
     files = list(Path(small_data.cache_dir).glob("*.npz"))
     assert len(files) == 1, "the partition was not cached"
     with np.load(files[0]) as z:
-        assert sorted(z.files) == ["client", "cold", "part"] and len(z["client"]) == 400
+        assert sorted(z.files) == ["client", "cluster", "cold", "part"] and len(z["client"]) == 400
+        assert len(z["cluster"]) == 10, "one cluster per client, not per sample"
     again = small_data.setup(seed=0)  # read from the file
     for a, b in zip(fed.clients + fed.new_clients, again.clients + again.new_clients):
         assert a.id == b.id and all(torch.equal(getattr(a, s), getattr(b, s)) for s in ("train", "val", "test"))

@@ -188,6 +188,20 @@ def test_mnist10k_sweep(monkeypatch):
     assert str(runs[0].run_dir) == "runs/mnist10k/dirichlet0.1/fedavg/seed0"  # = fedbench fit's default
 
 
+def test_mnist10k_shift_sweep_lands_apart_from_the_unshifted_runs(monkeypatch):
+    monkeypatch.chdir(REPO)
+    runs = sweep.plan("benchmarks/sweeps/mnist10k_shift.yaml", "runs")
+    keys = {(r.config["method"]["class_path"].rsplit(".", 1)[-1].lower(), r.config["seed"]) for r in runs}
+    assert len(runs) == 7 * 3 and keys == {(m, s) for m in METHODS for s in (0, 2, 3)}
+    data = {json.dumps(r.config["data"], sort_keys=True) for r in runs}
+    assert len(data) == 1 and {r.config["loop"]["rounds"] for r in runs} == {100}
+    data = json.loads(data.pop())
+    assert (data["shift"], data["clusters"], data["held_out_clusters"], data["alpha"]) == ("rotate", 4, [3], 0.3)
+    assert str(runs[0].run_dir) == "runs/mnist10k/dirichlet0.3-rotate4-held3/fedavg/seed0"
+    unshifted = {r.run_dir for r in sweep.plan("benchmarks/sweeps/mnist10k.yaml", "runs")}
+    assert not unshifted & {r.run_dir for r in runs}
+
+
 def test_ablation_is_one_run_per_variant_and_seed(monkeypatch):
     monkeypatch.chdir(REPO)
     runs = sweep.plan("benchmarks/sweeps/ablation.yaml", "runs")

@@ -193,10 +193,14 @@ def stored_config(parser: ArgumentParser, cfg: Namespace) -> dict:
 
 
 def default_run_dir(cfg: Namespace) -> str:
-    """``runs/<dataset>/<scheme><alpha>/<name or method>/seed<seed>``."""
+    """``runs/<dataset>/<scheme><alpha>[-<shift>]/<name or method>/seed<seed>``."""
+    from fedcoe_bench.results import shift_label
+
     src = cfg.data.source
     dataset = short_name(src.class_path) if isinstance(src, Namespace) else str(src)
     scheme = cfg.data.scheme + (str(cfg.data.alpha) if cfg.data.scheme == "dirichlet" else "")
+    shift = shift_label(cfg.data.shift, cfg.data.clusters, cfg.data.held_out_clusters)
+    scheme += f"-{shift}" if shift else ""  # e.g. dirichlet0.3-rotate4-held3: not the unshifted runs' folder
     name = cfg.get("name") or short_name(cfg.method.class_path)
     return os.path.join("runs", dataset, scheme, name, f"seed{cfg.seed}")
 
@@ -330,6 +334,10 @@ class Fit:
             from fedcoe_bench.evaluation import write_per_client
 
             self.method.save_artifacts(self.run_dir.path)
+            if self.method.routing_profiles():
+                from fedcoe_bench.routing import write_routing
+
+                write_routing(self.method.routing_profiles(), self.fed, self.run_dir.path / "routing.csv")
             if self.loop.evaluator.per_client:  # the final evaluation, client by client
                 write_per_client(self.loop.evaluator.per_client, self.run_dir.path / "clients.csv")
             for logger in fabric.loggers:
@@ -360,16 +368,29 @@ def partition(parser: ArgumentParser, cfg: Namespace) -> None:
     knob = {"dirichlet": f" (alpha {data.alpha})", "classes": f" ({data.classes_per_client} classes per client)",
             "shards": f" ({data.shards_per_client} shards per client)"}.get(data.scheme, "")
     skew = f", quantity skew {data.quantity_skew}" if data.quantity_skew else ""
+    shifted = fed.num_clusters > 1
+    held = f" (held out: {', '.join(map(str, data.held_out_clusters))})" if data.held_out_clusters else ""
+    shift = f", shift {data.shift} over {fed.num_clusters} clusters{held}" if shifted else ""
     print(f"{data.source.name}: {len(fed.clients)} training + {len(fed.new_clients)} cold-start clients, "
-          f"scheme {data.scheme}{knob}{skew}, seed {cfg.seed}, server validation {len(fed.val_y)} samples "
+          f"scheme {data.scheme}{knob}{skew}{shift}, seed {cfg.seed}, server validation {len(fed.val_y)} samples "
           f"(label counts of each client's train split, then its train / val / test sizes)")
+    if shifted:
+        print("cluster  clients  training  cold-start  samples")
+        for k in range(fed.num_clusters):
+            members = [c for c in everyone if c.cluster == k]
+            new = sum(c.id in cold for c in members)
+            samples = sum(c.bounds[3] - c.bounds[0] for c in members)
+            print(f"{k:>7}{len(members):>9}{len(members) - new:>10}{new:>12}{samples:>9}"
+                  + ("  held out" if k in fed.held_out_clusters else ""))
     width = max(4, len(str(int(hist.max()))) + 1)
-    print("client  kind  " + "".join(f"{c:>{width}}" for c in range(hist.shape[1])) + "   train     val    test")
+    print("client  kind  " + ("cluster" if shifted else "") + "".join(f"{c:>{width}}" for c in range(hist.shape[1]))
+          + "   train     val    test")
     rows = sorted(zip([c.id for c in everyone], hist.tolist(), everyone), key=lambda r: r[0])
     for cid, row, c in rows:
         kind = "new " if cid in cold else "train"
         sizes = "".join(f"{len(s):>8}" for s in (c.train, c.val, c.test))
-        print(f"{cid:>6}  {kind:<5}" + "".join(f"{v:>{width}}" for v in row) + sizes)
+        print(f"{cid:>6}  {kind:<5}" + (f"{c.cluster:>8}" if shifted else "") + "".join(f"{v:>{width}}" for v in row)
+              + sizes)
 
 
 # ---------------------------------------------------------------------- the subcommands

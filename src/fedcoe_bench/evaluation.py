@@ -94,7 +94,7 @@ class Evaluator:
         was_training = method.training
         method.eval()
         load(None)
-        out = {"global_acc": _accuracy(self._batched(method.predict_global, fed.test_x), fed.test_y, c)[0]}
+        out = self._over_clusters(method.predict_global, fed.test_x_by_cluster, fed.test_y, "global_acc")
 
         # Clients are split over ranks; per-client accuracies meet in one all-reduce.
         n_pers, n_cold = len(fed.clients), len(fed.new_clients)
@@ -111,14 +111,27 @@ class Evaluator:
         table = table.cpu()
         sizes = table[2].long().tolist()
         kinds = ["train"] * n_pers + ["cold_start"] * n_cold
-        self.per_client = [{"client": cl.id, "kind": kind, "samples": sizes[j], "acc": float(table[0, j]),
-                            "lp_acc": float(table[1, j]) if kind == "cold_start" else None}
+        self.per_client = [{"client": cl.id, "kind": kind, "cluster": cl.cluster, "samples": sizes[j],
+                            "acc": float(table[0, j]), "lp_acc": float(table[1, j]) if kind == "cold_start" else None}
                            for j, (cl, kind) in enumerate(zip(fed.clients + fed.new_clients, kinds))]
         out.update(summarize_clients(table[0, :n_pers].tolist(), sizes[:n_pers], "personal_acc"))
         if n_cold:
             out.update(summarize_clients(table[0, n_pers:].tolist(), sizes[n_pers:], "cold_start_acc"))
             out["cold_start_lp_acc"] = float(table[1, n_pers:].mean())
+        new_domain = [n_pers + j for j, cl in enumerate(fed.new_clients) if cl.cluster in fed.held_out_clusters]
+        if new_domain:  # cold-start clients of held-out clusters: a domain no training client has
+            out["cold_start_acc_new_domain"] = float(table[0, new_domain].mean())
+            out["cold_start_lp_acc_new_domain"] = float(table[1, new_domain].mean())
         method.train(was_training)
+        return out
+
+    def _over_clusters(self, fn, views: list[torch.Tensor], y: torch.Tensor, name: str) -> dict[str, float]:
+        """Accuracy of ``fn`` on one split seen under every cluster's transform (``views``): ``name``
+        is the mean over clusters, ``name_cluster_k`` each cluster's (with more than one)."""
+        accs = [_accuracy(self._batched(fn, x), y, self.fed.num_classes)[0] for x in views]
+        out = {name: sum(accs) / len(accs)}
+        if len(accs) > 1:
+            out.update({f"{name}_cluster_{k}": a for k, a in enumerate(accs)})
         return out
 
     def _cold_start(self, method: FederatedMethod, client: Client) -> tuple[float, float, int]:
@@ -136,11 +149,12 @@ class Evaluator:
 
 
 def write_per_client(rows: list[dict], path) -> None:
-    """``clients.csv``: client, kind (train / cold_start), samples (local test), acc (personal for
-    training clients, cold-start for new ones), lp_acc (cold-start with the label-prior adapter)."""
+    """``clients.csv``: client, kind (train / cold_start), cluster (feature shift; 0 without),
+    samples (local test), acc (personal for training clients, cold-start for new ones), lp_acc
+    (cold-start with the label-prior adapter)."""
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["client", "kind", "samples", "acc", "lp_acc"])
+        out.writerow(["client", "kind", "cluster", "samples", "acc", "lp_acc"])
         for r in rows:
-            out.writerow([r["client"], r["kind"], r["samples"], f"{r['acc']:.6f}",
+            out.writerow([r["client"], r["kind"], r["cluster"], r["samples"], f"{r['acc']:.6f}",
                           "" if r["lp_acc"] is None else f"{r['lp_acc']:.6f}"])

@@ -247,6 +247,9 @@ class FedCoE(FederatedMethod):
         return {"cold_start_beta_index": float(b), "cold_start_label_prior": float(use_lp),
                 "cold_start_self_score": float(self.self_scores()[b, int(use_lp)])}
 
+    def routing_profiles(self) -> dict[int, torch.Tensor]:
+        return self.routing
+
     def get_extra_state(self) -> dict:
         return {"routing": dict(self.routing)}
 
@@ -254,14 +257,10 @@ class FedCoE(FederatedMethod):
         self.routing = dict(state["routing"])
 
     def save_artifacts(self, run_dir) -> None:
-        """R, the client-expert correlation matrix, as ``routing.csv`` (one row per client), and the
-        calibrated self-score of every cold-start setting as ``calibration.csv`` (``weight``: the
-        decayed number of rounds behind it), the setting served to new clients marked."""
-        with open(Path(run_dir) / "routing.csv", "w", newline="") as f:
-            out = csv.writer(f)
-            out.writerow(["client"] + [f"expert_{k}" for k in range(self.num_experts)])
-            for cid in sorted(self.routing):
-                out.writerow([cid] + [f"{v:.6f}" for v in self.routing[cid].tolist()])
+        """The calibrated self-score of every cold-start setting as ``calibration.csv`` (``weight``:
+        the decayed number of rounds behind it), the setting served to new clients marked. (R, the
+        client-expert correlation matrix, is :meth:`routing_profiles`, which the run writes as
+        ``routing.csv``.)"""
         scores, count = self.self_scores(), self.calibration[1]
         served = self.cold_start_setting() if self.cold_start_prior else None
         with open(Path(run_dir) / "calibration.csv", "w", newline="") as f:

@@ -27,6 +27,7 @@ from fedcoe_bench.data import Client, Federation
 from fedcoe_bench.errors import ConfigError, RunError, TrainingDiverged
 from fedcoe_bench.evaluation import Evaluator
 from fedcoe_bench.method import ClientUpdate, FederatedMethod
+from fedcoe_bench.routing import routing_diagnostics
 from fedcoe_bench.runs import RunDir
 
 
@@ -127,6 +128,7 @@ class FederatedLoop:
                 "round_time": train_time,
                 "samples_per_s": samples / train_time,
                 **method.round_diagnostics(),
+                **routing_diagnostics(method.routing_profiles(), fed),  # the loop knows the clusters, no method does
             }
             if (rnd + 1) % self.eval_every == 0 or rnd + 1 == self.rounds:
                 t1 = time.perf_counter()

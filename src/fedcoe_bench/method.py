@@ -221,6 +221,13 @@ class FederatedMethod(L.LightningModule):
         """Scalars logged after each aggregation (routing entropy, expert usage, ...)."""
         return {}
 
+    def routing_profiles(self) -> dict[int, torch.Tensor]:
+        """Client id -> the latest label-free routing profile the client reported (its mean gate
+        weights over its local inputs, ``[experts]``), for every client trained so far; empty for
+        methods without experts. The run writes them to ``routing.csv`` and, with feature-shift
+        clusters, logs how well each client's top expert follows its cluster (:mod:`fedcoe_bench.routing`)."""
+        return {}
+
     def save_artifacts(self, run_dir) -> None:
         """Write method-specific results (e.g. a routing matrix) into the run directory at the end."""
 

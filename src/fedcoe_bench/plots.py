@@ -5,7 +5,10 @@
 - ``*_clients.png``: the spread of per-client accuracy (%) per method, all seeds pooled, from each
   run's ``clients.csv`` (written by ``fedbench fit`` at the final evaluation);
 - ``*_partition.png``: how the partition deals classes to clients (the run config's
-  ``FederatedData.setup(seed).label_histogram()``, lowest seed of the group).
+  ``FederatedData.setup(seed).label_histogram()``, lowest seed of the group);
+- with feature-shift clusters, ``*_clusters.png``: a few of the clients' (transformed) images per
+  cluster, and ``*_routing.png``: each client's routing profile (``routing.csv``), clients grouped
+  by cluster, one panel per method with experts (lowest seed).
 """
 
 from __future__ import annotations
@@ -161,22 +164,21 @@ def plot_clients(runs: list[Run], title: str, out: Path) -> bool:
     return True
 
 
-def partition_histogram(config: dict):
-    """(label histogram [clients, classes], client ids, cold-start ids, seed) of a run's partition."""
+def federation_of(config: dict):
+    """(the federation, its seed) of a run's config, built on the CPU."""
     from fedcoe_bench import cli
 
     parser = cli.fit_parser()
     config = {k: v for k, v in config.items() if k != "config"}
     cfg = parser.parse_object(config)
     data = parser.instantiate(cfg).data
-    fed = data.setup(cfg.seed)
+    return data.setup(cfg.seed), cfg.seed
+
+
+def plot_partition(fed, seed: int, title: str, out: Path) -> bool:
     ids = [c.id for c in fed.clients] + [c.id for c in fed.new_clients]
-    return fed.label_histogram(), ids, {c.id for c in fed.new_clients}, cfg.seed
-
-
-def plot_partition(config: dict, title: str, out: Path) -> bool:
-    hist, ids, cold, seed = partition_histogram(config)
-    hist = hist.numpy()
+    cold = {c.id for c in fed.new_clients}
+    hist = fed.label_histogram().numpy()
     n_clients, n_classes = hist.shape
     fig = _figure(min(16.0, max(7.0, 0.22 * n_clients + 2.5)), 4.8)
     ax = fig.subplots()
@@ -205,6 +207,84 @@ def plot_partition(config: dict, title: str, out: Path) -> bool:
     ax.set_xlabel("client id: training clients, then cold-start clients (grey band: never trained on)"
                   if cold else "client id")
     ax.set_title(f"{title}\nclasses per client (partition of seed {seed})", fontsize=11)
+    fig.savefig(out)
+    return True
+
+
+def plot_cluster_samples(fed, seed: int, title: str, out: Path, per_cluster: int = 8) -> bool:
+    """A row of images per cluster: the first local train samples of its clients, as the clients
+    hold them (transformed)."""
+    if fed.num_clusters < 2:
+        return False
+    everyone = sorted(fed.clients + fed.new_clients, key=lambda c: c.id)
+    fig = _figure(1.0 * per_cluster + 1.8, 1.05 * fed.num_clusters + 0.7)
+    axes = fig.subplots(fed.num_clusters, per_cluster, squeeze=False)
+    for k, row in enumerate(axes):
+        members = [c for c in everyone if c.cluster == k]
+        picked = [int(i) for c in members for i in c.train[:2]][:per_cluster]
+        for j, ax in enumerate(row):
+            ax.set_axis_off()
+            if j < len(picked):
+                image = fed.pool_x[picked[j]].permute(1, 2, 0).cpu().numpy()
+                gray = image.shape[2] == 1
+                ax.imshow(image[:, :, 0] if gray else image, cmap="gray" if gray else None, vmin=0, vmax=255)
+        held = ", held out" if k in fed.held_out_clusters else ""
+        row[0].text(-0.15, 0.5, f"cluster {k}\n({len(members)} clients{held})", transform=row[0].transAxes,
+                    ha="right", va="center", fontsize=8)
+    fig.suptitle(f"{title}\nlocal train images per cluster (partition of seed {seed})", fontsize=10)
+    fig.savefig(out)
+    return True
+
+
+def read_routing(run_dir: str | Path) -> tuple[list[int], list[list[float]]] | None:
+    """(cluster of each client, routing profiles) from a run's ``routing.csv``; None without one or
+    without a cluster column."""
+    path = Path(run_dir) / "routing.csv"
+    if not path.exists():
+        return None
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "cluster" not in rows[0]:
+        return None
+    experts = [k for k in rows[0] if k.startswith("expert_")]
+    return [int(r["cluster"]) for r in rows], [[float(r[k]) for k in experts] for r in rows]
+
+
+def plot_routing(runs: list[Run], title: str, out: Path) -> bool:
+    """Each client's routing profile as a row of a heat map, clients grouped by cluster, one panel
+    per method with a ``routing.csv`` (its lowest seed), NMI and purity of top expert vs cluster."""
+    import torch
+
+    from fedcoe_bench.routing import expert_cluster_agreement
+
+    panels = []
+    for label in sorted({r.label for r in runs}, key=method_sort_key):
+        seeded = sorted((r for r in runs if r.label == label), key=lambda r: (r.seed is None, r.seed or 0, r.path))
+        found = next(((r, got) for r in seeded if (got := read_routing(r.path)) and len(set(got[0])) > 1), None)
+        if found:
+            panels.append((label, *found))
+    if not panels:
+        return False
+    fig = _figure(max(5.5, 2.2 + 2.6 * len(panels)), 5.0)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (label, run, (clusters, profiles)) in zip(axes, panels):
+        top = [max(range(len(p)), key=p.__getitem__) for p in profiles]
+        order = sorted(range(len(clusters)), key=lambda i: (clusters[i], top[i]))
+        image = ax.imshow([profiles[i] for i in order], aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                          interpolation="nearest")
+        bounds = [i for i in range(1, len(order)) if clusters[order[i]] != clusters[order[i - 1]]]
+        for b in bounds:
+            ax.axhline(b - 0.5, color="white", linewidth=1.5)
+        starts, ends = [0, *bounds], [*bounds, len(order)]
+        ax.set_yticks([(s + e - 1) / 2 for s, e in zip(starts, ends)],
+                      [f"cluster {clusters[order[s]]}" for s in starts], fontsize=8)
+        ax.set_xticks(range(len(profiles[0])), [str(k) for k in range(len(profiles[0]))])
+        ax.set_xlabel("expert")
+        agree = expert_cluster_agreement(torch.tensor(top), torch.tensor(clusters))
+        ax.set_title(f"{label} (seed {run.seed})\nNMI {agree['expert_cluster_nmi']:.2f}, "
+                     f"purity {agree['expert_cluster_purity']:.2f}", fontsize=9)
+    fig.colorbar(image, ax=axes.tolist(), label="mean gate weight")
+    fig.suptitle(f"{title}:\nrouting profile of each trained client, grouped by cluster", fontsize=10)
     fig.savefig(out)
     return True
 
@@ -244,11 +324,15 @@ def make_plots(runs_dir: str | Path, out_dir: str | Path | None = None) -> list[
                 written.append(out / f"{name}_clients.png")
             else:
                 print(f"plot: {title}: no clients.csv in its runs, so no per-client figure", file=sys.stderr)
+            if plot_routing(shown, title, out / f"{name}_routing.png"):
+                written.append(out / f"{name}_routing.png")
         first = min(members, key=lambda r: (r.seed is None, r.seed or 0, r.path))
         try:
             config = _run_config(first)
-            if config and plot_partition(config, title, out / f"{slug}_partition.png"):
-                written.append(out / f"{slug}_partition.png")
+            fed, seed = federation_of(config) if config else (None, None)
+            for kind, draw in (("partition", plot_partition), ("clusters", plot_cluster_samples)):
+                if fed is not None and draw(fed, seed, title, out / f"{slug}_{kind}.png"):
+                    written.append(out / f"{slug}_{kind}.png")
         except Exception as err:  # noqa: BLE001 - e.g. the data set is not on this machine
             print(f"plot: {title}: no partition figure ({type(err).__name__}: {' '.join(str(err).split())[:200]})",
                   file=sys.stderr)

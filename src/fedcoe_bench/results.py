@@ -42,6 +42,7 @@ class Run:
     rounds: int | None = None
     seed: int | None = None
     name: str | None = None  # the config's ``name`` (a label chosen by the user), if any
+    shift: str | None = None  # the feature shift, e.g. rotate4-held3 (shift_label); None without
     metrics: dict[str, float | None] = field(default_factory=dict)
     init_args: dict = field(default_factory=dict)
     global_model: str = "trained"  # the method's ``global_model``; summaries written before it existed: trained
@@ -54,9 +55,11 @@ class Run:
 
     @property
     def group(self) -> tuple:
-        """Runs are compared only within (dataset, scheme, alpha, rounds)."""
+        """Runs are compared only within (dataset, scheme, alpha, rounds), the dataset named with its
+        feature shift (e.g. ``mnist10k rotate4-held3``)."""
         alpha = self.alpha if self.scheme in (None, "dirichlet") else None
-        return (self.dataset or "?", self.scheme or "?", alpha, self.rounds)
+        dataset = self.dataset or "?"
+        return (f"{dataset} {self.shift}" if self.shift else dataset, self.scheme or "?", alpha, self.rounds)
 
 
 def short_name(class_path: str) -> str:
@@ -77,6 +80,7 @@ def run_from_config(config: dict, path: str, status: str) -> Run:
     return Run(path=path, method=short_name(method.get("class_path", "fedavg")),
                dataset=_source_name(data.get("source")), scheme=data.get("scheme"), alpha=data.get("alpha"),
                rounds=(config.get("loop") or {}).get("rounds"), seed=config.get("seed"), name=config.get("name"),
+               shift=shift_label(data.get("shift"), data.get("clusters"), data.get("held_out_clusters")),
                init_args=dict(method.get("init_args") or {}), status=status)
 
 
@@ -161,6 +165,7 @@ def run_from_wandb(wb_run) -> Run:
               dataset=pick("dataset") or _source_name(pick("data.source.class_path", "data.source")),
               scheme=pick("scheme", "data.scheme"), alpha=pick("alpha", "data.alpha"),
               rounds=pick("rounds", "loop.rounds"), seed=pick("seed"), name=pick("name"),
+              shift=shift_label(pick("data.shift"), pick("data.clusters"), pick("data.held_out_clusters")),
               init_args={k[len("method.init_args."):]: v for k, v in config.items() if k.startswith("method.init_args.")},
               global_model=pick("global_model") or "trained")
     run.metrics = {k: summary.get(k) for k in METRICS}
@@ -244,3 +249,17 @@ def group_title(group: tuple) -> str:
     dataset, scheme, alpha, rounds = group
     title = f"{dataset}, {scheme}" + (f" alpha={fmt_alpha(alpha)}" if alpha is not None and scheme == "dirichlet" else "")
     return title + (f", {rounds} rounds" if rounds is not None else "")
+
+
+def shift_label(shift: str, clusters: int, held_out_clusters) -> str | None:
+    """A short name of a shift setting for run directories and table titles; None without shift.
+
+    Example:
+        >>> shift_label("rotate", 4, [3]), shift_label("my_mod.Blur", 2, []), shift_label("none", 4, [])
+        ('rotate4-held3', 'blur2', None)
+    """
+    if shift in (None, "none"):
+        return None
+    held = "_".join(str(k) for k in sorted(held_out_clusters or ()))
+    held = f"-held{held}" if held else ""
+    return f"{str(shift).rpartition('.')[2].lower()}{clusters}{held}"

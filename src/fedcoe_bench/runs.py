@@ -2,8 +2,9 @@
 
 Layout of ``RUN_DIR``: ``config.yaml`` (the full config), ``metrics.csv`` (one row per round),
 ``checkpoint.pt`` (the latest checkpoint), ``summary.json`` (written once, when the run finishes;
-its absence marks an unfinished run), plus method artefacts (e.g. FedCoE's ``routing.csv``) and,
-with W&B, ``wandb_run.json`` (the W&B run a resumed run continues).
+its absence marks an unfinished run), method artefacts (e.g. FedCoE's ``calibration.csv``),
+``routing.csv`` for methods with experts and, with W&B, ``wandb_run.json`` (the W&B run a resumed
+run continues).
 
 Which config keys may differ between two runs that count as the same is defined once, here:
 :data:`NEUTRAL_KEYS` for a finished run (``fedbench sweep`` skips it), those plus

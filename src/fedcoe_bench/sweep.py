@@ -251,7 +251,8 @@ def run_sweep(runs: list[SweepRun], dry_run: bool = False, runner=None) -> int:
 # ---------------------------------------------------------------------- choosing on validation
 VALIDATION_PREFIX = "val_"
 # Grid parameters that say which group a run belongs to, or which repetition it is, not which setting.
-NOT_A_SETTING = ("seed", "method", "data.source", "data.scheme", "data.alpha", "loop.rounds")
+NOT_A_SETTING = ("seed", "method", "data.source", "data.scheme", "data.alpha", "loop.rounds", "data.shift",
+                 "data.clusters", "data.held_out_clusters")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedcoe_bench.data import shift as shifts
 from fedcoe_bench.data.partition import (
     SERVER, VAL, Partition, classes, dirichlet, iid, shards, split_local,
 )
@@ -27,7 +28,8 @@ __all__ = [
 class Client:
     """One client's data: pool indices (on the device), drawn at random from the client's samples
     into ``train`` (a cold-start client's unlabeled inputs), ``val`` (validation, for tuning; empty
-    for a client of fewer than five samples at the default share) and ``test``.
+    for a client of fewer than five samples at the default share) and ``test``; and its
+    feature-shift ``cluster`` (0 without ``data.shift``), whose transform all its images carry.
 
     The three are consecutive slices of one index tensor, shared by all clients of a federation and
     sliced on access, so 100,000 clients cost 100,000 small objects, not 300,000 tensors.
@@ -38,10 +40,10 @@ class Client:
         ([4, 9], [2], [5, 1], 2)
     """
 
-    __slots__ = ("id", "index", "bounds")
+    __slots__ = ("id", "index", "bounds", "cluster")
 
-    def __init__(self, id: int, index: torch.Tensor, bounds: tuple[int, int, int, int]):
-        self.id, self.index, self.bounds = id, index, bounds
+    def __init__(self, id: int, index: torch.Tensor, bounds: tuple[int, int, int, int], cluster: int = 0):
+        self.id, self.index, self.bounds, self.cluster = id, index, bounds, cluster
 
     @property
     def train(self) -> torch.Tensor:
@@ -67,6 +69,11 @@ class Federation:
     Images stay uint8 until a batch is drawn; :meth:`prepare` turns a batch into normalised
     floats and, for natural images during training, applies random crop (pad 4) + flip batched
     on the device: no per-sample Python, no DataLoader.
+
+    With feature shift (:meth:`apply_shift`) the pool holds every sample as its owner's cluster
+    sees it, and ``test_x_by_cluster`` / ``val_x_by_cluster`` hold the global test and server
+    validation splits under every cluster's transform (``test_x``, ``val_x``: untransformed).
+    Without it there is one cluster, whose views are ``test_x`` and ``val_x`` themselves.
     """
 
     def __init__(self, images: Images, clients: list[Client], new_clients: list[Client],
@@ -80,10 +87,34 @@ class Federation:
         self.val_x, self.val_y = self.pool_x[val], self.pool_y[val]
         self.clients, self.new_clients = clients, new_clients  # their indices already on `device`
         self.num_classes = num_classes
+        self.num_clusters, self.held_out_clusters = 1, ()
+        self.test_x_by_cluster, self.val_x_by_cluster = [self.test_x], [self.val_x]
+        everyone = clients + new_clients
+        self.client_cluster = torch.zeros(max((c.id for c in everyone), default=-1) + 1, dtype=torch.long)  # by id
+        self.client_cluster[[c.id for c in everyone]] = torch.tensor([c.cluster for c in everyone], dtype=torch.long)
         self.augment = images.augment
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(images.mean, device=self.device).view(shape) * 255
         self.std = torch.tensor(images.std, device=self.device).view(shape) * 255
+
+    def apply_shift(self, transform, name: str, num_clusters: int, sample_cluster: torch.Tensor, seed: int,
+                    held_out_clusters=()) -> None:
+        """Transform, once, every pool sample by its owner's cluster (``sample_cluster``: one per
+        pool sample, -1 for the server's validation split, which no client owns) and make the
+        global test and server validation splits under every cluster's transform."""
+        self.num_clusters, self.held_out_clusters = num_clusters, tuple(held_out_clusters)
+        sample_cluster = sample_cluster.to(self.device)
+        run = lambda x, k, part: shifts.apply(transform, x, k, num_clusters, shifts.derived_seed(seed, part), name)
+        for k in range(num_clusters):
+            mask = sample_cluster == k
+            if mask.any():
+                self.pool_x[mask] = run(self.pool_x[mask], k, 0)
+        self.test_x_by_cluster = [run(self.test_x, k, 1) for k in range(num_clusters)]
+        self.val_x_by_cluster = [run(self.val_x, k, 2) for k in range(num_clusters)]
+
+    def clusters_of(self, client_ids) -> torch.Tensor:
+        """The clusters of the clients with these ids (int64, on CPU)."""
+        return self.client_cluster[torch.as_tensor(list(client_ids), dtype=torch.long)]
 
     def prepare(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 [B, C, H, W] -> normalised float; augments when a generator is given and the data asks for it."""
@@ -120,6 +151,12 @@ class FederatedData:
     clients; and every client's data is split uniformly at random into local train / validation /
     test (:func:`~fedcoe_bench.data.partition.split_local`).
 
+    With ``shift``, the clients are then assigned to ``clusters`` balanced, seeded clusters
+    (:func:`~fedcoe_bench.data.shift.assign_clusters`; label skew applies inside them, since the
+    partition comes first), and every image a client holds carries its cluster's transform. Every
+    client of a cluster in ``held_out_clusters`` is a cold-start client (a domain no training client
+    has); ``cold_start_fraction`` then applies to the clients of the other clusters.
+
     Args:
         source: where the images come from (``mnist10k``, ``cifar10``, ``cifar100``,
             ``tinyimagenet``, ``synthetic``, or any :class:`DataSource` subclass given by class path).
@@ -139,13 +176,21 @@ class FederatedData:
         classes_per_client: k for ``scheme: classes``.
         quantity_skew: sigma of log-normal client sizes, w_k ~ LogNormal(0, sigma) (FedLab, PFLlib);
             0 = sizes set by the scheme alone. Applies to ``dirichlet``, ``classes`` and ``iid``.
+        shift: ``none``, ``rotate`` (cluster k of C rotated by 360 k / C degrees: 0/90/180/270 for
+            C = 4), ``invert`` (255 - x in odd clusters), ``noise`` (Gaussian noise, std 100 k / (C - 1)
+            grey levels, fixed per sample by the seed), or the path of a user's transform: a function
+            ``f(images, cluster, clusters, seed) -> images`` on uint8 ``[N, C, H, W]`` tensors (or a
+            class whose instances, made without arguments, are one); see :mod:`fedcoe_bench.data.shift`.
+        clusters: C, the number of clusters (with ``shift``).
+        held_out_clusters: clusters whose clients are all cold-start clients (with ``shift``).
         cache_dir: where partitions are cached, keyed by a hash of everything that defines them.
     """
 
     def __init__(self, source: DataSource | str = "mnist10k", scheme: str = "dirichlet", alpha: float = 0.3,
                  num_clients: int = 50, cold_start_fraction: float = 0.2, train_fraction: float = 0.8,
                  val_fraction: float = 0.1, min_size: int = 10, shards_per_client: int = 2,
-                 classes_per_client: int = 2, quantity_skew: float = 0.0,
+                 classes_per_client: int = 2, quantity_skew: float = 0.0, shift: str = "none",
+                 clusters: int = 4, held_out_clusters: list[int] = [],  # noqa: B006 (read, never mutated)
                  cache_dir: str = os.path.join("~", ".cache", "fedcoe_bench", "partitions")):
         if isinstance(source, str):
             if "." in source:  # a class path that jsonargparse could not import
@@ -172,6 +217,21 @@ class FederatedData:
         if quantity_skew > 0 and scheme == "shards":
             raise DataError("data.quantity_skew does not apply to data.scheme shards (equal shards); "
                             "use dirichlet, classes or iid")
+        self.transform = shifts.resolve(shift)
+        if self.transform is not None and not 1 <= clusters <= num_clients:
+            raise DataError(f"data.clusters must be in [1, data.num_clients={num_clients}] (got {clusters})")
+        held = sorted(set(held_out_clusters))
+        if held and self.transform is None:
+            raise DataError("data.held_out_clusters needs a feature shift to hold out (clusters differ only by "
+                            "their transform); set --data.shift, e.g. rotate")
+        if held and not 0 <= held[0] <= held[-1] < clusters:
+            bad = held[0] if held[0] < 0 else held[-1]
+            raise DataError(f"data.held_out_clusters names cluster {bad}, but data.clusters {clusters} has "
+                            f"clusters 0 to {clusters - 1}")
+        if held and len(held) == clusters:
+            raise DataError(f"data.held_out_clusters holds out all {clusters} clusters, which leaves no training "
+                            f"client; hold out fewer")
+        self.shift, self.clusters, self.held_out_clusters = shift, clusters, held
         self.source, self.scheme, self.alpha = source, scheme, alpha
         self.num_clients, self.cold_start_fraction = num_clients, cold_start_fraction
         self.train_fraction, self.val_fraction, self.min_size = train_fraction, val_fraction, min_size
@@ -180,20 +240,21 @@ class FederatedData:
 
     @property
     def num_cold_start(self) -> int:
-        return int(self.cold_start_fraction * self.num_clients + 0.5)  # half up, not Python's half-to-even
-
-    @property
-    def num_training_clients(self) -> int:
-        return self.num_clients - self.num_cold_start
+        """Cold-start clients drawn by ``cold_start_fraction`` (with held-out clusters: besides their
+        clients, drawn from the others; see :meth:`split`)."""
+        return _half_up(self.cold_start_fraction * self.num_clients)
 
     def key(self, seed: int) -> str:
-        spec = {k: v for k, v in vars(self).items() if k not in ("source", "cache_dir")}
+        shift_keys = ("shift", "transform", "clusters", "held_out_clusters")
+        spec = {k: v for k, v in vars(self).items() if k not in ("source", "cache_dir", *shift_keys)}
+        if self.transform is not None:  # the clusters are part of the partition (the transform is not)
+            spec.update(clusters=self.clusters, held_out_clusters=self.held_out_clusters)
         spec.update(source=self.source.fingerprint(), seed=seed, version=2)
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def split(self, labels: np.ndarray, seed: int) -> Partition:
-        """Pure function of (labels, config, seed): every pool sample's client and part, and the
-        cold-start client ids."""
+        """Pure function of (labels, config, seed): every pool sample's client and part, the
+        cold-start client ids and every client's cluster."""
         n, k = len(labels), self.num_clients
         min_size = max(self.min_size, 2)  # a client needs a local train and a local test sample
         server_val = np.random.default_rng([seed, 2]).choice(n, int(self.val_fraction * n + 0.5), replace=False)
@@ -213,35 +274,50 @@ class FederatedData:
             owner = shards(y, k, self.shards_per_client, seed, min_size)
         else:
             owner = iid(y, k, seed, min_size, self.quantity_skew)
+        cluster = (np.zeros(k, dtype=np.int64) if self.transform is None
+                   else shifts.assign_clusters(k, self.clusters, seed))
+        held = np.isin(cluster, self.held_out_clusters)
+        rest = np.flatnonzero(~held)  # all clients without held-out clusters: the same draw as before them
         rng = np.random.default_rng([seed, 1])
-        cold = sorted(rng.choice(k, self.num_cold_start, replace=False).tolist())
+        drawn = rest[rng.choice(len(rest), _half_up(self.cold_start_fraction * len(rest)), replace=False)]
+        cold = sorted(np.flatnonzero(held).tolist() + drawn.tolist())
+        if len(cold) == k:
+            raise DataError("no training clients left: lower data.cold_start_fraction, raise data.num_clients"
+                            + (" or hold out fewer data.held_out_clusters" if held.any() else ""))
         client = np.full(n, SERVER, dtype=np.int32)
         client[dealt] = owner
         part = np.full(n, VAL, dtype=np.int8)
         part[dealt] = split_local(owner, k, self.train_fraction, self.val_fraction, rng)
-        return Partition(client, part, cold)
+        return Partition(client, part, cold, cluster)
 
     def setup(self, seed: int, device: torch.device | str = "cpu") -> Federation:
+        """The federation of ``seed`` on ``device``; feature shift, if any, already applied."""
         images = self.source.load()
         labels = images.train_y.numpy()
-        if self.num_training_clients < 1:
-            raise DataError("no training clients left: lower data.cold_start_fraction or raise data.num_clients")
         partition = self._cached_split(labels, seed)
         order, bounds = partition.grouped(self.num_clients)
         index = torch.from_numpy(order).to(device)  # one transfer; every client slices it
-        make = lambda i: Client(i, index, tuple(bounds[3 * i + 3 : 3 * i + 7]))
+        cluster = partition.cluster.tolist()
+        make = lambda i: Client(i, index, tuple(bounds[3 * i + 3 : 3 * i + 7]), cluster[i])
         cold = set(partition.cold)
         clients = [make(i) for i in range(self.num_clients) if i not in cold]
-        return Federation(images, clients, [make(i) for i in partition.cold], self.source.num_classes, device,
-                          val=index[bounds[VAL] : bounds[VAL + 1]])
+        fed = Federation(images, clients, [make(i) for i in partition.cold], self.source.num_classes, device,
+                         val=index[bounds[VAL] : bounds[VAL + 1]])
+        if self.transform is not None:
+            owner = torch.from_numpy(partition.client.astype(np.int64))
+            sample_cluster = torch.where(owner >= 0, torch.from_numpy(partition.cluster)[owner.clamp_min(0)], -1)
+            fed.apply_shift(self.transform, self.shift, self.clusters, sample_cluster, seed, self.held_out_clusters)
+        return fed
 
     def _cached_split(self, labels: np.ndarray, seed: int) -> Partition:
         path = Path(self.cache_dir).expanduser() / f"{self.key(seed)}.npz"
         if path.exists():
             try:
                 with np.load(path) as z:
-                    cached = Partition(z["client"], z["part"], z["cold"].tolist())
-                if len(cached.client) == len(cached.part) == len(labels):
+                    # files from before clusters existed share the key of a partition without shift
+                    cluster = z["cluster"] if "cluster" in z.files else np.zeros(self.num_clients, dtype=np.int64)
+                    cached = Partition(z["client"], z["part"], z["cold"].tolist(), cluster)
+                if len(cached.client) == len(cached.part) == len(labels) and len(cluster) == self.num_clients:
                     return cached
             except (OSError, KeyError, ValueError):
                 pass  # a damaged cache file is recomputed, never trusted
@@ -250,7 +326,7 @@ class FederatedData:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
             np.savez(tmp, client=partition.client, part=partition.part,
-                     cold=np.asarray(partition.cold, dtype=np.int64))
+                     cold=np.asarray(partition.cold, dtype=np.int64), cluster=partition.cluster)
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only cache only costs recomputation
@@ -258,3 +334,7 @@ class FederatedData:
 
 
 SCHEMES = ("dirichlet", "classes", "shards", "iid")
+
+
+def _half_up(x: float) -> int:
+    return int(x + 0.5)  # not Python's half-to-even

@@ -25,15 +25,17 @@ SERVER = -1  # the client code of the server's validation split
 @dataclass
 class Partition:
     """Where every pool sample goes: its client (``SERVER`` for the server's validation split) and
-    its part of that client's data (``TRAIN``, ``VAL`` or ``TEST``); and the cold-start client ids.
+    its part of that client's data (``TRAIN``, ``VAL`` or ``TEST``); the cold-start client ids; and
+    every client's feature-shift cluster (None: one cluster).
 
     Two arrays of the pool's length describe any number of clients, so the cached file does not
-    grow with the federation beyond one int32 and one int8 per sample.
+    grow with the federation beyond one int32 and one int8 per sample (and one int per client).
     """
 
     client: np.ndarray  # int32 [N]
     part: np.ndarray  # int8 [N]
     cold: list[int]
+    cluster: np.ndarray | None = None  # int64 [clients]
 
     def grouped(self, num_clients: int) -> tuple[np.ndarray, list[int]]:
         """Pool indices sorted by (client, part), ascending within each group, and the group bounds:
