@@ -97,7 +97,7 @@ def eval_cost(repeats: int) -> dict:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        evaluator(method, load, loop.personal.get)
+        evaluator(method, load, loop.store.get)
         times.append(time.perf_counter() - t0)
     return {"train_round_s": train, "eval_s": statistics.median(times), "ratio": statistics.median(times) / train}
 
@@ -125,7 +125,7 @@ def state_bytes(rounds: int) -> dict:
     for name, method in (("fedper", FedPer()), ("fedcoe", FedCoE())):
         loop = FederatedLoop(rounds=rounds, eval_every=10**6, checkpoint_every=0, progress=False)
         loop.fit(_fabric(), method, fed, seed=0)
-        sizes = [t.numel() * t.element_size() for t in loop.personal.values()]
+        sizes = [t.numel() * t.element_size() for t in loop.store.states.values()]
         out[name] = {"clients_stored": len(sizes), "bytes_per_client": statistics.mean(sizes),
                      "for_10000_clients_MiB": statistics.mean(sizes) * 10_000 / 2**20}
     return out

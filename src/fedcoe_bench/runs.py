@@ -1,16 +1,18 @@
 """A run directory: checkpoints and the final summary, always written atomically.
 
 Layout of ``RUN_DIR``: ``config.yaml`` (the full config), ``metrics.csv`` (one row per round),
-``checkpoint.pt`` (the latest checkpoint), ``summary.json`` (written once, when the run finishes;
+``checkpoint.pt`` (the latest checkpoint), ``clients/`` (the ``disk`` client-state store, whose
+versions the checkpoint names), ``summary.json`` (written once, when the run finishes;
 its absence marks an unfinished run), plus method artefacts (e.g. FedCoE's ``routing.csv``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -45,9 +47,17 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file, fsync, rename over ``path``: readers see the old or the new file, never half."""
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path):
+    """A binary file to write ``path`` through: a temporary file, fsynced and renamed over ``path`` on
+    success, so that readers see the old or the new file, never half, and nothing is buffered in memory."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(data)
+        yield f
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -84,6 +94,7 @@ class RunDir:
         if overwrite:
             for name in ("summary.json", "checkpoint.pt", "metrics.csv"):
                 (self.path / name).unlink(missing_ok=True)
+            shutil.rmtree(self.path / "clients", ignore_errors=True)
 
     def load_checkpoint(self) -> dict | None:
         """The latest checkpoint, or None. A corrupt one or one from another config is refused."""
@@ -105,9 +116,8 @@ class RunDir:
 
     def save_checkpoint(self, fabric, state: dict) -> None:
         if fabric.is_global_zero:
-            buf = io.BytesIO()
-            torch.save({**state, "config_hash": self.config_hash}, buf)
-            atomic_write(self.checkpoint_path, buf.getvalue())
+            with atomic_open(self.checkpoint_path) as f:
+                torch.save({**state, "config_hash": self.config_hash}, f)
         fabric.barrier()
 
     def write_summary(self, summary: dict) -> None:
