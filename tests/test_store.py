@@ -119,7 +119,8 @@ def kill_argv(tmp_path: Path, run: str, method: str, seed: int) -> list[str]:
             "--data.source.samples", "400", "--data.source.test_samples", "100", "--data.num_clients", "10",
             "--loop.clients_per_round", str(PER_ROUND), "--loop.rounds", str(ROUNDS), "--loop.checkpoint_every", "2",
             "--loop.eval_every", "2", "--loop.progress", "false", "--loop.client_store", "disk",
-            "--fabric.accelerator", "cpu", "--data.cache_dir", str(tmp_path / "cache"), "--run_dir", str(tmp_path / run)]
+            "--fabric.accelerator", "cpu", "--data.cache_dir", str(tmp_path / "cache"),
+            "--run_dir", str(tmp_path / run)]
 
 
 def kill_point() -> tuple[int, int]:
@@ -231,3 +232,14 @@ def test_two_gloo_processes_match_one_for_every_method_and_write_only_their_own_
             assert sorted(r[name]["puts"]) == (sorted(r[name]["trained"]) if numel else []), name
             if name == "Local":  # no shared part and no report: a personal state would dominate the all-gather
                 assert max(r[name]["gathered"]) < numel, "personal states travel in the all-gather"
+
+
+def test_eval_of_a_disk_store_run_reads_the_trained_runs_states(tmp_path, fit_argv, run_cli):
+    code, _, err = run_cli(fit_argv("trained", "--method", "fedper", "--loop.client_store", "disk"))
+    assert code == 0, err
+    code, _, err = run_cli(["eval", str(tmp_path / "trained"), "--name", "again", "--run_dir", str(tmp_path / "again")])
+    assert code == 0, err
+    trained, again = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("trained", "again"))
+    for key in METRICS:
+        assert again[key] == trained[key], key
+    assert not (tmp_path / "again" / "clients").exists()  # nothing written, nothing copied

@@ -10,7 +10,8 @@ when it has trained; a checkpoint records the store's position, not the states.
 
 The model is placed and cast by Fabric but not wrapped for data parallelism: ranks train
 *different* clients, so gradients must not be averaged across them. Ranks meet only in the
-collectives below (all-gather of updates, all-reduce of evaluation counts); personal states never travel between them.
+collectives below (all-gather of updates, all-reduce of evaluation counts); personal states
+never travel between them.
 """
 
 from __future__ import annotations
