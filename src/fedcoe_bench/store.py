@@ -173,14 +173,16 @@ class DiskStore(ClientStore):
         self.unsynced.clear()
         self.current.update(self.pending)
         self.pending.clear()
-        clients = sorted(self.current)
-        return {"kind": self.kind, "dtype": self._dtype_name(), "numel": self.numel,
-                "clients": torch.tensor(clients, dtype=torch.int64),
-                "versions": torch.tensor([self.current[c] for c in clients], dtype=torch.int8)}
+        # one byte per client id: its current version, -1 for a client never put
+        versions = torch.full((max(self.current, default=-1) + 1,), -1, dtype=torch.int8)
+        versions[list(self.current)] = torch.tensor(list(self.current.values()), dtype=torch.int8)
+        return {"kind": self.kind, "dtype": self._dtype_name(), "numel": self.numel, "versions": versions}
 
     def restore(self, position: dict) -> None:
         super().restore(position)
-        self.current = dict(zip(position["clients"].tolist(), position["versions"].tolist()))
+        versions = position["versions"]
+        clients = (versions >= 0).nonzero().flatten()
+        self.current = dict(zip(clients.tolist(), versions[clients].tolist()))
         self.pending.clear()
         self.unsynced.clear()
 
