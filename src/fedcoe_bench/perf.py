@@ -242,6 +242,7 @@ def scale_point(method: str, clients: int, rounds: int, workdir: str) -> dict:
         return position
 
     DiskStore.flush = timed_flush
+    os.sync()  # the partition cache and the filled store are written back now, not during a timed fsync
     before, setup_peak = _rss_kib("VmRSS"), _rss_kib("VmHWM")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (ru_maxrss follows it): the peak from here on
     loop.fit(_fabric(), model, fed, seed=0, run=run, resume_state=resume)
