@@ -112,23 +112,24 @@ def test_personal_state_stays_on_its_client(fabric, fed, cls, kwargs):
     m = build(cls, **kwargs)
     first = fit(fabric, m, fed, rounds=1)
     state = {"round": 1, "server": first.server.clone(), "history": [],
-             "personal": {c: v.clone() for c, v in first.personal.items()}, "method": copy.deepcopy(m.state_dict())}
+             "store": copy.deepcopy(first.store.flush()), "method": copy.deepcopy(m.state_dict())}
+    personal = state["store"]["states"]
     second = {c.id for c in sampled_in(fed, 1)}
-    idle = [c for c in state["personal"] if c not in second]
-    busy = [c for c in state["personal"] if c in second]
+    idle = [c for c in personal if c not in second]
+    busy = [c for c in personal if c in second]
     assert idle and busy, "the test needs a round-1 client that sits out round 2 and one that does not"
 
     plain = fit(fabric, m, fed, rounds=2, resume=copy.deepcopy(state))
     server_only = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("eval_head")}
     for c in idle:  # not sampled: untouched
-        assert torch.equal(plain.personal[c], state["personal"][c])
+        assert torch.equal(plain.store.get(c), personal[c])
     for c in busy:  # sampled again: trained further
-        assert not torch.equal(plain.personal[c], state["personal"][c])
+        assert not torch.equal(plain.store.get(c), personal[c])
 
     # Whatever an idle client holds, the server never sees it.
     poked = copy.deepcopy(state)
     for c in idle:
-        poked["personal"][c] += 1.0
+        poked["store"]["states"][c] += 1.0
     again = fit(fabric, m, fed, rounds=2, resume=poked)
     assert torch.equal(again.server, plain.server)
     for k, v in server_only.items():
@@ -143,12 +144,12 @@ def test_personal_state_stays_on_its_client(fabric, fed, cls, kwargs):
 def test_evaluation_head_is_the_weighted_average_of_the_latest_heads(fabric, fed, cls, head, features):
     m = build(cls)
     loop = fit(fabric, m, fed, rounds=3)
-    trained = [c for c in fed.clients if c.id in loop.personal]
+    trained = [c for c in fed.clients if loop.store.get(c.id) is not None]
     rounds = [{c.id for c in sampled_in(fed, r)} for r in range(3)]
     assert len(trained) > len(rounds[-1]) and rounds[0] & rounds[1], "needs clients outside the last round and one trained twice"
     s = m.span(head, "personal")
     n = torch.tensor([float(c.num_train) for c in trained])
-    expected = n @ torch.stack([loop.personal[c.id][s] for c in trained]) / n.sum()
+    expected = n @ torch.stack([loop.store.get(c.id)[s] for c in trained]) / n.sum()
     torch.testing.assert_close(flat(m.eval_head), expected)
 
     # global prediction = server features + evaluation head, whatever personal state is loaded
@@ -156,7 +157,7 @@ def test_evaluation_head_is_the_weighted_average_of_the_latest_heads(fabric, fed
     m.eval()
     want = m.eval_head(features(m, x)).softmax(-1)
     with torch.no_grad():
-        m.flat["personal"].copy_(loop.personal[trained[0].id])
+        m.flat["personal"].copy_(loop.store.get(trained[0].id))
     torch.testing.assert_close(m.predict_global(x), want)
     torch.testing.assert_close(m.predict_cold_start(x, x), want)
     assert not torch.allclose(m.predict_personal(x), want)
@@ -251,7 +252,7 @@ def test_local_never_aggregates(fabric, fed):
     loop = fit(fabric, m, fed, rounds=2)
     assert loop.server.numel() == 0
     assert m.aggregate(loop.server, [ClientUpdate(0, 5.0, loop.server.clone())]) is loop.server
-    states = list(loop.personal.values())
+    states = list(loop.store.states.values())
     assert len(states) >= 2
     assert all(not torch.equal(a, b) for a, b in itertools.combinations(states, 2))
     assert all(not torch.equal(s, loop.init_personal) for s in states)
@@ -273,7 +274,8 @@ def test_predictions_are_distributions(fabric, fed, cls, kwargs):
     outs = [m.predict_global(x), m.predict_cold_start(x, unlabeled)]
     client = sampled_in(fed, 0)[0].id
     with torch.no_grad():
-        m.flat["personal"].copy_(loop.personal.get(client, loop.init_personal))
+        state = loop.store.get(client)
+        m.flat["personal"].copy_(loop.init_personal if state is None else state)
     outs.append(m.predict_personal(x))
     for p in outs:
         assert p.shape == (32, 10)

@@ -131,7 +131,7 @@ def test_the_initial_personal_state_is_taken_before_restore_in_fit_and_evaluate(
     torch.manual_seed(0)
     m = FedPer(**DIMS)
     trained = fit(m, fed)
-    state = {"round": 1, "server": trained.server, "personal": trained.personal, "history": [],
+    state = {"round": 1, "server": trained.server, "store": trained.store.flush(), "history": [],
              "method": {k: v.clone() for k, v in m.state_dict().items()}}
     state["method"]["net.head.bias"] += 1.0  # a state_dict whose personal part is not the initial one
     for run in ("fit", "evaluate"):
@@ -213,7 +213,7 @@ def test_personal_batchnorm_statistics_stay_with_their_client(fed):
     assert returning and new, "the test needs a client trained twice and one trained once"
     assert torch.equal(m.stats(), torch.zeros_like(m.stats())), "the server holds no client's statistics"
     for cid, end in last_end.items():
-        stored = loop.personal[cid][m.layout["personal"]["net.body.1.running_mean"]]
+        stored = loop.store.get(cid)[m.layout["personal"]["net.body.1.running_mean"]]
         assert torch.equal(stored, end)
     assert {"net.body.1.running_mean", "net.body.1.running_var", "net.body.1.weight"} <= set(m.layout["personal"])
     assert not any(n.startswith("net.body.1") for n in m.layout["shared"])

@@ -93,7 +93,7 @@ def test_cold_start_predictor_sees_inputs_only_and_changes_nothing(indexed_fed, 
     method = build(ColdStartSpy, fed)
     loop = FederatedLoop(rounds=2, clients_per_round=4, batch_size=16, eval_every=10, progress=False)
     loop.fit(fabric, method, fed, seed=0)
-    assert loop.personal, "training clients should hold personal heads that differ from the initial one"
+    assert loop.store.states, "training clients should hold personal heads that differ from the initial one"
     assert method.calls, "the cold-start predictor was never called"
 
     # evaluate again, on a known state, and check the state after
@@ -106,15 +106,15 @@ def test_cold_start_predictor_sees_inputs_only_and_changes_nothing(indexed_fed, 
     method.calls.clear()
     state_before = {k: v.clone() for k, v in method.state_dict().items()}
     server_before = loop.server.clone()
-    personal_before = {k: v.clone() for k, v in loop.personal.items()}
-    metrics = Evaluator(fed, batch_size=64)(method, load, loop.personal.get)
+    personal_before = {k: v.clone() for k, v in loop.store.states.items()}
+    metrics = Evaluator(fed, batch_size=64)(method, load, loop.store.get)
 
     assert 0.0 <= metrics["cold_start_acc"] <= 1.0
     assert all(torch.equal(v, state_before[k]) for k, v in method.state_dict().items()), "evaluation changed a parameter"
     assert all(p.grad is None for p in method.parameters()), "evaluation computed a gradient"
     assert torch.equal(loop.server, server_before)
-    assert loop.personal.keys() == personal_before.keys()
-    assert all(torch.equal(loop.personal[k], v) for k, v in personal_before.items())
+    assert loop.store.states.keys() == personal_before.keys()
+    assert all(torch.equal(loop.store.states[k], v) for k, v in personal_before.items())
 
     new_labels = [fed.pool_y[c.train] for c in fed.new_clients] + [fed.pool_y[c.test] for c in fed.new_clients]
     unlabeled_seen = set()

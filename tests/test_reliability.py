@@ -112,10 +112,11 @@ def test_nan_loss_stops_the_run_naming_round_and_client(tmp_path, monkeypatch, c
 
 @pytest.mark.parametrize("method", ["fedavg", "fedper"])
 def test_two_gloo_processes_match_one(tmp_path, method):
-    single = fedbench(argv(tmp_path, "one", method, "--loop.rounds", "3"))
+    store = ("--loop.client_store", "disk")  # processes share the clients' states through the run directory
+    single = fedbench(argv(tmp_path, "one", method, "--loop.rounds", "3", *store))
     assert single.wait(timeout=300) == 0, single.stderr.read()
     double = fedbench(argv(tmp_path, "two", method, "--loop.rounds", "3", "--fabric.strategy", "ddp",
-                           "--fabric.devices", "2"))
+                           "--fabric.devices", "2", *store))
     assert double.wait(timeout=300) == 0, double.stderr.read()
     (one, server_one), (two, server_two) = finished(tmp_path / "one"), finished(tmp_path / "two")
     assert two["world_size"] == 2 and one["world_size"] == 1

@@ -4,12 +4,16 @@ Per round t: sample S_t of the training clients (seeded by t); each rank trains 
 one client after another in one model instance (server shared state + the client's personal state
 copied into flat parameter buffers); the updates meet in one all-gather; ``method.aggregate``
 makes the new server state; every ``eval_every`` rounds the three accuracies are measured.
+Personal states live in a client-state store (``fedcoe_bench.store``) off the accelerator: a
+client's is read when it trains or is evaluated and written back, by the rank that trained it,
+when it has trained; a checkpoint records the store's position, not the states.
 
 The model is cast by Fabric's precision plugin and placed by Fabric but not wrapped for data
 parallelism: ranks train *different* clients, so gradients must not be averaged across them. As in
 a Fabric-wrapped module, every input reaches the model converted by the plugin and every forward
 pass runs in its context (autocast for ``*-mixed``, the half dtype for ``*-true``). Ranks meet only
-in the collectives below (all-gather of updates, all-reduce of evaluation counts).
+in the collectives below (all-gather of updates, all-reduce of evaluation counts);
+personal states never travel between them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from fedcoe_bench.evaluation import Evaluator
 from fedcoe_bench.method import ClientUpdate, FederatedMethod
 from fedcoe_bench.routing import routing_diagnostics
 from fedcoe_bench.runs import RunDir
+from fedcoe_bench.store import DTYPES, ClientStore, open_store
 
 
 def client_seed(seed: int, rnd: int, client: int) -> int:
@@ -56,6 +61,13 @@ class FederatedLoop:
         checkpoint_every: save a checkpoint every this many rounds (0: never).
         eval_batch_size: batch size of evaluation passes.
         progress: show a progress bar over rounds (off under CI and when not a terminal).
+        client_store: where clients' personal states live between rounds: ``memory`` (host RAM; each
+            checkpoint holds them all) or ``disk`` (a file per client, read and written per client; a
+            checkpoint records only which version of each is current). Several processes need ``disk``.
+        client_store_dir: directory of the ``disk`` store (default ``RUN_DIR/clients``), one run's only;
+            processes on several nodes need one they all reach.
+        client_state_dtype: ``float32`` or ``bfloat16``, how personal states are stored (training and
+            evaluation compute in the method's dtype).
     """
 
     rounds: int = 30
@@ -66,6 +78,9 @@ class FederatedLoop:
     checkpoint_every: int = 10
     eval_batch_size: int = 2048
     progress: bool = True
+    client_store: str = "memory"
+    client_store_dir: str | None = None
+    client_state_dtype: str = "float32"
 
     def __post_init__(self):
         for key in ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every", "eval_batch_size"):
@@ -73,6 +88,10 @@ class FederatedLoop:
                 raise ConfigError(f"loop.{key} must be >= 1 (got {getattr(self, key)})")
         if self.checkpoint_every < 0:
             raise ConfigError(f"loop.checkpoint_every must be >= 0 (got {self.checkpoint_every})")
+        if self.client_store not in ("memory", "disk"):
+            raise ConfigError(f"loop.client_store must be memory or disk (got {self.client_store!r})")
+        if self.client_state_dtype not in DTYPES:
+            raise ConfigError(f"loop.client_state_dtype must be float32 or bfloat16 (got {self.client_state_dtype!r})")
 
     # ------------------------------------------------------------------ the loop
     def fit(self, fabric: Fabric, method: FederatedMethod, fed: Federation, seed: int,
@@ -90,7 +109,7 @@ class FederatedLoop:
             )
         method, server = self._setup(fabric, method, fed)
         optimizer = fabric.setup_optimizers(method.configure_optimizers())
-        self.personal: dict[int, torch.Tensor] = {}
+        self.store = self._open_store(fabric, run, self.init_personal.numel())
         self.history: list[dict] = []
         start, t_start, prior_time = 0, time.perf_counter(), 0.0
         if resume_state is not None:
@@ -139,9 +158,10 @@ class FederatedLoop:
             fabric.log_dict(row, step=rnd + 1)
             if run is not None and self.checkpoint_every and ((rnd + 1) % self.checkpoint_every == 0 or rnd + 1 == self.rounds):
                 load(None)
-                state = {"round": rnd + 1, "server": server, "personal": self.personal,
+                state = {"round": rnd + 1, "server": server, "store": self.store.flush(),
                          "method": method.state_dict(), "history": self.history, "precision": self.precision,
                          "wall_time_s": prior_time + time.perf_counter() - t_start}
+                fabric.barrier()  # every rank's client states are durable before the checkpoint names them
                 run.save_checkpoint(fabric, state)
         load(None)  # leave the method holding the server state
         self.server = server
@@ -150,13 +170,15 @@ class FederatedLoop:
             metrics = {k: v for row in self.history for k, v in row.items() if k.endswith("_acc") or "_acc_" in k}
         return metrics
 
-    def evaluate(self, fabric: Fabric, method: FederatedMethod, fed: Federation, state: dict) -> dict:
-        """The metrics of a trained ``state`` (a finished run's final checkpoint), without training.
+    def evaluate(self, fabric: Fabric, method: FederatedMethod, fed: Federation, state: dict,
+                 trained: RunDir | None = None) -> dict:
+        """The metrics of a trained ``state`` (a finished run's final checkpoint, from ``trained``), without training.
 
         ``fedbench eval`` serves a trained run under other prediction-time settings this way; the
         result is what training again with those settings would give, when training never reads them.
         """
         method, _ = self._setup(fabric, method, fed)
+        self.store = self._open_store(fabric, trained, self.init_personal.numel())
         server = self._restore(method, state)
         t0 = time.perf_counter()
         metrics = self._measure(fabric, method, lambda personal=None: self._load(method, server, personal))
@@ -181,20 +203,27 @@ class FederatedLoop:
         self.evaluator = Evaluator(fed, self.eval_batch_size, precision)  # per-client accuracies: evaluator.per_client
         return method, server
 
+    def _open_store(self, fabric: Fabric, run: RunDir | None, numel: int) -> ClientStore:
+        """The client-state store of ``client_store``, for states of ``numel`` values."""
+        directory = self.client_store_dir or (run.path / "clients" if run is not None else None)
+        if self.client_store == "disk" and directory is None:
+            raise ConfigError("loop.client_store=disk needs a run directory or loop.client_store_dir")
+        return open_store(self.client_store, directory, numel, self.client_state_dtype, fabric.world_size)
+
     def _restore(self, method: FederatedMethod, state: dict) -> torch.Tensor:
-        """Load a checkpoint's method state and every trained client's personal state; returns the server state."""
+        """Load a checkpoint's method state and its store position; returns the server state."""
         if state.get("precision", self.precision) != self.precision:
             raise RunError(f"the checkpoint was trained with --fabric.precision {state['precision']}, not "
                            f"{self.precision}; pass --fabric.precision {state['precision']}, or train a new run "
                            f"(another --run_dir) to change it")
         method.load_state_dict(state["method"])
         server = state["server"].to(method.flat["shared"].device)
-        self.personal = {int(k): v.to(server.device) for k, v in state["personal"].items()}
+        self.store.restore(state["store"])
         return server
 
     def _measure(self, fabric: Fabric, method: FederatedMethod, load) -> dict:
         """The three accuracies, each rank evaluating its share of the clients."""
-        return self.evaluator(method, load, self.personal.get, fabric.global_rank, fabric.world_size,
+        return self.evaluator(method, load, self.store.get, fabric.global_rank, fabric.world_size,
                               lambda t: fabric.all_reduce(t, reduce_op="sum"))
 
     def _load(self, method: FederatedMethod, server: torch.Tensor, personal: torch.Tensor | None = None) -> None:
@@ -205,8 +234,7 @@ class FederatedLoop:
     # ------------------------------------------------------------------ one client
     def _train_client(self, fabric: Fabric, method: FederatedMethod, optimizer, fed: Federation, client: Client,
                       seed: int, rnd: int, server: torch.Tensor) -> ClientUpdate:
-        method.flat["shared"].copy_(server)
-        method.flat["personal"].copy_(self.personal.get(client.id, self.init_personal))
+        self._load(method, server, self.store.get(client.id))
         optimizer.state.clear()  # a fresh local optimizer every round, as in FedAvg
         s = client_seed(seed, rnd, client.id)
         torch.manual_seed(s)  # module-level randomness (dropout) follows the client too
@@ -236,14 +264,15 @@ class FederatedLoop:
         with fabric.autocast():
             report = method.client_report(inputs)
         if method.flat["personal"].numel():
-            self.personal[client.id] = method.flat["personal"].clone()
+            self.store.put(client.id, method.flat["personal"])
         return ClientUpdate(client.id, float(n), method.flat["shared"].clone(), report,
                             loss=float(loss_sum) / max(steps, 1), samples=n * self.local_epochs)
 
     # ------------------------------------------------------------------ ranks meet
     def _gather(self, fabric: Fabric, updates: list[ClientUpdate], method: FederatedMethod,
                 server: torch.Tensor) -> list[ClientUpdate]:
-        """All ranks get every update (in client order) and every trained client's personal state."""
+        """All ranks get every update (in client order); personal states stay in the store, where the
+        rank that trained a client wrote it."""
         if fabric.world_size == 1:
             return updates
         m = math.ceil(self.clients_per_round / fabric.world_size)
@@ -253,20 +282,18 @@ class FederatedLoop:
         scalars = torch.tensor([[u.weight, u.loss, u.samples] for u in updates] + [[0.0, 0.0, 0.0]] * pad,
                                dtype=torch.float64, device=dev)
         shared = torch.stack([u.shared for u in updates] + [torch.zeros_like(server)] * pad)
-        pers = torch.stack([self.personal[u.client] for u in updates if method.flat["personal"].numel()]
-                           + [torch.zeros_like(self.init_personal)] * (pad if self.init_personal.numel() else m))
         keys = sorted(updates[0].report) if updates else []
         reports = {k: torch.stack([u.report[k] for u in updates] + [torch.zeros_like(updates[0].report[k])] * pad)
                    for k in keys}
-        g = fabric.all_gather({"ids": ids, "scalars": scalars, "shared": shared, "personal": pers, **reports})
+        g = fabric.all_gather({"ids": ids, "scalars": scalars, "shared": shared, **reports})
         g = {k: v.flatten(0, 1) for k, v in g.items()}  # [ranks, m, ...] -> [ranks * m, ...]
         out = []
         for j in torch.argsort(g["ids"]).tolist():
             cid = int(g["ids"][j])
             if cid < 0:
                 continue
-            if self.init_personal.numel():
-                self.personal[cid] = g["personal"][j].clone()
             w, loss, samples = g["scalars"][j].tolist()
             out.append(ClientUpdate(cid, w, g["shared"][j], {k: g[k][j] for k in keys}, loss=loss, samples=int(samples)))
+        if self.init_personal.numel():
+            self.store.mark_put([u.client for u in out])
         return out

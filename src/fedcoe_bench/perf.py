@@ -9,14 +9,19 @@
 6. start-up: seconds to ``fedbench --help`` and to the first round of the default benchmark
    (with ``--startup_baseline DIR``, also another checkout's, alternated, and the ratios).
 
+``--scale`` measures instead how memory and checkpoints grow with the federation (the ``disk``
+client-state store; see :func:`scale`).
+
 Timings on a shared 2-core machine are noisy: each figure is the median of several repeats.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +38,8 @@ from fedcoe_bench.data import FederatedData, Synthetic
 from fedcoe_bench.evaluation import Evaluator
 from fedcoe_bench.fedcoe import FedCoE
 from fedcoe_bench.loop import FederatedLoop, sample_clients
+from fedcoe_bench.runs import RunDir
+from fedcoe_bench.store import DiskStore
 
 
 def _fabric() -> Fabric:
@@ -99,7 +106,7 @@ def eval_cost(repeats: int) -> dict:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        evaluator(method, load, loop.personal.get)
+        evaluator(method, load, loop.store.get)
         times.append(time.perf_counter() - t0)
     return {"train_round_s": train, "eval_s": statistics.median(times), "ratio": statistics.median(times) / train}
 
@@ -127,7 +134,7 @@ def state_bytes(rounds: int) -> dict:
     for name, method in (("fedper", FedPer()), ("fedcoe", FedCoE())):
         loop = FederatedLoop(rounds=rounds, eval_every=10**6, checkpoint_every=0, progress=False)
         loop.fit(_fabric(), method, fed, seed=0)
-        sizes = [t.numel() * t.element_size() for t in loop.personal.values()]
+        sizes = [t.numel() * t.element_size() for t in loop.store.states.values()]
         out[name] = {"clients_stored": len(sizes), "bytes_per_client": statistics.mean(sizes),
                      "for_10000_clients_MiB": statistics.mean(sizes) * 10_000 / 2**20}
     return out
@@ -170,6 +177,110 @@ def ddp_vs_single(rounds: int) -> dict:
     return {"round_s_1proc": times[1], "round_s_2proc": times[2], "speedup_2proc": times[1] / times[2]}
 
 
+SCALE_METHODS = {"fedavg": FedAvg, "fedper": FedPer, "fedcoe": FedCoE}
+# Client states put in the store before training: FedPer every training client's, FedCoE up to 1,000.
+SCALE_STORED = {"fedavg": 0, "fedper": 10**9, "fedcoe": 1000}
+
+
+def _rss_kib(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, in KiB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
+    return int(line.split()[1])
+
+
+class _TimedRun(RunDir):
+    """A run directory that records how long each checkpoint takes to write."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.times: list[float] = []
+
+    def save_checkpoint(self, fabric, state):
+        t0 = time.perf_counter()
+        super().save_checkpoint(fabric, state)
+        self.times.append(time.perf_counter() - t0)
+
+
+def scale_point(method: str, clients: int, rounds: int, workdir: str) -> dict:
+    """One federation size, measured in this process (``scale`` starts a fresh one per size).
+
+    ``clients`` clients (10% cold-start) of 10 synthetic 12x12 images each, 10 per round, the
+    ``disk`` store in ``workdir``, ``SCALE_STORED[method]`` client states put in it before round 1,
+    a checkpoint every round (flush of the store + write; the median after the first) and one evaluation at the end with ``loop.eval_clients``
+    200 where the loop has that key (else none: evaluating every client would time the federation,
+    not the store). ``peak_rss_MiB`` is the process's peak; ``fit_peak_rss_MiB`` the peak from just
+    before training on (the store, training, evaluation and checkpoints, not building the federation).
+    """
+    work = Path(workdir)
+    fed = FederatedData(source=Synthetic(samples=clients * 10, test_samples=200, image_size=12), scheme="iid",
+                        num_clients=clients, cold_start_fraction=0.1, min_size=2,
+                        cache_dir=str(work / "cache")).setup(0)
+    torch.manual_seed(0)
+    model = SCALE_METHODS[method](in_channels=1, image_size=12)
+    model.flatten_parameters()
+    run = _TimedRun(work / "run")
+    run.prepare()
+    sampled_eval = "eval_clients" in {f.name for f in dataclasses.fields(FederatedLoop)}
+    loop = FederatedLoop(rounds=rounds, clients_per_round=10, eval_every=rounds, checkpoint_every=1,
+                         progress=False, client_store="disk", **({"eval_clients": 200} if sampled_eval else {}))
+    if not sampled_eval:
+        loop._measure = lambda *args: {}
+    stored = min(SCALE_STORED[method], len(fed.clients)) if model.flat["personal"].numel() else 0
+    resume = None
+    if stored:  # a federation that already trained: states in the store, as a round-0 checkpoint
+        store = DiskStore(run.path / "clients", model.flat["personal"].numel())
+        gen = torch.Generator().manual_seed(1)
+        for c in fed.clients[:stored]:
+            store.put(c.id, model.flat["personal"] + 0.01 * torch.randn(model.flat["personal"].shape, generator=gen))
+        store.unsynced.clear()  # filling needs no durability, and 100,000 fsyncs would dominate the run
+        resume = {"round": 0, "server": model.flat["shared"].clone(), "method": model.state_dict(), "history": [],
+                  "store": store.flush()}
+    flushes, flush = [], DiskStore.flush  # a fresh process: the class is patched for this run only
+
+    def timed_flush(self):
+        t0 = time.perf_counter()
+        position = flush(self)
+        flushes.append(time.perf_counter() - t0)
+        return position
+
+    DiskStore.flush = timed_flush
+    os.sync()  # the partition cache and the filled store are written back now, not during a timed fsync
+    before, setup_peak = _rss_kib("VmRSS"), _rss_kib("VmHWM")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (ru_maxrss follows it): the peak from here on
+    loop.fit(_fabric(), model, fed, seed=0, run=run, resume_state=resume)
+    rows = loop.history[1:]
+    return {"clients": clients, "stored_states": stored,
+            "peak_rss_MiB": max(setup_peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024,
+            "rss_before_fit_MiB": before / 1024, "fit_peak_rss_MiB": _rss_kib("VmHWM") / 1024,
+            "round_s": statistics.median(r["round_time"] for r in rows),
+            "checkpoint_s": statistics.median(f + w for f, w in list(zip(flushes, run.times))[1:]),
+            "eval_s": loop.history[-1].get("eval_time") if sampled_eval else None,
+            "checkpoint_bytes": run.checkpoint_path.stat().st_size,
+            "store_bytes": DiskStore(run.path / "clients", 0).disk_bytes()}
+
+
+def scale(methods: list[str], counts: list[int], rounds: int) -> dict:
+    """Peak RSS, round, checkpoint and evaluation time at each federation size, relative to the first,
+    and checkpoint and store bytes; each point in a fresh process (``ru_maxrss`` is per process)."""
+    out: dict = {}
+    for method in methods:
+        points = {}
+        for n in counts:
+            with tempfile.TemporaryDirectory(prefix="fedbench-perf-scale-") as work:
+                code = (f"import json; from fedcoe_bench.perf import scale_point; "
+                        f"print(json.dumps(scale_point({method!r}, {n}, {rounds}, {work!r})))")
+                res = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                                     env={**os.environ, "CI": "1"})
+            points[n] = json.loads(res.stdout.strip().splitlines()[-1])
+            print(f"  {method} {n}: {json.dumps(points[n], default=lambda v: round(v, 4))}", flush=True)
+        base = points[counts[0]]
+        ratio = lambda key: {n: p[key] / base[key] if p[key] and base[key] else None for n, p in points.items()}
+        out[method] = {"points": points, "peak_rss_ratio": ratio("peak_rss_MiB"),
+                       "fit_peak_rss_ratio": ratio("fit_peak_rss_MiB"), "round_time_ratio": ratio("round_s"),
+                       "checkpoint_time_ratio": ratio("checkpoint_s"), "eval_time_ratio": ratio("eval_s")}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=6)
@@ -178,9 +289,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ddp", action="store_true", help="also compare 2 gloo processes with 1")
     p.add_argument("--json", type=str, default=None, help="also write the results here")
     p.add_argument("--startup_baseline", type=str, default=None, help="root of another checkout to compare start-up with")
+    p.add_argument("--scale", action="store_true", help="only: memory and checkpoint cost vs number of clients")
+    p.add_argument("--scale-clients", type=int, nargs="+", default=[100, 1000, 10000, 100000])
+    p.add_argument("--scale-methods", nargs="+", default=list(SCALE_METHODS), choices=list(SCALE_METHODS))
     args = p.parse_args(argv)
     results = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"}
     print(results["machine"], flush=True)
+    if args.scale:
+        results["scale"] = scale(args.scale_methods, args.scale_clients, args.rounds)
+        print(json.dumps(results["scale"], default=lambda v: round(v, 4)), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+        return
     steps = [("1. loop / tight loop (FedAvg CNN, mnist10k)", lambda: loop_vs_tight(args.rounds, args.repeats)),
              ("2a. evaluation / training round", lambda: eval_cost(args.repeats)),
              ("2b. round time vs number of clients", lambda: client_scaling(args.clients, 20, args.rounds)),

@@ -1,10 +1,10 @@
 """A run directory: checkpoints and the final summary, always written atomically.
 
 Layout of ``RUN_DIR``: ``config.yaml`` (the full config), ``metrics.csv`` (one row per round),
-``checkpoint.pt`` (the latest checkpoint), ``summary.json`` (written once, when the run finishes;
-its absence marks an unfinished run), method artefacts (e.g. FedCoE's ``calibration.csv``),
-``routing.csv`` for methods with experts and, with W&B, ``wandb_run.json`` (the W&B run a resumed
-run continues).
+``checkpoint.pt`` (the latest checkpoint), ``clients/`` (the ``disk`` client-state store, whose
+versions the checkpoint names), ``summary.json`` (written once, when the run finishes; its absence
+marks an unfinished run), method artefacts (e.g. FedCoE's ``calibration.csv``), ``routing.csv`` for
+methods with experts and, with W&B, ``wandb_run.json`` (the W&B run a resumed run continues).
 
 Which config keys may differ between two runs that count as the same is defined once, here:
 :data:`NEUTRAL_KEYS` for a finished run (``fedbench sweep`` skips it), those plus
@@ -13,7 +13,7 @@ Which config keys may differ between two runs that count as the same is defined 
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import os
 import shutil
@@ -79,9 +79,17 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file, fsync, rename over ``path``: readers see the old or the new file, never half."""
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path):
+    """A binary file to write ``path`` through: a temporary file, fsynced and renamed over ``path`` on
+    success, so that readers see the old or the new file, never half, and nothing is buffered in memory."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(data)
+        yield f
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -157,9 +165,8 @@ class RunDir:
         if fabric.is_global_zero:
             import torch
 
-            buf = io.BytesIO()
-            torch.save({**state, "run_config": comparable(self.config, CHECKPOINT_NEUTRAL_KEYS)}, buf)
-            atomic_write(self.checkpoint_path, buf.getvalue())
+            with atomic_open(self.checkpoint_path) as f:
+                torch.save({**state, "run_config": comparable(self.config, CHECKPOINT_NEUTRAL_KEYS)}, f)
         fabric.barrier()
 
     def write_summary(self, summary: dict) -> None:
