@@ -258,7 +258,7 @@ def fit(parser: ArgumentParser, cfg: Namespace, trained: str | None = None) -> d
     if trained is None:
         metrics = loop.fit(fabric, method, fed, cfg.seed, run, resume_state)
     else:
-        metrics = loop.evaluate(fabric, method, fed, trained_state)
+        metrics = loop.evaluate(fabric, method, fed, trained_state, cfg.seed)
 
     summary = {
         "status": "finished",

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from fedcoe_bench.data import Client, Federation
 from fedcoe_bench.errors import ConfigError, TrainingDiverged
-from fedcoe_bench.evaluation import Evaluator
+from fedcoe_bench.evaluation import COUNTS, Evaluator
 from fedcoe_bench.method import ClientUpdate, FederatedMethod
 from fedcoe_bench.runs import RunDir
 
@@ -40,6 +40,11 @@ def sample_clients(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
     return sorted(rng.choice(num_clients, k, replace=False).tolist())
 
 
+def trained_clients(seed: int, rounds: int, clients: list[Client], k: int) -> set[int]:
+    """Ids of the clients sampled in the first ``rounds`` rounds: the ones that have trained."""
+    return {clients[i].id for rnd in range(rounds) for i in sample_clients(seed, rnd, len(clients), k)}
+
+
 @dataclass
 class FederatedLoop:
     """Round loop settings.
@@ -52,6 +57,14 @@ class FederatedLoop:
         eval_every: evaluate the three metrics every this many rounds (and after the last).
         checkpoint_every: save a checkpoint every this many rounds (0: never).
         eval_batch_size: batch size of evaluation passes.
+        eval_clients: evaluate at most this many training clients and this many cold-start clients,
+            the same seeded sample at every evaluation (None: all), so that an evaluation costs the
+            same at any federation size. ``personal_acc`` averages the sampled clients that have
+            trained; the metrics count the sampled, trained and never-trained clients.
+        channels_last: run convolutional models and their batches in ``torch.channels_last``
+            (None: where it measured faster, i.e. on CPU). Same results up to float rounding; a
+            resumed or evaluated run keeps the format it was trained in, since the flat state
+            vectors are stored in the parameters' memory order.
         progress: show a progress bar over rounds (off under CI and when not a terminal).
     """
 
@@ -62,6 +75,8 @@ class FederatedLoop:
     eval_every: int = 10
     checkpoint_every: int = 10
     eval_batch_size: int = 2048
+    eval_clients: int | None = None
+    channels_last: bool | None = None
     progress: bool = True
 
     def __post_init__(self):
@@ -70,6 +85,8 @@ class FederatedLoop:
                 raise ConfigError(f"loop.{key} must be >= 1 (got {getattr(self, key)})")
         if self.checkpoint_every < 0:
             raise ConfigError(f"loop.checkpoint_every must be >= 0 (got {self.checkpoint_every})")
+        if self.eval_clients is not None and self.eval_clients < 1:
+            raise ConfigError(f"loop.eval_clients must be >= 1 or null for all clients (got {self.eval_clients})")
 
     # ------------------------------------------------------------------ the loop
     def fit(self, fabric: Fabric, method: FederatedMethod, fed: Federation, seed: int,
@@ -86,9 +103,11 @@ class FederatedLoop:
                 f"trains its share of the round's clients, so use at most {self.clients_per_round} devices"
             )
         method = fabric.to_device(method)
+        channels_last = self._format(method, fed, resume_state)
         method.flatten_parameters()
         optimizer = fabric.setup_optimizers(method.configure_optimizers())
-        self.evaluator = Evaluator(fed, self.eval_batch_size)  # per-client accuracies: evaluator.per_client
+        # per-client accuracies: evaluator.per_client
+        self.evaluator = Evaluator(fed, self.eval_batch_size, self.eval_clients, seed)
 
         server = method.flat["shared"].clone()
         self.init_personal = method.flat["personal"].clone()
@@ -102,6 +121,7 @@ class FederatedLoop:
             prior_time = resume_state.get("wall_time_s", 0.0)
             for row in self.history:  # the CSV log is rewritten whole, so it matches an uninterrupted run
                 fabric.log_dict(row, step=row["round"])
+        self.trained = trained_clients(seed, start, fed.clients, self.clients_per_round)
 
         load = lambda personal=None: self._load(method, server, personal)  # reads the current server
 
@@ -111,6 +131,7 @@ class FederatedLoop:
         for rnd in bar:
             t0 = time.perf_counter()
             sampled = [fed.clients[i] for i in sample_clients(seed, rnd, len(fed.clients), self.clients_per_round)]
+            self.trained.update(c.id for c in sampled)
             mine = sampled[fabric.global_rank :: fabric.world_size]
             updates = [self._train_client(fabric, method, optimizer, fed, c, seed, rnd, server) for c in mine]
             updates = self._gather(fabric, updates, method, server)
@@ -141,27 +162,31 @@ class FederatedLoop:
             if run is not None and self.checkpoint_every and ((rnd + 1) % self.checkpoint_every == 0 or rnd + 1 == self.rounds):
                 load(None)
                 state = {"round": rnd + 1, "server": server, "personal": self.personal,
-                         "method": method.state_dict(), "history": self.history,
+                         "method": method.state_dict(), "history": self.history, "channels_last": channels_last,
                          "wall_time_s": prior_time + time.perf_counter() - t_start}
                 run.save_checkpoint(fabric, state)
         load(None)  # leave the method holding the server state
         self.server = server
         self.wall_time_s = prior_time + time.perf_counter() - t_start
         if not metrics:  # resumed from the final checkpoint: the last evaluation is in the history
-            metrics = {k: v for row in self.history for k, v in row.items() if k.endswith("_acc") or "_acc_" in k}
+            metrics = {k: v for row in self.history for k, v in row.items()
+                       if k.endswith("_acc") or "_acc_" in k or k in COUNTS}
         return metrics
 
-    def evaluate(self, fabric: Fabric, method: FederatedMethod, fed: Federation, state: dict) -> dict:
-        """The metrics of a trained ``state`` (a finished run's final checkpoint), without training.
+    def evaluate(self, fabric: Fabric, method: FederatedMethod, fed: Federation, state: dict, seed: int) -> dict:
+        """The metrics of a trained ``state`` (a finished run's final checkpoint, trained with ``seed``),
+        without training.
 
         ``fedbench eval`` serves a trained run under other prediction-time settings this way; the
         result is what training again with those settings would give, when training never reads them.
         """
         method = fabric.to_device(method)
+        self._format(method, fed, state)
         method.flatten_parameters()
         server = self._restore(method, state)
         self.init_personal = method.flat["personal"].clone()  # saved after load(None): the initial personal state
-        self.evaluator = Evaluator(fed, self.eval_batch_size)
+        self.evaluator = Evaluator(fed, self.eval_batch_size, self.eval_clients, seed)
+        self.trained = trained_clients(seed, state["round"], fed.clients, self.clients_per_round)
         t0 = time.perf_counter()
         metrics = self._measure(fabric, method, lambda personal=None: self._load(method, server, personal))
         self._load(method, server)
@@ -169,6 +194,19 @@ class FederatedLoop:
         self.history = [{"round": state["round"], **metrics, "eval_time": time.perf_counter() - t0}]
         fabric.log_dict(self.history[0], step=state["round"])
         return metrics
+
+    def _format(self, method: FederatedMethod, fed: Federation, state: dict | None) -> bool:
+        """Put the model and the batches in channels-last format or not (a checkpoint's own choice,
+        else ``channels_last``, else channels-last for a convolutional model on CPU); returns which."""
+        if state is not None:  # checkpoints from before the choice existed were all in the default format
+            channels_last = state.get("channels_last", False)
+        elif self.channels_last is not None:
+            channels_last = self.channels_last
+        else:  # measured: 1.2x the training samples/s on CPU (benchmarks/perf/RESULTS.md)
+            channels_last = method.device.type == "cpu" and any(p.dim() == 4 for p in method.parameters())
+        fed.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        method.to(memory_format=fed.memory_format)
+        return channels_last
 
     def _restore(self, method: FederatedMethod, state: dict) -> torch.Tensor:
         """Load a checkpoint's method state and every trained client's personal state; returns the server state."""
@@ -180,7 +218,7 @@ class FederatedLoop:
     def _measure(self, fabric: Fabric, method: FederatedMethod, load) -> dict:
         """The three accuracies, each rank evaluating its share of the clients."""
         return self.evaluator(method, load, self.personal.get, fabric.global_rank, fabric.world_size,
-                              lambda t: fabric.all_reduce(t, reduce_op="sum"))
+                              lambda t: fabric.all_reduce(t, reduce_op="sum"), self.trained)
 
     def _load(self, method: FederatedMethod, server: torch.Tensor, personal: torch.Tensor | None = None) -> None:
         """Put the server's shared state and one client's personal state (None: the initial one) in the model."""

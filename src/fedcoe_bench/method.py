@@ -78,20 +78,39 @@ class FederatedMethod(L.LightningModule):
         """Make the shared and the personal parameters views into one flat buffer each.
 
         Loading a client is then one ``copy_`` per buffer and reading its update one ``clone``; the
-        optimizer keeps working on the same Parameter objects. Call after moving to the device.
+        optimizer keeps working on the same Parameter objects. Call after moving to the device (and
+        after ``.to(memory_format=torch.channels_last)``, if wanted).
+
+        Each parameter keeps its memory format: its slice holds its elements in memory order (for a
+        channels-last convolution weight, output x height x width x input channels), so a flat
+        vector's element order depends on the format; read a parameter's part of a flat vector
+        with :meth:`view_like`, not with ``view_as``.
         """
         self.flat: dict[str, torch.Tensor] = {}
         self.layout: dict[str, dict[str, slice]] = {}
         for kind in ("shared", "personal"):
             params = self.named_group(kind)
             ref = next(self.parameters())
-            buf = torch.cat([p.detach().flatten() for _, p in params]) if params else ref.new_zeros(0)
+            buf = torch.cat([_memory_order(p.detach()) for _, p in params]) if params else ref.new_zeros(0)
             self.layout[kind], start = {}, 0
             for name, p in params:
-                p.data = buf[start : start + p.numel()].view_as(p)
+                p.data = buf[start : start + p.numel()].as_strided(p.shape, p.stride())
                 self.layout[kind][name] = slice(start, start + p.numel())
                 start += p.numel()
             self.flat[kind] = buf
+
+    def view_like(self, flat: torch.Tensor, name: str, kind: str = "shared") -> torch.Tensor:
+        """Parameter ``name``'s part of a flat ``kind`` vector, shaped and strided like the parameter.
+
+        Example:
+            >>> m = FederatedMethod()
+            >>> m.lin = torch.nn.Linear(2, 1)
+            >>> m.flatten_parameters()
+            >>> torch.equal(m.view_like(m.flat["shared"], "lin.weight"), m.lin.weight)
+            True
+        """
+        p = self.get_parameter(name)
+        return flat[self.layout[kind][name]].as_strided(p.shape, p.stride())
 
     def span(self, prefix: str, kind: str = "shared") -> slice:
         """The contiguous range of the flat ``kind`` vector held by parameters under ``prefix``."""
@@ -154,6 +173,12 @@ class FederatedMethod(L.LightningModule):
 
     def save_artifacts(self, run_dir) -> None:
         """Write method-specific results (e.g. a routing matrix) into the run directory at the end."""
+
+
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's elements as a 1-D tensor in the order they lie in memory (a copy)."""
+    dims = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # stable: ties (size-1 dims) keep their order
+    return t.permute(dims).flatten()
 
 
 def weighted_mean(stacked: torch.Tensor, weights, fallback: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -19,7 +19,7 @@ from fedcoe_bench.errors import RunError
 
 # Keys that may differ between an interrupted run and its resumption.
 VOLATILE_KEYS = {"run_dir", "resume", "overwrite", "debug", "logger", "loop.progress", "loop.rounds",
-                 "loop.eval_every", "loop.checkpoint_every", "config", "fabric"}
+                 "loop.eval_every", "loop.checkpoint_every", "loop.channels_last", "config", "fabric"}
 
 
 def is_volatile(key: str) -> bool:

@@ -33,7 +33,7 @@ from fedcoe_bench.runs import flatten
 # Keys that do not change a run's results: a finished run that differs only in them counts as done.
 IGNORED_KEYS = ("run_dir", "resume", "overwrite", "debug", "logger", "wandb_project", "config", "fabric.accelerator",
                 "fabric.devices", "fabric.strategy", "fabric.num_nodes", "loop.progress", "loop.checkpoint_every",
-                "loop.eval_batch_size", "data.cache_dir", "data.source.init_args.root", "data.source.init_args.download")
+                "loop.eval_batch_size", "loop.channels_last", "data.cache_dir", "data.source.init_args.root", "data.source.init_args.download")
 
 
 class SweepError(UserError):
