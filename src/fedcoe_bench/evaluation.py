@@ -125,7 +125,7 @@ class Evaluator:
         seed: seeds the sample.
     """
 
-    def __init__(self, fed: Federation, batch_size: int = 2048, clients: int | None = None, seed: int = 0):
+    def __init__(self, fed: Federation, batch_size: int = 256, clients: int | None = None, seed: int = 0):
         self.fed, self.batch_size = fed, batch_size
         self.train_clients = [fed.clients[i] for i in eval_sample(seed, len(fed.clients), clients, 0)]
         self.cold_clients = [fed.new_clients[i] for i in eval_sample(seed, len(fed.new_clients), clients, 1)]

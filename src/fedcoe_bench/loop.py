@@ -74,7 +74,7 @@ class FederatedLoop:
     batch_size: int = 32
     eval_every: int = 10
     checkpoint_every: int = 10
-    eval_batch_size: int = 2048
+    eval_batch_size: int = 256  # on CPU 1.4x the images/s of 2048, whose activations outgrow the caches
     eval_clients: int | None = None
     channels_last: bool | None = None
     progress: bool = True
