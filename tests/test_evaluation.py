@@ -9,7 +9,7 @@ import csv
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import decode_indices
+from helpers import decode_indices, read_summary
 from torch import nn
 
 from baselines import FedAvg, FedPer
@@ -165,6 +165,8 @@ def test_sampled_evaluation_is_one_sample_every_evaluation_and_across_resume(tmp
     assert seen[-1] == seen[0]
     # the same clients, and the same trained ones among them (3 per round: not all have trained)
     assert read_clients(tmp_path / "resumed") == read_clients(tmp_path / "whole")
+    counts = [{k: read_summary(tmp_path / run)["metrics"][k] for k in COUNTS} for run in ("whole", "resumed")]
+    assert counts[0] == counts[1] and counts[0]["clients_evaluated"] == 3 and counts[0]["cold_start_clients_evaluated"] == 2
 
 
 @pytest.mark.parametrize("cls", [FedAvg, FedPer])

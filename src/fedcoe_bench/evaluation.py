@@ -220,8 +220,10 @@ class Evaluator:
 
 
 def write_per_client(rows: list[dict], path) -> None:
-    """``clients.csv``: client, kind (train / cold_start), samples (local test), acc (personal for
-    training clients, cold-start for new ones), lp_acc (cold-start with the label-prior adapter)."""
+    """``clients.csv``, one row per client the latest evaluation scored (the trained training clients
+    and the cold-start clients of its sample): client, kind (train / cold_start), samples (local
+    test), acc (personal for training clients, cold-start for new ones), lp_acc (cold-start with
+    the label-prior adapter)."""
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["client", "kind", "samples", "acc", "lp_acc"])
