@@ -47,7 +47,7 @@ class FedProx(FedAvg):
         # Summed per Parameter: autograd sees the Parameters, not the flat buffer they are views of.
         total = self._anchor.new_zeros(())
         for name, p in self.named_group("shared"):
-            total = total + (p - self._anchor[self.layout["shared"][name]].view_as(p)).pow(2).sum()
+            total = total + (p - self.view_like(self._anchor, name)).pow(2).sum()
         return 0.5 * self.mu * total
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

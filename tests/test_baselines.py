@@ -44,7 +44,9 @@ def build(cls, **kwargs):
 
 
 def fit(fabric, method, fed, rounds=1, resume=None) -> FederatedLoop:
-    loop = FederatedLoop(rounds=rounds, clients_per_round=PER_ROUND, checkpoint_every=0, progress=False)
+    # the default memory format, so that flat vectors compare with ones built here by flatten_parameters
+    loop = FederatedLoop(rounds=rounds, clients_per_round=PER_ROUND, checkpoint_every=0, progress=False,
+                         channels_last=False)
     loop.metrics = loop.fit(fabric, method, fed, SEED, resume_state=resume)
     return loop
 

@@ -143,7 +143,7 @@ def test_the_initial_personal_state_is_taken_before_restore_in_fit_and_evaluate(
         if run == "fit":
             loop.fit(fabric, fresh, fed, SEED, resume_state=state)
         else:
-            loop.evaluate(fabric, fresh, fed, state)
+            loop.evaluate(fabric, fresh, fed, state, SEED)
         assert torch.equal(loop.init_personal, initial), run
 
 

@@ -146,6 +146,7 @@ class Oracle(FedAvg):
     def __init__(self, fed, **kw):
         super().__init__(num_classes=fed.num_classes, in_channels=1, image_size=12, **kw)
         self.fed, self.unlabeled = fed, []
+        self.flatten_parameters()  # as the loop leaves a method before evaluating it
 
     def predict_global(self, x):
         idx = torch.tensor(decode_indices(self.fed, x)) % len(self.fed.test_y)

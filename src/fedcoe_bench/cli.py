@@ -299,7 +299,8 @@ class Fit:
     def run(self) -> dict:
         """Train (from the checkpoint, if any) and return the final metrics; with ``trained``, evaluate its state."""
         if self.trained is not None:
-            return self.loop.evaluate(self.fabric, self.method, self.fed, self.trained_state, RunDir(self.trained))
+            return self.loop.evaluate(self.fabric, self.method, self.fed, self.trained_state, self.cfg.seed,
+                                      RunDir(self.trained))
         return self.loop.fit(self.fabric, self.method, self.fed, self.cfg.seed, self.run_dir, self.resume_state)
 
     def report(self, metrics: dict) -> dict:

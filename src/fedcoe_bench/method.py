@@ -125,6 +125,11 @@ class FederatedMethod(L.LightningModule):
         Loading a client is then one ``copy_`` per vector and reading its update one ``clone``; the
         optimizer keeps working on the same Parameter objects. Call after casting and moving to the
         device: both replace tensors, which would end the views.
+
+        Each piece of state keeps its memory format: its slice holds its elements in memory order (for
+        a channels-last convolution weight, output x height x width x input channels), so a flat
+        vector's element order depends on the format; read one tensor's part of a flat vector with
+        :meth:`view_like`, not with ``view_as``.
         """
         self.flat: dict[str, torch.Tensor] = {}
         self.layout: dict[str, dict[str, slice]] = {}
@@ -135,10 +140,10 @@ class FederatedMethod(L.LightningModule):
                 if t.dtype != ref.dtype:
                     raise ConfigError(f"{type(self).__name__}.{name} is {t.dtype} but its other state is {ref.dtype}; "
                                       f"the loop moves each kind as one flat vector, so register it as {ref.dtype}")
-            buf = torch.cat([t.detach().flatten() for _, t in state]) if state else ref.new_zeros(0)
+            buf = torch.cat([_memory_order(t.detach()) for _, t in state]) if state else ref.new_zeros(0)
             self.layout[kind], start = {}, 0
             for name, t in state:
-                t.data = buf[start : start + t.numel()].view_as(t)
+                t.data = buf[start : start + t.numel()].as_strided(t.shape, t.stride())
                 self.layout[kind][name] = slice(start, start + t.numel())
                 start += t.numel()
             self.flat[kind] = buf
@@ -152,6 +157,19 @@ class FederatedMethod(L.LightningModule):
             if extra:
                 raise ConfigError(f"{type(self).__name__}.{extra[0]} was added after flatten_parameters, so it would "
                                   f"not move as {kind} state; list it in server_only if it is server state")
+
+    def view_like(self, flat: torch.Tensor, name: str, kind: str = "shared") -> torch.Tensor:
+        """State ``name``'s part of a flat ``kind`` vector, shaped and strided like that parameter or buffer.
+
+        Example:
+            >>> m = FederatedMethod()
+            >>> m.lin = torch.nn.Linear(2, 1)
+            >>> m.flatten_parameters()
+            >>> torch.equal(m.view_like(m.flat["shared"], "lin.weight"), m.lin.weight)
+            True
+        """
+        t = dict(self.named_state(kind))[name]
+        return flat[self.layout[kind][name]].as_strided(t.shape, t.stride())
 
     def span(self, prefix: str, kind: str = "shared") -> slice:
         """The contiguous range of the flat ``kind`` vector held by the state under ``prefix``."""
@@ -230,6 +248,12 @@ class FederatedMethod(L.LightningModule):
 
     def save_artifacts(self, run_dir) -> None:
         """Write method-specific results (e.g. a routing matrix) into the run directory at the end."""
+
+
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's elements as a 1-D tensor in the order they lie in memory (a copy)."""
+    dims = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # stable: ties (size-1 dims) keep their order
+    return t.permute(dims).flatten()
 
 
 def weighted_mean(stacked: torch.Tensor, weights, fallback: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

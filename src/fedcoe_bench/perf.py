@@ -1,8 +1,11 @@
 """Performance benchmark: ratios measured in one process and one run (``python -m fedcoe_bench.perf``).
 
-1. loop / tight-loop training throughput for the FedAvg CNN on mnist10k (target >= 0.90);
-2. evaluation cost per round relative to a training round, and round time at 100, 1,000 and
-   10,000 clients with the same samples per round (target: flat, <= 1.2x);
+1. loop / tight-loop training throughput for the FedAvg CNN on mnist10k, both in the default memory
+   format (target >= 0.90); 1c. the loop in channels-last (the CPU default) vs a bare loop in the
+   default format (target >= 1.10) and vs a bare channels-last loop (target >= 0.95);
+2. evaluation cost relative to a training round (target <= 0.5), round time at 100, 1,000 and
+   10,000 clients with the same samples per round (target: flat, <= 1.2x), and the time of an
+   evaluation of 200 sampled clients at those sizes (target: flat);
 3. bytes per stored client state for FedPer and FedCoE (what 10,000 clients cost);
 4. FedCoE (K = 4) vs FedAvg training round time on mnist10k (target <= 6x);
 5. with ``--ddp``: a FedAvg round with 20 sampled clients on 2 CPU processes vs 1;
@@ -35,7 +38,6 @@ from lightning.fabric import Fabric
 
 from baselines import FedAvg, FedPer
 from fedcoe_bench.data import FederatedData, Synthetic
-from fedcoe_bench.evaluation import Evaluator
 from fedcoe_bench.fedcoe import FedCoE
 from fedcoe_bench.loop import FederatedLoop, sample_clients
 from fedcoe_bench.runs import RunDir
@@ -50,12 +52,14 @@ def _cache() -> str:
     return tempfile.mkdtemp(prefix="fedbench-perf-")
 
 
-def _tight(fed, batch_sizes: list[int]) -> float:
-    """Samples/s of a bare loop: one model, SGD with momentum, pre-normalised batches of these sizes."""
+def _tight(fed, batch_sizes: list[int], channels_last: bool = False) -> float:
+    """Samples/s of a bare loop: one model, SGD with momentum, pre-normalised batches of these sizes
+    (model and batches in ``torch.channels_last`` if asked)."""
     torch.manual_seed(0)
-    model = FedAvg()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = FedAvg().to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = fed.prepare(fed.pool_x), fed.pool_y
+    x, y = fed.prepare(fed.pool_x).contiguous(memory_format=fmt), fed.pool_y
     t0, i = time.perf_counter(), 0
     for b in batch_sizes:
         i = 0 if i + b > len(y) else i
@@ -67,21 +71,30 @@ def _tight(fed, batch_sizes: list[int]) -> float:
     return sum(batch_sizes) / (time.perf_counter() - t0)
 
 
+def _loop_run(fed, rounds: int, channels_last: bool) -> tuple[float, list[int]]:
+    """Training samples/s of one FedAvg run of the loop (round 1, the warm-up, left out) and the
+    batch sizes its clients formed in the rounds measured."""
+    loop = FederatedLoop(rounds=rounds, eval_every=10**6, checkpoint_every=0, progress=False,
+                         channels_last=channels_last)
+    torch.manual_seed(0)
+    loop.fit(_fabric(), FedAvg(), fed, seed=0)
+    rows = loop.history[1:]
+    sps = sum(r["samples_per_s"] * r["round_time"] for r in rows) / sum(r["round_time"] for r in rows)
+    batches = [min(32, c.num_train - i) for r in range(1, rounds)
+               for c in (fed.clients[j] for j in sample_clients(0, r, len(fed.clients), loop.clients_per_round))
+               for i in range(0, c.num_train, 32)]
+    return sps, batches
+
+
 def loop_vs_tight(rounds: int, repeats: int) -> dict:
     """Samples/s of the federated loop (training only) over samples/s of a bare training loop that
     trains the same model on as many samples with the same optimizer, (a) in full batches of 32,
-    (b) in the batches the clients actually form (each client's last batch is partial)."""
+    (b) in the batches the clients actually form (each client's last batch is partial); both in the
+    default memory format, so that the ratio is the loop's own cost."""
     fed = FederatedData(cache_dir=_cache()).setup(0)
-    loop = FederatedLoop(rounds=rounds, eval_every=10**6, checkpoint_every=0, progress=False)
     results = []
     for _ in range(repeats):
-        torch.manual_seed(0)
-        loop.fit(_fabric(), FedAvg(), fed, seed=0)
-        rows = loop.history[1:]  # round 1 pays one-off warm-up
-        loop_sps = sum(r["samples_per_s"] * r["round_time"] for r in rows) / sum(r["round_time"] for r in rows)
-        client_batches = [min(32, c.num_train - i) for r in range(1, rounds)
-                          for c in (fed.clients[j] for j in sample_clients(0, r, len(fed.clients), loop.clients_per_round))
-                          for i in range(0, c.num_train, 32)]
+        loop_sps, client_batches = _loop_run(fed, rounds, channels_last=False)
         full = [32] * (sum(client_batches) // 32)
         results.append((loop_sps, _tight(fed, full), _tight(fed, client_batches)))
     med = lambda j: statistics.median(r[j] for r in results)
@@ -91,24 +104,38 @@ def loop_vs_tight(rounds: int, repeats: int) -> dict:
             "ratio_client_batches": statistics.median(r[0] / r[2] for r in results)}
 
 
-def eval_cost(repeats: int) -> dict:
-    """Seconds of one evaluation (all three metrics) over seconds of one training round."""
+def channels_last_speedup(rounds: int, repeats: int) -> dict:
+    """Samples/s of the loop in its CPU default, channels-last, over a bare loop in full batches of 32
+    (a) in the default memory format (what channels-last gains), (b) in channels-last (what the loop
+    costs on top). The three alternate ``repeats`` times; each ratio is the median over repeats."""
     fed = FederatedData(cache_dir=_cache()).setup(0)
-    loop = FederatedLoop(rounds=3, eval_every=10**6, checkpoint_every=0, progress=False)
-    loop.fit(_fabric(), method := FedAvg(), fed, seed=0)
-    train = statistics.median(r["round_time"] for r in loop.history[1:])
-    evaluator = Evaluator(fed)
-    server = method.flat["shared"].clone()
-
-    def load(personal):
-        method.flat["shared"].copy_(server)
-
-    times = []
+    results = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        evaluator(method, load, loop.store.get)
-        times.append(time.perf_counter() - t0)
-    return {"train_round_s": train, "eval_s": statistics.median(times), "ratio": statistics.median(times) / train}
+        loop_sps, client_batches = _loop_run(fed, rounds, channels_last=True)
+        full = [32] * (sum(client_batches) // 32)
+        results.append((loop_sps, _tight(fed, full), _tight(fed, full, channels_last=True)))
+    med = lambda j: statistics.median(r[j] for r in results)
+    return {"loop_channels_last_samples_per_s": med(0), "bare_default_samples_per_s": med(1),
+            "bare_channels_last_samples_per_s": med(2),
+            "loop_vs_bare_default": statistics.median(r[0] / r[1] for r in results),
+            "loop_vs_bare_channels_last": statistics.median(r[0] / r[2] for r in results)}
+
+
+def eval_cost(repeats: int) -> dict:
+    """Seconds of one evaluation (all three metrics, as the loop runs it) over seconds of one training
+    round, medians over one run of ``2 * repeats + 1`` rounds evaluated every 2 (round 1 left out)."""
+    fed = FederatedData(cache_dir=_cache()).setup(0)
+    loop = FederatedLoop(rounds=2 * repeats + 1, eval_every=2, checkpoint_every=0, progress=False)
+    loop.fit(_fabric(), FedAvg(), fed, seed=0)
+    train = statistics.median(r["round_time"] for r in loop.history[1:])
+    evals = [r["eval_time"] for r in loop.history if "eval_time" in r]
+    return {"train_round_s": train, "eval_s": statistics.median(evals), "ratio": statistics.median(evals) / train}
+
+
+def _scaled_fed(n: int, per_client: int, cold_start_fraction: float = 0.0):
+    src = Synthetic(samples=n * per_client, test_samples=200, image_size=12)
+    return FederatedData(source=src, scheme="iid", num_clients=n, cold_start_fraction=cold_start_fraction,
+                         min_size=2, cache_dir=_cache()).setup(0)
 
 
 def client_scaling(counts: list[int], per_client: int, rounds: int) -> dict:
@@ -116,14 +143,27 @@ def client_scaling(counts: list[int], per_client: int, rounds: int) -> dict:
     10 clients per round, so that every setting trains the same number of samples per round."""
     out = {}
     for n in counts:
-        src = Synthetic(samples=n * per_client, test_samples=200, image_size=12)
-        fed = FederatedData(source=src, scheme="iid", num_clients=n, cold_start_fraction=0.0,
-                            min_size=2, cache_dir=_cache()).setup(0)
+        fed = _scaled_fed(n, per_client)
         loop = FederatedLoop(rounds=rounds, clients_per_round=10, eval_every=10**6, checkpoint_every=0, progress=False)
         loop.fit(_fabric(), FedPer(in_channels=1, image_size=12), fed, seed=0)
         out[n] = statistics.median(r["round_time"] for r in loop.history[1:])
     base = out[counts[0]]
     return {"round_s": out, "ratio_to_first": {n: t / base for n, t in out.items()}}
+
+
+def sampled_eval_scaling(counts: list[int], per_client: int, rounds: int, sample: int = 200) -> dict:
+    """Median evaluation time with ``loop.eval_clients = sample`` at each client count large enough to
+    fill the sample (FedPer, 20% cold-start clients, 10 clients per round, every round evaluated,
+    round 1 left out): flat if evaluation visits the sample only."""
+    out = {}
+    for n in (n for n in counts if int(0.2 * n) >= sample):
+        fed = _scaled_fed(n, per_client, cold_start_fraction=0.2)
+        loop = FederatedLoop(rounds=rounds, clients_per_round=10, eval_every=1, checkpoint_every=0,
+                             progress=False, eval_clients=sample)
+        loop.fit(_fabric(), FedPer(in_channels=1, image_size=12), fed, seed=0)
+        out[n] = statistics.median(r["eval_time"] for r in loop.history[1:])
+    base = out[min(out)] if out else float("nan")
+    return {"eval_s": out, "ratio_to_first": {n: t / base for n, t in out.items()}}
 
 
 def state_bytes(rounds: int) -> dict:
@@ -302,8 +342,12 @@ def main(argv: list[str] | None = None) -> None:
             Path(args.json).write_text(json.dumps(results, indent=2, default=float))
         return
     steps = [("1. loop / tight loop (FedAvg CNN, mnist10k)", lambda: loop_vs_tight(args.rounds, args.repeats)),
+             ("1c. channels-last loop / bare loops (FedAvg CNN, mnist10k)",
+              lambda: channels_last_speedup(args.rounds, args.repeats)),
              ("2a. evaluation / training round", lambda: eval_cost(args.repeats)),
              ("2b. round time vs number of clients", lambda: client_scaling(args.clients, 20, args.rounds)),
+             ("2c. evaluation of 200 sampled clients vs number of clients",
+              lambda: sampled_eval_scaling(args.clients, 20, 3)),
              ("3. stored personal state per client", lambda: state_bytes(2)),
              ("4. FedCoE (K=4) / FedAvg run wall time", lambda: fedcoe_vs_fedavg(10, args.repeats))]
     if args.ddp:

@@ -22,12 +22,12 @@ from pathlib import Path
 from fedcoe_bench.errors import RunError
 
 # Keys that change neither what a run computes nor what it reports: where it is written, logged and
-# cached, how it is shown, how often it is checkpointed, and the devices it runs on (results equal up
-# to float rounding). ``fabric.precision`` is not one of them: it changes the numbers.
+# cached, how it is shown, how often it is checkpointed, and the devices and memory format it runs in
+# (results equal up to float rounding). ``fabric.precision`` is not one of them: it changes the numbers.
 NEUTRAL_KEYS = ("config", "run_dir", "resume", "overwrite", "debug", "logger", "wandb_project", "loop.progress",
                 "loop.checkpoint_every", "loop.eval_batch_size", "data.cache_dir", "data.source.init_args.root",
                 "data.source.init_args.download", "fabric.accelerator", "fabric.devices", "fabric.strategy",
-                "fabric.num_nodes")
+                "fabric.num_nodes", "loop.channels_last")
 # How far a run goes and when it is measured, not what a round computes: the state after round t is the
 # same for any of their values, so a checkpoint serves them all (a resume may extend a run, eval serves a
 # finished one) while a finished run serves only its own.

@@ -96,6 +96,8 @@ class Federation:
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(images.mean, device=self.device).view(shape) * 255
         self.std = torch.tensor(images.std, device=self.device).view(shape) * 255
+        # set by the loop to the model's format (channels-last convolutions want channels-last batches)
+        self.memory_format: torch.memory_format = torch.contiguous_format
 
     def apply_shift(self, transform, name: str, num_clusters: int, sample_cluster: torch.Tensor, seed: int,
                     held_out_clusters=()) -> None:
@@ -117,10 +119,11 @@ class Federation:
         return self.client_cluster[torch.as_tensor(list(client_ids), dtype=torch.long)]
 
     def prepare(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 [B, C, H, W] -> normalised float; augments when a generator is given and the data asks for it."""
+        """uint8 [B, C, H, W] -> normalised float in :attr:`memory_format`; augments when a generator is
+        given and the data asks for it."""
         x = (x.float() - self.mean) / self.std
         if generator is None or not self.augment:
-            return x
+            return x.contiguous(memory_format=self.memory_format)
         b, _, h, w = x.shape
         padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
         dy = torch.randint(0, 9, (b, 1), generator=generator, device=self.device)
@@ -130,7 +133,8 @@ class Federation:
         cols = torch.where(flip, w - 1 - cols, cols) + dx
         rows = torch.arange(h, device=self.device) + dy
         batch = torch.arange(b, device=self.device)[:, None, None]
-        return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        out = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        return out.contiguous(memory_format=self.memory_format)
 
     def label_histogram(self, clients: list[Client] | None = None, split: str = "train") -> torch.Tensor:
         """[clients, classes] label counts of each client's ``split`` ('train', 'val' or 'test')."""

@@ -1,0 +1,78 @@
+"""Channels-last convolutions: the same training and metrics as the default format, with the flat
+parameter buffers still holding the parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import read_summary
+from lightning.fabric import Fabric
+
+from baselines import FedAvg, FedProx
+from fedcoe_bench.fedcoe import FedCoE
+from fedcoe_bench.loop import FederatedLoop
+
+METHODS = {"fedavg": (FedAvg, {}), "fedprox": (FedProx, {"mu": 0.5}), "fedcoe": (FedCoE, {"num_experts": 2})}
+
+
+def train(fed, fabric, name: str, channels_last: bool):
+    torch.manual_seed(0)
+    cls, kwargs = METHODS[name]
+    method = cls(**kwargs, num_classes=fed.num_classes, in_channels=1, image_size=12, lr=0.05)
+    loop = FederatedLoop(rounds=2, clients_per_round=4, batch_size=16, eval_every=2, checkpoint_every=0,
+                         progress=False, channels_last=channels_last)
+    metrics = loop.fit(fabric, method, fed, seed=0)
+    return method, loop, metrics
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedcoe"])
+def test_channels_last_gives_the_default_formats_results(small_data, name):
+    # float64: the two formats sum convolutions in different orders, and in float32 those roundings grow
+    # through a few rounds of training (FedCoE's experts drift by 1e-4); in float64 they stay far below
+    # the tolerance, while a layout error would still be of the order of the weights
+    fabric = Fabric(accelerator="cpu", devices=1, precision="64-true")
+    fed = small_data.setup(seed=0)
+    default, _, m_default = train(fed, fabric, name, channels_last=False)
+    cl, loop, m_cl = train(fed, fabric, name, channels_last=True)
+
+    convs = [p for p in cl.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert any(not p.is_contiguous() for p in convs), "no weight was actually converted"
+    assert all(p.is_contiguous() for p in default.parameters())
+    # the parameters are still views of the flat buffers, in memory order
+    for kind in ("shared", "personal"):
+        for name_, p in cl.named_group(kind):
+            assert torch.equal(cl.view_like(cl.flat[kind], name_, kind), p)
+            assert p.untyped_storage().data_ptr() == cl.flat[kind].untyped_storage().data_ptr()
+    assert fed.prepare(fed.pool_x[:4]).is_contiguous(memory_format=torch.channels_last)
+
+    # same trained model and the same metrics, up to float rounding
+    cl_state, default_state = cl.state_dict(), default.state_dict()
+    for key, value in default_state.items():
+        torch.testing.assert_close(cl_state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert m_cl.keys() == m_default.keys()
+    for key, value in m_default.items():
+        assert m_cl[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_flatten_parameters_keeps_a_channels_last_weight_a_view_in_memory_order():
+    m = FedAvg(in_channels=3, image_size=8).to(memory_format=torch.channels_last)
+    weight = m.net.body[3].weight.detach().clone()  # [64, 32, 5, 5]
+    m.flatten_parameters()
+    p = m.net.body[3].weight
+    assert p.is_contiguous(memory_format=torch.channels_last) and torch.equal(p, weight)
+    sl = m.layout["shared"]["net.body.3.weight"]
+    assert torch.equal(m.flat["shared"][sl], weight.permute(0, 2, 3, 1).flatten())  # O, H, W, I order
+    m.flat["shared"][sl] = 0.0  # the buffer writes through to the parameter
+    assert not p.any()
+
+
+def test_evaluating_a_channels_last_run_in_another_format_keeps_the_trained_format(tmp_path, fit_argv, run_cli):
+    code, _, err = run_cli(fit_argv("trained", "--loop.channels_last", "true"))
+    assert code == 0, err
+    code, _, err = run_cli(["eval", str(tmp_path / "trained"), "--name", "other", "--loop.channels_last", "false",
+                            "--run_dir", str(tmp_path / "evaluated")])
+    assert code == 0, err
+    trained, evaluated = read_summary(tmp_path / "trained"), read_summary(tmp_path / "evaluated")
+    for key in ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc"):
+        assert evaluated[key] == trained[key], key
