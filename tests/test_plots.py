@@ -26,12 +26,15 @@ def runs(tmp_path, fit_argv, run_cli):
     return root
 
 
-def test_clients_csv_has_every_client_once(runs):
+def test_clients_csv_has_every_scored_client_once(runs):
     summary = json.loads((runs / "fedavg" / "seed0" / "summary.json").read_text())
     with open(runs / "fedavg" / "seed0" / "clients.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    kinds = [r["kind"] for r in rows]
-    assert kinds.count("train") == summary["clients"]["training"] and kinds.count("cold_start") == summary["clients"]["cold_start"]
+    kinds, m = [r["kind"] for r in rows], summary["metrics"]
+    assert len({r["client"] for r in rows}) == len(rows)
+    # every client evaluated (no eval_clients sample): the trained training clients and every new one
+    assert m["clients_evaluated"] == summary["clients"]["training"] == m["clients_trained"] + m["clients_never_trained"]
+    assert kinds.count("train") == m["clients_trained"] and kinds.count("cold_start") == summary["clients"]["cold_start"]
     train = [float(r["acc"]) for r in rows if r["kind"] == "train"]
     cold = [float(r["acc"]) for r in rows if r["kind"] == "cold_start"]
     cold_lp = [float(r["lp_acc"]) for r in rows if r["kind"] == "cold_start"]

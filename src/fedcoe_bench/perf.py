@@ -10,7 +10,8 @@
 4. FedCoE (K = 4) vs FedAvg training round time on mnist10k (target <= 6x);
 5. with ``--ddp``: a FedAvg round with 20 sampled clients on 2 CPU processes vs 1;
 6. start-up: seconds to ``fedbench --help`` and to the first round of the default benchmark
-   (with ``--startup_baseline DIR``, also another checkout's, alternated, and the ratios).
+   (with ``--baseline DIR``, also another checkout's, alternated, and the ratios);
+7. with ``--baseline DIR``: the whole default benchmark's wall time, this checkout / that one.
 
 ``--scale`` measures instead how memory and checkpoints grow with the federation (the ``disk``
 client-state store; see :func:`scale`).
@@ -328,7 +329,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[100, 1000, 10000])
     p.add_argument("--ddp", action="store_true", help="also compare 2 gloo processes with 1")
     p.add_argument("--json", type=str, default=None, help="also write the results here")
-    p.add_argument("--startup_baseline", type=str, default=None, help="root of another checkout to compare start-up with")
+    p.add_argument("--baseline", type=str, default=None,
+                   help="root of another checkout (e.g. a git worktree of an older commit) to compare start-up and, "
+                        "as row 7, the whole default benchmark with")
     p.add_argument("--scale", action="store_true", help="only: memory and checkpoint cost vs number of clients")
     p.add_argument("--scale-clients", type=int, nargs="+", default=[100, 1000, 10000, 100000])
     p.add_argument("--scale-methods", nargs="+", default=list(SCALE_METHODS), choices=list(SCALE_METHODS))
@@ -352,7 +355,9 @@ def main(argv: list[str] | None = None) -> None:
              ("4. FedCoE (K=4) / FedAvg run wall time", lambda: fedcoe_vs_fedavg(10, args.repeats))]
     if args.ddp:
         steps.append(("5. 2 processes vs 1 (20 clients per round)", lambda: ddp_vs_single(args.rounds)))
-    steps.append(("6. start-up: fedbench --help, time to the first round", lambda: startup(args.repeats, args.startup_baseline)))
+    steps.append(("6. start-up: fedbench --help, time to the first round", lambda: startup(args.repeats, args.baseline)))
+    if args.baseline:
+        steps.append(("7. the whole default benchmark, this / baseline", lambda: whole_benchmark(args.repeats, args.baseline)))
     for title, fn in steps:
         res = fn()
         results[title] = res
@@ -375,36 +380,69 @@ main(sys.argv[1:])
 """
 
 
+def _fedbench_seconds(root: str, argv: list[str], work: str, until_first_round: bool = False) -> float:
+    """Wall seconds of one ``fedbench`` process of the checkout at ``root`` (cwd ``work``, so that neither
+    checkout's ``baselines/`` shadows the other), to its exit or, with ``until_first_round``, to the
+    start of the first round."""
+    env = {**os.environ, "PYTHONPATH": f"{root}/src{os.pathsep}{root}", "CI": "1"}
+    cmd = [sys.executable, "-c", _UNTIL_FIRST_ROUND, *argv] if until_first_round else \
+        [sys.executable, "-m", "fedcoe_bench.cli", *argv]
+    t0 = time.time()
+    out = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, check=True).stdout
+    return (float(out.strip().splitlines()[-1]) if until_first_round else time.time()) - t0
+
+
+def _alternated(runs: dict[str, tuple[str, list[str], bool]], repeats: int, work: str) -> dict[str, list[float]]:
+    """``runs``: name -> (checkout root, fedbench argv, until_first_round); each run once per repeat, in
+    turn, after one pass that caches partitions and warms the file cache (not counted)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(repeats + 1):
+        for name, (root, argv, first) in runs.items():
+            seconds = _fedbench_seconds(root, [a.replace("{name}", name) for a in argv], work, first)
+            if i:
+                times[name].append(seconds)
+    return times
+
+
+def _default_fit(work: str) -> list[str]:
+    config = Path(__file__).parents[2] / "benchmarks" / "mnist10k_dir0.3.yaml"
+    return ["fit", "--config", str(config), "--data.cache_dir", os.path.join(work, "partitions"), "--overwrite", "true",
+            "--run_dir", os.path.join(work, "{name}")]
+
+
 def startup(repeats: int, baseline: str | None = None) -> dict:
     """Seconds from starting a process to (a) the end of ``fedbench --help`` and (b) the first round of
     ``fedbench fit`` on the default benchmark (``benchmarks/mnist10k_dir0.3.yaml``, partition cached),
     median of ``repeats``. With ``baseline`` (the root of another checkout, e.g. a ``git worktree``
     of an older commit) the same for it, alternated run by run, and the ratios this / baseline."""
     roots = {"this": str(Path(__file__).parents[2])} | ({"baseline": baseline} if baseline else {})
-    config = Path(__file__).parents[2] / "benchmarks" / "mnist10k_dir0.3.yaml"
-    work = tempfile.mkdtemp(prefix="fedbench-perf-startup-")  # cwd: neither checkout's baselines/ shadows the other
-
-    def seconds(root: str, argv: list[str], until_first_round: bool) -> float:
-        env = {**os.environ, "PYTHONPATH": f"{root}/src{os.pathsep}{root}", "CI": "1"}
-        cmd = [sys.executable, "-c", _UNTIL_FIRST_ROUND, *argv] if until_first_round else \
-            [sys.executable, "-m", "fedcoe_bench.cli", *argv]
-        t0 = time.time()
-        out = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, check=True).stdout
-        return (float(out.strip().splitlines()[-1]) if until_first_round else time.time()) - t0
-
-    fit = ["fit", "--config", str(config), "--data.cache_dir", os.path.join(work, "partitions"), "--overwrite", "true"]
-    times: dict[str, dict[str, list[float]]] = {r: {"help_s": [], "first_round_s": []} for r in roots}
-    for i in range(repeats + 1):  # the first pass caches the partition and warms the file cache: not counted
-        for name, root in roots.items():
-            help_s = seconds(root, ["--help"], False)
-            first = seconds(root, [*fit, "--run_dir", os.path.join(work, name)], True)
-            if i:
-                times[name]["help_s"].append(help_s)
-                times[name]["first_round_s"].append(first)
-    out = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+    work = tempfile.mkdtemp(prefix="fedbench-perf-startup-")
+    runs = {}
+    for name, root in roots.items():
+        runs[f"{name}:help_s"] = (root, ["--help"], False)
+        runs[f"{name}:first_round_s"] = (root, _default_fit(work), True)
+    times = _alternated(runs, repeats, work)
+    out = {name: {k: statistics.median(times[f"{name}:{k}"]) for k in ("help_s", "first_round_s")} for name in roots}
     if baseline:
-        out["ratio"] = {k: statistics.median(a / b for a, b in zip(times["this"][k], times["baseline"][k]))
+        out["ratio"] = {k: statistics.median(a / b for a, b in zip(times[f"this:{k}"], times[f"baseline:{k}"]))
                         for k in ("help_s", "first_round_s")}
+    return out
+
+
+def whole_benchmark(repeats: int, baseline: str) -> dict:
+    """Wall seconds of the whole default benchmark (``fedbench fit --config benchmarks/mnist10k_dir0.3.yaml``:
+    process start to exit, 30 rounds and 3 evaluations) in this checkout and in ``baseline``,
+    alternated, median of ``repeats``, and the median ratio this / baseline. This checkout also runs
+    with ``--data.val_fraction 0``, which trains on the same share of each client's data as a
+    checkout from before validation splits existed (the default sets 10% aside)."""
+    this = str(Path(__file__).parents[2])
+    work = tempfile.mkdtemp(prefix="fedbench-perf-whole-")
+    fit = _default_fit(work)
+    times = _alternated({"this": (this, fit, False), "this_val0": (this, [*fit, "--data.val_fraction", "0"], False),
+                         "baseline": (baseline, fit, False)}, repeats, work)
+    out = {name: statistics.median(t) for name, t in times.items()}
+    for name in ("this", "this_val0"):
+        out[f"ratio_{name}"] = statistics.median(a / b for a, b in zip(times[name], times["baseline"]))
     return out
 
 
