@@ -206,13 +206,14 @@ def test_a_sampled_evaluation_does_the_same_work_at_any_federation_size(tmp_path
             fn = getattr(method, name)
             setattr(method, name, lambda x, *a, fn=fn: images.append(len(x)) or fn(x, *a))
         server = method.flat["shared"].clone()
-        evaluator = Evaluator(fed, batch_size=64, clients=4)
+        # the server validation split is a share of the pool, so it grows with it: one batch holds it
+        evaluator = Evaluator(fed, batch_size=1024, clients=4)
         metrics = evaluator(method, lambda state: loads.append(state) or method.flat["shared"].copy_(server), {}.get)
         assert metrics["clients_evaluated"] == 4 and metrics["cold_start_clients_evaluated"] == 4
-        # the global test split and the sampled clients' data, nothing else
-        sampled = sum(len(c.test) for c in evaluator.train_clients) + sum(
-            len(c.test) + len(c.train) for c in evaluator.cold_clients)
-        assert sum(images) == len(fed.test_y) + sampled
+        # the global test and server validation splits and the sampled clients' data, nothing else
+        sampled = sum(len(c.test) + len(c.val) for c in evaluator.train_clients) + sum(
+            len(c.test) + len(c.val) + len(c.train) for c in evaluator.cold_clients)
+        assert sum(images) == len(fed.test_y) + len(fed.val_y) + sampled
         work.append((len(images), len(loads)))
     assert work[0] == work[1]  # as many passes and state loads at 20 clients as at 400
 
