@@ -168,3 +168,27 @@ def test_more_processes_than_clients_per_round_is_refused_before_any_training(in
     loop = FederatedLoop(rounds=1, clients_per_round=3, progress=False)
     with pytest.raises(ConfigError, match="4 processes but loop.clients_per_round=3.*at most 3 devices"):
         loop.fit(fake, build(FedAvg, indexed_fed), indexed_fed, seed=0)
+
+
+class ValidationSpy(FedAvg):
+    """Records what the validation hook gets: (pool indices, labels, train mode, gradients on)."""
+
+    def __init__(self, fed, **kwargs):
+        super().__init__(**kwargs)
+        self.fed, self.calls = fed, []
+
+    def on_client_validation(self, x, y):
+        self.calls.append((decode_indices(self.fed, x) if len(x) else [], y.tolist(), self.training,
+                           torch.is_grad_enabled()))
+
+
+def test_each_training_client_hands_its_validation_split_to_the_hook(indexed_fed, fabric):
+    fed = indexed_fed
+    method = build(lambda **kw: ValidationSpy(fed, **kw), fed)
+    loop = FederatedLoop(rounds=2, clients_per_round=8, batch_size=16, eval_every=10, progress=False, cold_start_steps=0)
+    loop.fit(fabric, method, fed, seed=0)
+    assert len(method.calls) == 2 * len(fed.clients)
+    vals = {tuple(c.val.tolist()) for c in fed.clients}
+    for ids, labels, training, grad in method.calls:
+        assert tuple(ids) in vals and labels == fed.pool_y[ids].tolist()
+        assert not training and not grad  # scoring: eval mode, no gradients
