@@ -75,6 +75,10 @@ class FedMix(FederatedMethod):
         x, y = batch
         return F.nll_loss(self(x), y)
 
+    def start_finetune(self) -> tuple[str, ...]:
+        """A new client fine-tunes a gate of its own (from the initial one), over the shared experts."""
+        return ("gate.",)
+
     @torch.no_grad()
     def client_report(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         w = self.gate(x)

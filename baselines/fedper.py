@@ -55,6 +55,13 @@ class LatestHeads:
         self.head_weight.fill_(len(y))  # what the report below makes this client's head count with
 
     @torch.no_grad()
+    def start_finetune(self) -> tuple[str, ...]:
+        """A new client is served the evaluation head :math:`\\bar h`: it becomes the personal head,
+        which the client fine-tunes."""
+        self._head().copy_(parameters_to_vector(self.eval_head.parameters()))
+        return (self.head_prefix,)
+
+    @torch.no_grad()
     def client_report(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         head, weight = self._previous
         return {**super().client_report(x), "head": self._head().clone(), "previous_head": head,
@@ -82,7 +89,7 @@ class FedPer(LatestHeads, FedAvg):
     Convention for global and cold-start accuracy (not in the paper, which has no server head;
     ``global_model = "convention"``, marked in tables): the server body with the evaluation head
     :math:`\\bar h`, the n-weighted average of the latest heads of all clients trained so far
-    (:class:`LatestHeads`).
+    (:class:`LatestHeads`). A new client fine-tunes the head, starting from :math:`\\bar h`.
 
     Example:
         >>> import torch

@@ -17,7 +17,8 @@ class Local(FedAvg):
     The shared vector is empty and the server never aggregates. Personal accuracy is the
     personalization ceiling at no collaboration. There is no global model and a new client has no
     model of its own (``global_model = "none"``): the loop still measures the untrained initial
-    model there, and tables print n/a.
+    model there, and tables print n/a. Its fine-tuned cold start is a real number: a new client
+    trains its own model from the initial one on its few labelled shots.
 
     Example:
         >>> m = Local(num_classes=10, in_channels=1, image_size=12)

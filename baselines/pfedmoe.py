@@ -82,6 +82,10 @@ class PFedMoE(LatestHeads, FederatedMethod):
         self._global_weight = float(sum(w * float(u.report["global_weight"]) for w, u in zip(weights, updates)) / sum(weights))
         return super().aggregate(server, updates)
 
+    def start_finetune(self) -> tuple[str, ...]:
+        """A new client fine-tunes its gate and its head (from the evaluation head :math:`\\bar h`)."""
+        return (*super().start_finetune(), "gate.")
+
     def round_diagnostics(self) -> dict[str, float]:
         """``global_weight``: the sampled clients' n-weighted mean gate weight :math:`a_1` on G."""
         return {"global_weight": self._global_weight}

@@ -49,7 +49,9 @@ def fed(tmp_path_factory):
 
 
 def fit(method, fed, rounds=1, precision="32-true") -> FederatedLoop:
-    loop = FederatedLoop(rounds=rounds, clients_per_round=PER_ROUND, checkpoint_every=0, progress=False)
+    # no fine-tuned cold start: its new clients would call the recording hooks below too (tests/test_finetune.py)
+    loop = FederatedLoop(rounds=rounds, clients_per_round=PER_ROUND, checkpoint_every=0, progress=False,
+                         cold_start_steps=0)
     loop.metrics = loop.fit(Fabric(accelerator="cpu", devices=1, precision=precision), method, fed, SEED)
     return loop
 

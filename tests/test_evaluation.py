@@ -206,13 +206,14 @@ def test_a_sampled_evaluation_does_the_same_work_at_any_federation_size(tmp_path
             fn = getattr(method, name)
             setattr(method, name, lambda x, *a, fn=fn: images.append(len(x)) or fn(x, *a))
         server = method.flat["shared"].clone()
-        evaluator = Evaluator(fed, batch_size=64, clients=4)
+        # the server validation split is a share of the pool, so it grows with it: one batch holds it
+        evaluator = Evaluator(fed, batch_size=1024, clients=4)
         metrics = evaluator(method, lambda state: loads.append(state) or method.flat["shared"].copy_(server), {}.get)
         assert metrics["clients_evaluated"] == 4 and metrics["cold_start_clients_evaluated"] == 4
-        # the global test split and the sampled clients' data, nothing else
-        sampled = sum(len(c.test) for c in evaluator.train_clients) + sum(
-            len(c.test) + len(c.train) for c in evaluator.cold_clients)
-        assert sum(images) == len(fed.test_y) + sampled
+        # the global test and server validation splits and the sampled clients' data, nothing else
+        sampled = sum(len(c.test) + len(c.val) for c in evaluator.train_clients) + sum(
+            len(c.test) + len(c.val) + len(c.train) for c in evaluator.cold_clients)
+        assert sum(images) == len(fed.test_y) + len(fed.val_y) + sampled
         work.append((len(images), len(loads)))
     assert work[0] == work[1]  # as many passes and state loads at 20 clients as at 400
 
@@ -220,3 +221,75 @@ def test_a_sampled_evaluation_does_the_same_work_at_any_federation_size(tmp_path
 def test_eval_clients_below_one_is_refused():
     with pytest.raises(ConfigError, match="loop.eval_clients must be >= 1"):
         FederatedLoop(eval_clients=0)
+
+
+# ---------------------------------------------------------------------- validation metrics
+class ValOracle(FedAvg):
+    """Right exactly on the samples of a validation split (server's or a client's), wrong on every other
+    pool sample: a validation metric that read a test or train sample drops below 1, a test metric that
+    read a validation sample rises above 0."""
+
+    def __init__(self, fed, **kwargs):
+        super().__init__(**kwargs)
+        self.fed = fed
+        server_val = torch.tensor(decode_indices(fed, fed.prepare(fed.val_x)))  # pool samples no client holds
+        val = torch.cat([server_val] + [c.val for c in fed.clients + fed.new_clients])
+        self.is_val = torch.isin(torch.arange(len(fed.pool_y)), val)
+
+    def predict_global(self, x):
+        i = torch.tensor(decode_indices(self.fed, x))
+        label = self.fed.pool_y[i]
+        return F.one_hot(torch.where(self.is_val[i], label, (label + 1) % self.fed.num_classes), self.fed.num_classes).float()
+
+
+class ValOracleClientByClient(ValOracle):
+    """The same predictions through a personal parameter and its own predictors (the per-client paths)."""
+
+    personal = ("spare",)
+
+    def __init__(self, fed, **kwargs):
+        super().__init__(fed, **kwargs)
+        self.spare = nn.Parameter(torch.zeros(1))
+
+    def predict_personal(self, x):
+        return self.predict_global(x)
+
+    def predict_cold_start(self, x, unlabeled):
+        return self.predict_global(x)
+
+
+@pytest.mark.parametrize("cls", [ValOracle, ValOracleClientByClient])
+def test_validation_metrics_read_validation_samples_only(indexed_fed, cls):
+    fed = indexed_fed
+    method = cls(fed, num_classes=fed.num_classes, in_channels=1, image_size=12)
+    method.flatten_parameters()
+    assert len(fed.val_y) and all(len(c.val) for c in fed.clients + fed.new_clients), "every split must be non-empty"
+    metrics, _, _ = evaluate(fed, method, method.flat["shared"].clone(), {}.get, None, finetune_steps=1)
+    for name in ("personal_acc", "cold_start_acc", "cold_start_ft_acc"):
+        assert metrics[f"val_{name}"] == 1.0 and metrics[name] == 0.0, name
+    assert metrics["val_global_acc"] == 1.0
+    assert {"val_personal_acc_weighted", "val_personal_acc_worst10", "val_cold_start_lp_acc"} <= metrics.keys()
+
+
+def test_clients_without_validation_data_are_left_out_of_the_validation_means(indexed_fed):
+    fed = indexed_fed
+    method = ValOracle(fed, num_classes=fed.num_classes, in_channels=1, image_size=12)
+    method.flatten_parameters()
+    empty = fed.clients[0]
+    empty.bounds = (empty.bounds[0], empty.bounds[1], empty.bounds[1], empty.bounds[3])  # its val split: none
+    metrics, _, _ = evaluate(fed, method, method.flat["shared"].clone(), {}.get, None)
+    assert metrics["val_personal_acc"] == 1.0  # an empty split counted as 0 would pull the mean down
+    assert metrics["val_personal_acc_weighted"] == 1.0
+
+
+def test_fit_writes_the_validation_and_fine_tuned_metrics(tmp_path, fit_argv, run_cli):
+    code, _, err = run_cli(fit_argv("run", "--loop.eval_every", "1"))
+    assert code == 0, err
+    metrics = read_summary(tmp_path / "run")["metrics"]
+    keys = ("val_global_acc", "val_personal_acc", "val_cold_start_acc", "val_cold_start_lp_acc",
+            "cold_start_ft_acc", "val_cold_start_ft_acc")
+    assert all(0.0 <= metrics[k] <= 1.0 for k in keys), metrics
+    assert 0.0 <= read_summary(tmp_path / "run")["cold_start_ft_acc"] <= 1.0  # a column of its own
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("global_acc")]
+    assert len(rows) == 2 and all(r[k] != "" for r in rows for k in keys)  # logged at every evaluation

@@ -108,7 +108,7 @@ def test_calibrated_setting_follows_client_scores(tmp_path):
     scores[2, 1] = 0.9  # beta = 1.0 with the label prior is best
     ups = updates_for(m, [(1.0, [0.3, 0.3, 0.4]), (1.0, [0.3, 0.3, 0.4])])
     for u in ups:
-        u.report["calibration"] = scores
+        u.report["calibration"], u.report["calibration_weight"] = scores, torch.tensor(1.0)
     m.aggregate(torch.zeros(m.flat["shared"].numel()), ups)
     assert m.cold_start_setting() == (1.0, True)
     # the choice is logged: calibration.csv has every setting's mean score, the served one marked
@@ -125,7 +125,7 @@ def report_round(m: FedCoE, per_client_scores: list[torch.Tensor]) -> None:
     """One aggregation in which each update carries the given calibration scores."""
     ups = updates_for(m, [(1.0, [0.3, 0.3, 0.4])] * len(per_client_scores))
     for u, sc in zip(ups, per_client_scores):
-        u.report["calibration"] = sc
+        u.report["calibration"], u.report["calibration_weight"] = sc, torch.tensor(1.0)
     m.aggregate(torch.zeros(m.flat["shared"].numel()), ups)
 
 
@@ -200,3 +200,36 @@ def test_balance_loss_prefers_balanced_routing():
 def test_bad_beta_is_refused():
     with pytest.raises(ValueError, match="beta"):
         FedCoE(beta="sometimes")
+
+
+def test_calibration_scores_the_validation_split_not_the_training_data():
+    """The self-scores are the validation split's: poisoning the training labels leaves them as they
+    are, poisoning the validation labels moves them; a client without validation data reports weight 0."""
+    m = tiny(local_level=False)
+    torch.manual_seed(3)
+    x_tr, y_tr = torch.randn(20, 1, 8, 8), torch.randint(0, 4, (20,))
+    x_val = torch.randn(12, 1, 8, 8)
+    y_val = m.predict_global(x_val).argmax(1)  # the server model gets every validation label right
+
+    def report(y_train, y_valid, x_valid=x_val):
+        m.on_client_start(x_tr, y_train)
+        m.on_client_validation(x_valid, y_valid)
+        return m.client_report(x_tr)
+
+    clean = report(y_tr, y_val)
+    assert float(clean["calibration_weight"]) == 1.0 and float(clean["calibration"][0, 0]) == 1.0  # beta 0, no prior: G
+    torch.testing.assert_close(report((y_tr + 1) % 4, y_val)["calibration"], clean["calibration"])
+    assert not torch.equal(report(y_tr, (y_val + 1) % 4)["calibration"], clean["calibration"])
+    empty = report(y_tr, y_val[:0], x_val[:0])
+    assert float(empty["calibration_weight"]) == 0.0
+    # only clients that scored count: an aggregation with one empty and one scored client takes the scored one
+    ups = updates_for(m, [(1.0, [0.3, 0.3, 0.4]), (1.0, [0.3, 0.3, 0.4])])
+    for u, r in zip(ups, (clean, empty)):
+        u.report.update(calibration=r["calibration"], calibration_weight=r["calibration_weight"])
+    m.aggregate(torch.zeros(m.flat["shared"].numel()), ups)
+    torch.testing.assert_close(m.self_scores(), clean["calibration"])
+
+
+def test_finetune_names_the_local_level():
+    assert tiny().start_finetune() == ("local.", "fusion.")
+    assert tiny(local_level=False).start_finetune() == ("gate.",)

@@ -51,7 +51,8 @@ def test_cold_start_clients_are_never_trained(indexed_fed, fabric, monkeypatch):
     monkeypatch.setattr(FederatedLoop, "_train_client", spy)
     method = TrainSpy(fed, num_classes=fed.num_classes, in_channels=1, image_size=12)
     # 8 of 8 training clients per round: every client that *could* be trained is
-    loop = FederatedLoop(rounds=2, clients_per_round=8, batch_size=16, eval_every=1, progress=False)
+    # (new clients' fine-tuning on their shots is evaluation, tested in test_finetune.py)
+    loop = FederatedLoop(rounds=2, clients_per_round=8, batch_size=16, eval_every=1, progress=False, cold_start_steps=0)
     loop.fit(fabric, method, fed, seed=0)
 
     ids = [cid for _, cid in trained]
@@ -116,7 +117,7 @@ def test_cold_start_predictor_sees_inputs_only_and_changes_nothing(indexed_fed, 
     assert loop.store.states.keys() == personal_before.keys()
     assert all(torch.equal(loop.store.states[k], v) for k, v in personal_before.items())
 
-    new_labels = [fed.pool_y[c.train] for c in fed.new_clients] + [fed.pool_y[c.test] for c in fed.new_clients]
+    new_labels = [fed.pool_y[getattr(c, part)] for c in fed.new_clients for part in ("train", "val", "test")]
     unlabeled_seen = set()
     for call in method.calls:
         assert call["grad_enabled"] is False, "the cold-start predictor runs with gradients enabled"
@@ -132,7 +133,7 @@ def test_cold_start_predictor_sees_inputs_only_and_changes_nothing(indexed_fed, 
         # the adaptation inputs are exactly one new client's local train inputs
         owner = [c for c in fed.new_clients if sorted(decode_indices(fed, unlabeled)) == c.train.tolist()]
         assert len(owner) == 1, "unlabeled inputs are not one new client's train split"
-        own = set(torch.cat([owner[0].train, owner[0].test]).tolist())
+        own = set(torch.cat([owner[0].train, owner[0].val, owner[0].test]).tolist())
         assert set(decode_indices(fed, x)) <= own, "the predictor got another client's inputs"
         unlabeled_seen.add(owner[0].id)
     assert unlabeled_seen == {c.id for c in fed.new_clients}
@@ -167,3 +168,27 @@ def test_more_processes_than_clients_per_round_is_refused_before_any_training(in
     loop = FederatedLoop(rounds=1, clients_per_round=3, progress=False)
     with pytest.raises(ConfigError, match="4 processes but loop.clients_per_round=3.*at most 3 devices"):
         loop.fit(fake, build(FedAvg, indexed_fed), indexed_fed, seed=0)
+
+
+class ValidationSpy(FedAvg):
+    """Records what the validation hook gets: (pool indices, labels, train mode, gradients on)."""
+
+    def __init__(self, fed, **kwargs):
+        super().__init__(**kwargs)
+        self.fed, self.calls = fed, []
+
+    def on_client_validation(self, x, y):
+        self.calls.append((decode_indices(self.fed, x) if len(x) else [], y.tolist(), self.training,
+                           torch.is_grad_enabled()))
+
+
+def test_each_training_client_hands_its_validation_split_to_the_hook(indexed_fed, fabric):
+    fed = indexed_fed
+    method = build(lambda **kw: ValidationSpy(fed, **kw), fed)
+    loop = FederatedLoop(rounds=2, clients_per_round=8, batch_size=16, eval_every=10, progress=False, cold_start_steps=0)
+    loop.fit(fabric, method, fed, seed=0)
+    assert len(method.calls) == 2 * len(fed.clients)
+    vals = {tuple(c.val.tolist()) for c in fed.clients}
+    for ids, labels, training, grad in method.calls:
+        assert tuple(ids) in vals and labels == fed.pool_y[ids].tolist()
+        assert not training and not grad  # scoring: eval mode, no gradients

@@ -12,6 +12,7 @@ import yaml
 
 from fedcoe_bench import sweep
 from fedcoe_bench.cli import main
+from fedcoe_bench.results import METRICS
 from fedcoe_bench.runs import comparable
 
 REPO = Path(__file__).parents[1]
@@ -292,7 +293,7 @@ def finish(runs, test_value=held_out_accuracy, drop: str | None = None) -> None:
         name, alpha, seed = r.config["name"], r.config["data"]["alpha"], r.config["seed"]
         val = VAL[(name, alpha)][seed]
         test = test_value(name, alpha, seed)
-        metrics = {k: test for k in ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")}
+        metrics = {k: test for k in METRICS}
         metrics.update({"val_global_acc": 0.5, "val_personal_acc": val, "val_cold_start_acc": 0.5})
         metrics.pop(drop, None)
         r.run_dir.mkdir(parents=True, exist_ok=True)
@@ -342,7 +343,7 @@ def test_sweep_prints_the_chosen_settings_test_numbers_only(tuning_sweep, tmp_pa
         assert row[3] == f"{100 * sum(VAL[(name, alpha)]) / 2:.2f}"
         mean, std = mean_std_pct([held_out_accuracy(name, alpha, s) for s in (0, 1)])
         personal = f"{mean:.1f} ± {std:.1f}"
-        assert row[5] == personal and row[8] == "0 1 |"
+        assert row[5] == personal and row[9] == "0 1 |"
         assert row[4] == (personal + "†" if method == "fedper" else personal)  # FedPer's global is a convention
     assert [line for line in out.splitlines() if line.startswith("† ")] == [
         "† fedper: the method defines no server model; these columns serve the benchmark's convention (see the method's docstring)"]
@@ -356,6 +357,33 @@ def mean_std_pct(values):
     from fedcoe_bench.tables import mean_std
 
     return mean_std([100 * v for v in values])
+
+
+def test_selection_on_real_runs_summaries(small_sweep, tmp_path, monkeypatch, run_cli):
+    """End to end: a tuning sweep of two learning rates runs `fedbench fit` twice, and the selection
+    reads the val_personal_acc those runs wrote and prints the chosen run's test numbers."""
+    files = []
+    for lr in (0.0, 0.05):
+        files.append(tmp_path / f"fedavg-lr{lr}.yaml")
+        files[-1].write_text(yaml.safe_dump({"name": f"fedavg-lr{lr}", "method": {
+            "class_path": "baselines.fedavg.FedAvg", "init_args": {"lr": lr}}}))
+    spec = yaml.safe_load(small_sweep.read_text())
+    spec["metric"] = {"name": "val_personal_acc", "goal": "maximize"}
+    spec["parameters"] = {"config": {"values": [str(f) for f in files]}, "seed": {"value": 0},
+                          "loop.rounds": {"value": 2}}
+    small_sweep.write_text(yaml.safe_dump(spec))
+    monkeypatch.setattr(sweep, "run_fit", lambda args: main(["fit", *args]))
+    code, out, err = run_cli(["sweep", str(small_sweep), "--sweep_dir", str(tmp_path / "out")])
+    assert code == 0, err
+    runs = sweep.plan(small_sweep, tmp_path / "out")
+    summaries = [json.loads((r.run_dir / "summary.json").read_text()) for r in runs]
+    val = [s["metrics"]["val_personal_acc"] for s in summaries]
+    best = max(range(2), key=lambda i: (val[i], -i))  # ties go to the first in grid order
+    [selection] = sweep.select(runs, "val_personal_acc")
+    assert selection.runs == [runs[best]] and selection.score == pytest.approx(val[best])
+    row = next(line for line in out.splitlines() if line.startswith("| synthetic")).split(" | ")
+    assert row[2].startswith(f"config={files[best]} (of 2)")
+    assert row[5] == f"{100 * summaries[best]['personal_acc']:.1f}"
 
 
 def test_a_missing_validation_metric_is_a_one_line_error_naming_it(tuning_sweep, tmp_path, run_cli):

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from fedcoe_bench.results import load_runs, load_wandb_runs
+from fedcoe_bench.results import METRICS, load_runs, load_wandb_runs
 from fedcoe_bench.tables import build_tables, mean_std, render
 
-# accuracies (global, personal, cold-start, cold-start + prior) per seed
-FEDAVG = {0: (0.80, 0.70, 0.50, 0.55), 1: (0.82, 0.74, 0.52, 0.56), 2: (0.84, 0.72, 0.54, 0.57)}
-FEDPER = {0: (0.78, 0.90, 0.40, 0.60), 1: (0.80, 0.92, 0.42, 0.62), 2: (0.76, 0.91, 0.44, 0.64)}
-FEDCOE = {0: (0.85, 0.88, 0.60, 0.58), 1: (0.87, 0.89, 0.64, 0.60)}  # seed 2 unfinished
+# accuracies (global, personal, cold-start, cold-start + ft, cold-start + prior: METRICS) per seed
+FEDAVG = {0: (0.80, 0.70, 0.50, 0.60, 0.55), 1: (0.82, 0.74, 0.52, 0.62, 0.56), 2: (0.84, 0.72, 0.54, 0.64, 0.57)}
+FEDPER = {0: (0.78, 0.90, 0.40, 0.70, 0.60), 1: (0.80, 0.92, 0.42, 0.72, 0.62), 2: (0.76, 0.91, 0.44, 0.74, 0.64)}
+FEDCOE = {0: (0.85, 0.88, 0.60, 0.66, 0.58), 1: (0.87, 0.89, 0.64, 0.68, 0.60)}  # seed 2 unfinished
 
 
 def write_summary(root: Path, method: str, seed: int, accs, alpha: float = 0.3, rounds: int = 100,
@@ -24,7 +24,7 @@ def write_summary(root: Path, method: str, seed: int, accs, alpha: float = 0.3, 
                   global_model: str | None = None) -> Path:
     run = root / dataset / f"dirichlet{alpha}" / (name or method) / f"seed{seed}"
     run.mkdir(parents=True)
-    keys = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")
+    keys = METRICS
     config = {"seed": seed, "name": name,
               "method": {"class_path": f"baselines.{method}.{method.capitalize()}", "init_args": init_args or {}},
               "data": {"source": {"class_path": f"fedcoe_bench.data.sources.{dataset}"}, "scheme": "dirichlet",
@@ -50,10 +50,10 @@ def runs_dir(tmp_path) -> Path:
         "seed: 2\nmethod:\n  class_path: fedcoe_bench.fedcoe.FedCoE\ndata:\n  source: mnist10k\n  scheme: dirichlet\n"
         "  alpha: 0.3\nloop:\n  rounds: 100\n")
     # a broken summary: half-written JSON (e.g. copied while being written by hand)
-    broken = write_summary(root, "fedprox", 0, (0.5, 0.5, 0.5, 0.5))
+    broken = write_summary(root, "fedprox", 0, (0.5,) * 5)
     (broken / "summary.json").write_text('{"status": "finished", "global_acc": 0.')
     # a second group: alpha 0.1, one method
-    write_summary(root, "fedavg", 0, (0.60, 0.65, 0.30, 0.35), alpha=0.1)
+    write_summary(root, "fedavg", 0, (0.60, 0.65, 0.30, 0.40, 0.35), alpha=0.1)
     # W&B's own files inside a run directory are not runs
     wandb_files = root / "mnist10k" / "dirichlet0.1" / "fedavg" / "seed0" / "wandb" / "offline-run-x" / "files"
     wandb_files.mkdir(parents=True)
@@ -88,11 +88,13 @@ def test_markdown_means_stds_bold_and_missing(runs_dir):
     titles = [line for line in text.splitlines() if line.startswith("## ")]
     assert titles == ["## mnist10k, dirichlet alpha=0.1, 100 rounds", "## mnist10k, dirichlet alpha=0.3, 100 rounds"]
     group = text.split("## mnist10k, dirichlet alpha=0.3")[1]
-    assert md_row(group, "fedavg") == ["fedavg", "82.0 ± 2.0", "72.0 ± 2.0", "52.0 ± 2.0", "56.0 ± 1.0", "3"]
-    # fedper has the best personalized and the best cold-start + prior mean; fedcoe the best global and cold-start
-    assert md_row(group, "fedper") == ["fedper", "78.0 ± 2.0", "**91.0 ± 1.0**", "42.0 ± 2.0", "**62.0 ± 2.0**", "3"]
+    assert md_row(group, "fedavg") == ["fedavg", "82.0 ± 2.0", "72.0 ± 2.0", "52.0 ± 2.0", "62.0 ± 2.0", "56.0 ± 1.0", "3"]
+    # fedper has the best personalized, cold-start + ft and cold-start + prior means; fedcoe the best global and cold-start
+    assert md_row(group, "fedper") == ["fedper", "78.0 ± 2.0", "**91.0 ± 1.0**", "42.0 ± 2.0", "**72.0 ± 2.0**",
+                                       "**62.0 ± 2.0**", "3"]
     assert md_row(group, "fedcoe") == ["fedcoe", f"**{cell(FEDCOE.values(), 0)}**", cell(FEDCOE.values(), 1),
-                                       f"**{cell(FEDCOE.values(), 2)}**", cell(FEDCOE.values(), 3), "2"]
+                                       f"**{cell(FEDCOE.values(), 2)}**", cell(FEDCOE.values(), 3),
+                                       cell(FEDCOE.values(), 4), "2"]
     assert md_row(group, "fedcoe")[1] == "**86.0 ± 1.4**"
     # rows in the paper's order
     labels = [line.split("|")[1].strip() for line in group.splitlines() if line.startswith("| ") and "---" not in line]
@@ -108,17 +110,18 @@ def test_markdown_means_stds_bold_and_missing(runs_dir):
 
 
 def test_latex_bold_and_escaping(runs_dir):
-    write_summary(runs_dir, "fedcoe", 0, (0.99, 0.10, 0.10, 0.10), name="fedcoe-no_coordination",
+    write_summary(runs_dir, "fedcoe", 0, (0.99, 0.10, 0.10, 0.10, 0.10), name="fedcoe-no_coordination",
                   init_args={"coordinated": False})
     text, _ = render(build_tables(load_runs(runs_dir)), "latex")
     group = text.split("alpha=0.3")[1]
     rows = {line.split(" & ")[0]: line for line in group.splitlines() if line.endswith("\\\\")}
-    assert rows["fedavg"] == "fedavg & 82.0 $\\pm$ 2.0 & 72.0 $\\pm$ 2.0 & 52.0 $\\pm$ 2.0 & 56.0 $\\pm$ 1.0 & 3 \\\\"
+    assert rows["fedavg"] == ("fedavg & 82.0 $\\pm$ 2.0 & 72.0 $\\pm$ 2.0 & 52.0 $\\pm$ 2.0 & 62.0 $\\pm$ 2.0 & "
+                              "56.0 $\\pm$ 1.0 & 3 \\\\")
     assert rows["fedper"].split(" & ")[2] == "\\textbf{91.0 $\\pm$ 1.0}"
     # a single seed has no std; the ablation's name is its row, underscores escaped; it has the best global mean
     assert rows["fedcoe-no\\_coordination"].split(" & ")[1] == "\\textbf{99.0}"
     assert "\\textbf" not in rows["fedcoe"].split(" & ")[1]
-    assert "\\begin{tabular}{lrrrrr}" in text and "\\toprule" in text
+    assert "\\begin{tabular}{lrrrrrr}" in text and "\\toprule" in text
     assert any(line.startswith("% missing:") and "fedcoe/seed2" in line for line in group.splitlines())
 
 
@@ -133,11 +136,11 @@ def test_csv_is_machine_readable_and_notes_go_to_stderr(runs_dir):
 
 def test_differing_settings_without_a_name_get_their_own_rows(tmp_path):
     for seed in (0, 1):
-        write_summary(tmp_path / "a", "fedcoe", seed, (0.8, 0.8, 0.8, 0.8), init_args={"coordinated": True, "lr": 0.01})
-        write_summary(tmp_path / "b", "fedcoe", seed, (0.6, 0.6, 0.6, 0.6), init_args={"coordinated": False, "lr": 0.01})
+        write_summary(tmp_path / "a", "fedcoe", seed, (0.8,) * 5, init_args={"coordinated": True, "lr": 0.01})
+        write_summary(tmp_path / "b", "fedcoe", seed, (0.6,) * 5, init_args={"coordinated": False, "lr": 0.01})
     text, _ = render(build_tables(load_runs(tmp_path)), "md")
-    assert md_row(text, "fedcoe (coordinated=True)")[1:] == ["**80.0 ± 0.0**"] * 4 + ["2"]
-    assert md_row(text, "fedcoe (coordinated=False)")[1:] == ["60.0 ± 0.0"] * 4 + ["2"]
+    assert md_row(text, "fedcoe (coordinated=True)")[1:] == ["**80.0 ± 0.0**"] * 5 + ["2"]
+    assert md_row(text, "fedcoe (coordinated=False)")[1:] == ["60.0 ± 0.0"] * 5 + ["2"]
 
 
 def test_cli_table_and_its_errors(runs_dir, run_cli, tmp_path):
@@ -180,7 +183,7 @@ class FakeRun:
 
 def recorded_run(name, method, seed, accs, state="finished", alpha=0.3):
     """What fedbench's W&B logger leaves in a run: the flattened config and the final summary."""
-    keys = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")
+    keys = METRICS
     config = {"method": method, "method.class_path": f"baselines.{method}.X", "method.init_args.lr": 0.01,
               "seed": seed, "data.alpha": alpha, "data.scheme": "dirichlet",
               "data.source.class_path": "fedcoe_bench.data.sources.MNIST10k", "loop.rounds": 100, "name": None,
@@ -212,7 +215,7 @@ def test_table_from_wandb_runs(monkeypatch, run_cli):
     code, out, err = run_cli(["table", "--wandb", "team/fedcoe-bench"])
     assert code == 0, err
     assert api.asked == ["team/fedcoe-bench"]
-    assert md_row(out, "fedavg") == ["fedavg", "82.0 ± 2.0", "72.0 ± 2.0", "52.0 ± 2.0", "56.0 ± 1.0", "3"]
+    assert md_row(out, "fedavg") == ["fedavg", "82.0 ± 2.0", "72.0 ± 2.0", "52.0 ± 2.0", "62.0 ± 2.0", "56.0 ± 1.0", "3"]
     assert md_row(out, "fedcoe")[1] == "**86.0 ± 1.4**"
     assert md_row(out, "fedavg")[2] == "72.0 ± 2.0" and md_row(out, "fedcoe")[2] == "**88.5 ± 0.7**"
     assert "missing: wandb:team/fedcoe-bench/fedcoe-2 (fedcoe seed 2; W&B state 'crashed')" in out
@@ -234,18 +237,19 @@ def test_wandb_errors_are_one_line(monkeypatch, run_cli):
 
 
 # ---------------------------------------------------------------------- n/a and convention cells
-SERVER_COLUMNS = (1, 3, 4)  # global, cold-start, cold-start + prior (column 0 is the label)
+SERVER_COLUMNS = (1, 3, 5)  # global, cold-start, cold-start + prior (column 0 is the label)
+OWN_COLUMNS = (2, 4)  # personal and cold-start + ft: models the clients train themselves
 
 
 @pytest.fixture
 def models_dir(tmp_path) -> Path:
     """One run per kind of server model; Local's untrained numbers are the highest, so bold must skip them."""
     root = tmp_path / "runs"
-    write_summary(root, "fedavg", 0, (0.80, 0.70, 0.50, 0.55), global_model="trained")
-    write_summary(root, "fedmix", 0, (0.81, 0.71, 0.51, 0.56))  # written before the field existed: trained
-    write_summary(root, "local", 0, (0.99, 0.90, 0.99, 0.99), global_model="none")
-    write_summary(root, "fedper", 0, (0.60, 0.95, 0.40, 0.45), global_model="convention")
-    write_summary(root, "pfedmoe", 0, (0.61, 0.80, 0.41, 0.46), global_model="convention")
+    write_summary(root, "fedavg", 0, (0.80, 0.70, 0.50, 0.60, 0.55), global_model="trained")
+    write_summary(root, "fedmix", 0, (0.81, 0.71, 0.51, 0.61, 0.56))  # written before the field existed: trained
+    write_summary(root, "local", 0, (0.99, 0.90, 0.99, 0.30, 0.99), global_model="none")
+    write_summary(root, "fedper", 0, (0.60, 0.95, 0.40, 0.62, 0.45), global_model="convention")
+    write_summary(root, "pfedmoe", 0, (0.61, 0.80, 0.41, 0.63, 0.46), global_model="convention")
     return root
 
 
@@ -254,7 +258,8 @@ def test_na_exactly_where_a_method_has_no_server_model(models_dir):
     md, _ = render(tables, "md")
     assert md.count("n/a") == len(SERVER_COLUMNS)
     local = md_row(md, "local")
-    assert [local[i] for i in SERVER_COLUMNS] == ["n/a"] * 3 and local[2] == "90.0"  # personal is real
+    assert [local[i] for i in SERVER_COLUMNS] == ["n/a"] * 3
+    assert [local[i] for i in OWN_COLUMNS] == ["90.0", "30.0"]  # personal and fine-tuned cold start are real
     # Local's 99.0 is not a global model's number: the best global is FedMix's
     assert md_row(md, "fedmix")[1] == "**81.0**" and md_row(md, "fedmix")[3] == "**51.0**"
     latex, _ = render(tables, "latex")
@@ -273,6 +278,7 @@ def test_convention_cells_carry_a_dagger_and_a_footnote(models_dir):
         row = md_row(md, label)
         assert [i for i, c in enumerate(row) if c.endswith("†")] == list(SERVER_COLUMNS)
     assert md_row(md, "fedper")[2] == "**95.0**"  # personal accuracy is no convention
+    assert md_row(md, "pfedmoe")[4] == "**63.0**"  # nor is a client's own fine-tuning
     assert sum(c.endswith("†") for label in ("fedavg", "fedmix", "local") for c in md_row(md, label)) == 0
     notes = [line for line in md.splitlines() if line.startswith("† ")]
     assert len(notes) == 1 and notes[0].startswith("† fedper, pfedmoe: the method defines no server model")
@@ -290,11 +296,12 @@ def test_fit_records_the_methods_global_model_and_the_table_reads_it(tmp_path, f
     code, out, err = run_cli(["table", str(tmp_path / "runs")])
     assert code == 0, err
     assert [md_row(out, "local")[i] for i in SERVER_COLUMNS] == ["n/a"] * 3 and out.count("n/a") == 3
+    assert float(md_row(out, "local")[4].strip("*")) >= 0  # a fit writes the fine-tuned cold start, a number for Local too
     assert all(md_row(out, "fedper")[i].endswith("†") for i in SERVER_COLUMNS)
 
 
 def test_wandb_runs_carry_the_global_model_too():
-    local = recorded_run("local-0", "local", 0, (0.1, 0.9, 0.1, 0.1))
+    local = recorded_run("local-0", "local", 0, (0.1, 0.9, 0.1, 0.1, 0.1))
     local.summary._d["global_model"] = "none"
     runs = load_wandb_runs("a/b", api=FakeApi([local, recorded_run("fedavg-0", "fedavg", 0, FEDAVG[0])]))
     assert {r.method: r.global_model for r in runs} == {"local": "none", "fedavg": "trained"}

@@ -308,6 +308,8 @@ class Fit:
         and return the summary."""
         import torch
 
+        from fedcoe_bench.results import METRICS
+
         fabric, cfg = self.fabric, self.cfg
         summary = {
             "status": "finished",
@@ -318,7 +320,7 @@ class Fit:
             "alpha": self.data.alpha,
             "seed": cfg.seed,
             "rounds": self.loop.rounds,
-            **{k: metrics.get(k) for k in ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")},
+            **{k: metrics.get(k) for k in METRICS},
             "metrics": metrics,
             "wall_time_s": self.loop.wall_time_s,
             "resumed_from_round": self.resume_state["round"] if self.resume_state else None,

@@ -1,4 +1,5 @@
-"""The three numbers: global, personalized and cold-start accuracy (plus the label-prior adapter)."""
+"""The three numbers: global, personalized and cold-start accuracy (plus the label-prior adapter and
+the fine-tuned cold start), each on the test splits and, as ``val_*``, on the validation splits."""
 
 from __future__ import annotations
 
@@ -94,6 +95,11 @@ def eval_sample(seed: int, n: int, k: int | None, stream: int) -> list[int]:
     return sorted(rng.choice(n, k, replace=False).tolist())
 
 
+# Rows of an evaluation's per-client table: test accuracy, with the label-prior adapter, fine-tuned, and
+# test samples; then the same on validation (each accuracy row followed by its adapter and ft rows).
+ROWS = ("acc", "lp_acc", "ft_acc", "n", "val_acc", "val_lp_acc", "val_ft_acc", "val_n")
+ACC, LP_ACC, FT_ACC, N, VAL_ACC, VAL_LP_ACC, VAL_FT_ACC, VAL_N = range(len(ROWS))
+
 # The client counts an evaluation reports next to its accuracies.
 COUNTS = ("clients_evaluated", "clients_trained", "clients_never_trained", "cold_start_clients_evaluated")
 
@@ -118,6 +124,18 @@ class Evaluator:
     clients of FedPer, FedMix, pFedMoE, Local). Everything else runs client by client. The label-prior
     EM of all cold-start clients runs as one vectorised EM.
 
+    Every accuracy is also measured on validation, in the same passes: ``val_global_acc`` on the
+    server's validation split (under every cluster's transform), ``val_personal_acc`` and
+    ``val_cold_start_acc`` on the clients' local validation splits (a cold-start client's unlabeled
+    inputs stay its local train split); clients with an empty validation split are left out of the
+    ``val_*`` means, and a federation without validation has no ``val_*`` keys.
+
+    ``cold_start_ft_acc`` (with ``finetune_steps``): each visited cold-start client, from the state a
+    new client is served, fine-tunes what :meth:`~fedcoe_bench.method.FederatedMethod.start_finetune`
+    names for ``finetune_steps`` mini-batches of ``finetune_batch_size`` on its labelled shots
+    (:meth:`~fedcoe_bench.data.Federation.shots`; seeded per client), is scored with
+    ``predict_personal`` on its local test (and validation) split, and the state is discarded.
+
     Args:
         fed: the federation.
         batch_size: images per forward pass.
@@ -126,11 +144,14 @@ class Evaluator:
             trained (all, when the caller passes no ``trained``).
         seed: seeds the sample.
         precision: the run's Fabric precision plugin (default: 32-bit).
+        finetune_steps: local steps of the fine-tuned cold start (0: no ``cold_start_ft_acc``).
+        finetune_batch_size: its mini-batch size.
     """
 
     def __init__(self, fed: Federation, batch_size: int = 256, clients: int | None = None, seed: int = 0,
-                 precision: Precision | None = None):
-        self.fed, self.batch_size = fed, batch_size
+                 precision: Precision | None = None, finetune_steps: int = 0, finetune_batch_size: int = 32):
+        self.fed, self.batch_size, self.seed = fed, batch_size, seed
+        self.finetune_steps, self.finetune_batch_size = finetune_steps, finetune_batch_size
         self.precision = precision or Precision()
         self.train_clients = [fed.clients[i] for i in eval_sample(seed, len(fed.clients), clients, 0)]
         self.cold_clients = [fed.new_clients[i] for i in eval_sample(seed, len(fed.new_clients), clients, 1)]
@@ -167,11 +188,14 @@ class Evaluator:
         one_model = method.flat["personal"].numel() == 0
         personal_is_global = one_model and not _overrides(method, "predict_personal")
         cold_is_global = not _overrides(method, "predict_cold_start")
-        tests = [pers[j].test for j in my_pers]
-        colds = [torch.cat([self.cold_clients[j].test, self.cold_clients[j].train]) for j in my_cold]
+        # One pass per model over a client's test, then validation (then, cold start: unlabeled) inputs.
+        tests = [torch.cat([pers[j].test, pers[j].val]) for j in my_pers]
+        colds = [torch.cat([cl.test, cl.val, cl.train]) for cl in (self.cold_clients[j] for j in my_cold)]
 
         load(None)  # the server state: the global model, and every cold-start client's starting point
         out = self._over_clusters(method.predict_global, fed.test_x_by_cluster, fed.test_y, "global_acc")
+        if len(fed.val_y):
+            out.update(self._over_clusters(method.predict_global, fed.val_x_by_cluster, fed.val_y, "val_global_acc"))
         shared = self._pooled(method.predict_global, (tests if personal_is_global else []) + (colds if cold_is_global else []))
         cold_probs = shared[len(shared) - len(colds):] if cold_is_global else [
             self._cold_start(method, self.cold_clients[j]) for j in my_cold]
@@ -181,44 +205,66 @@ class Evaluator:
             pers_probs = self._pooled(method.predict_personal, tests)
         else:
             pers_probs = []
-            for j in my_pers:
+            for j, idx in zip(my_pers, tests):
                 load(personal_of(pers[j].id))
-                pers_probs.append(self._batched(method.predict_personal, fed.pool_x[pers[j].test]))
+                pers_probs.append(self._batched(method.predict_personal, fed.pool_x[idx]))
             load(None)
 
-        table = torch.zeros(3, len(pers) + len(self.cold_clients), dtype=torch.float64)  # acc, lp_acc, samples
+        # per client (columns: the trained clients, then the cold-start ones), rows ROWS; each rank fills its own
+        table = torch.zeros(len(ROWS), len(pers) + len(self.cold_clients), dtype=torch.float64)
         for j, probs in zip(my_pers, pers_probs):
-            table[0, j], table[2, j] = _accuracy(probs, fed.pool_y[pers[j].test], c)
+            n, v = len(pers[j].test), len(pers[j].val)
+            y = fed.pool_y[torch.cat([pers[j].test, pers[j].val])]
+            table[ACC, j], table[N, j] = _accuracy(probs[:n], y[:n], c)
+            if v:
+                table[VAL_ACC, j], table[VAL_N, j] = _accuracy(probs[n:], y[n:], c)
         if my_cold:
-            sizes = [len(self.cold_clients[j].test) for j in my_cold]
-            adapt = torch.cat([p[n:] for p, n in zip(cold_probs, sizes)])
+            clients = [self.cold_clients[j] for j in my_cold]
+            labelled = [len(cl.test) + len(cl.val) for cl in clients]
+            adapt = torch.cat([p[m:] for p, m in zip(cold_probs, labelled)])
             group = torch.repeat_interleave(torch.arange(len(my_cold), device=adapt.device),
-                                            torch.tensor([len(p) - n for p, n in zip(cold_probs, sizes)], device=adapt.device))
+                                            torch.tensor([len(cl.train) for cl in clients], device=adapt.device))
             train_prior = self.train_prior.to(adapt.device)
             priors = em_label_prior(adapt, train_prior, group=group)
-            for i, (j, probs, n) in enumerate(zip(my_cold, cold_probs, sizes)):
-                y = fed.pool_y[self.cold_clients[j].test]
-                acc = _accuracy(probs[:n], y, c)[0]
-                lp_acc = _accuracy(prior_adjust(probs[:n], priors[i], train_prior), y, c)[0]
-                table[:, len(pers) + j] = torch.tensor([acc, lp_acc, n], dtype=torch.float64)
+            for i, (j, cl, probs) in enumerate(zip(my_cold, clients, cold_probs)):
+                col, n, m = len(pers) + j, len(cl.test), labelled[i]
+                y = fed.pool_y[torch.cat([cl.test, cl.val])]
+                adjusted = prior_adjust(probs[:m], priors[i], train_prior)
+                table[ACC, col], table[N, col] = _accuracy(probs[:n], y[:n], c)
+                table[LP_ACC, col] = _accuracy(adjusted[:n], y[:n], c)[0]
+                if m > n:
+                    table[VAL_ACC, col], table[VAL_N, col] = _accuracy(probs[n:m], y[n:], c)
+                    table[VAL_LP_ACC, col] = _accuracy(adjusted[n:], y[n:], c)[0]
+                if self.finetune_steps:
+                    tuned = self._finetune(method, load, cl)
+                    table[FT_ACC, col] = _accuracy(tuned[:n], y[:n], c)[0]
+                    if m > n:
+                        table[VAL_FT_ACC, col] = _accuracy(tuned[n:], y[n:], c)[0]
         if all_reduce is not None and world > 1:
             table = all_reduce(table.to(fed.device)).cpu()
-        sizes = table[2].long().tolist()
+        sizes = table[N].long().tolist()
         n_pers = len(pers)
         self.per_client = ([{"client": cl.id, "kind": "train", "cluster": cl.cluster, "samples": sizes[j],
-                             "acc": float(table[0, j]), "lp_acc": None} for j, cl in enumerate(pers)]
+                             "acc": float(table[ACC, j]), "lp_acc": None} for j, cl in enumerate(pers)]
                            + [{"client": cl.id, "kind": "cold_start", "cluster": cl.cluster, "samples": sizes[n_pers + j],
-                               "acc": float(table[0, n_pers + j]), "lp_acc": float(table[1, n_pers + j])}
+                               "acc": float(table[ACC, n_pers + j]), "lp_acc": float(table[LP_ACC, n_pers + j])}
                               for j, cl in enumerate(self.cold_clients)])
-        if pers:
-            out.update(summarize_clients(table[0, :n_pers].tolist(), sizes[:n_pers], "personal_acc"))
-        if self.cold_clients:
-            out.update(summarize_clients(table[0, n_pers:].tolist(), sizes[n_pers:], "cold_start_acc"))
-            out["cold_start_lp_acc"] = float(table[1, n_pers:].mean())
+        trained_cols, cold_cols = list(range(n_pers)), list(range(n_pers, table.shape[1]))
         new_domain = [n_pers + j for j, cl in enumerate(self.cold_clients) if cl.cluster in fed.held_out_clusters]
-        if new_domain:  # cold-start clients of held-out clusters: a domain no training client has
-            out["cold_start_acc_new_domain"] = float(table[0, new_domain].mean())
-            out["cold_start_lp_acc_new_domain"] = float(table[1, new_domain].mean())
+        for prefix, acc, n in (("", ACC, N), ("val_", VAL_ACC, VAL_N)):
+            has = lambda cols: [k for k in cols if table[n, k] > 0]  # noqa: E731 (the val means skip empty splits)
+            if has(trained_cols):
+                out.update(summarize_clients(table[acc, has(trained_cols)].tolist(), table[n, has(trained_cols)].tolist(),
+                                             f"{prefix}personal_acc"))
+            cold = has(cold_cols)
+            if cold:
+                out.update(summarize_clients(table[acc, cold].tolist(), table[n, cold].tolist(), f"{prefix}cold_start_acc"))
+                out[f"{prefix}cold_start_lp_acc"] = float(table[acc + 1, cold].mean())
+                if self.finetune_steps:
+                    out[f"{prefix}cold_start_ft_acc"] = float(table[acc + 2, cold].mean())
+            if has(new_domain):  # cold-start clients of held-out clusters: a domain no training client has
+                out[f"{prefix}cold_start_acc_new_domain"] = float(table[acc, has(new_domain)].mean())
+                out[f"{prefix}cold_start_lp_acc_new_domain"] = float(table[acc + 1, has(new_domain)].mean())
         out.update(dict(zip(COUNTS, (len(self.train_clients), n_pers, len(self.train_clients) - n_pers,
                                      len(self.cold_clients)))))
         method.train(was_training)
@@ -234,12 +280,60 @@ class Evaluator:
         return out
 
     def _cold_start(self, method: FederatedMethod, client: Client) -> torch.Tensor:
-        """Cold-start probabilities of a client's local test split, then of its local train split (the
-        label-prior adapter's unlabeled inputs)."""
+        """Cold-start probabilities of a client's local test split, then validation split, then local
+        train split (the label-prior adapter's unlabeled inputs)."""
         fed = self.fed
         unlabeled = self.precision.convert_input(fed.prepare(fed.pool_x[client.train]))  # inputs only: no labels
-        test_x = torch.cat([fed.pool_x[client.test], fed.pool_x[client.train]])
-        return self._batched(lambda x: method.predict_cold_start(x, unlabeled), test_x)
+        x = fed.pool_x[torch.cat([client.test, client.val, client.train])]
+        return self._batched(lambda x: method.predict_cold_start(x, unlabeled), x)
+
+    def _finetune(self, method: FederatedMethod, load, client: Client) -> torch.Tensor:
+        """Personal probabilities of a cold-start client's local test, then validation split, after it
+        fine-tuned on its labelled shots from the state it is served; leaves the server state loaded.
+
+        Reads labels of the shots only. The gradient step is plain ``backward`` and ``step``, not the
+        precision plugin's: a mixed-precision plugin's loss scaler is training's and must not move.
+        """
+        fed, convert = self.fed, self.precision.convert_input
+        load(None)
+        shots = fed.shots(client, self.seed)
+        x_all, y_all = fed.pool_x[shots], fed.pool_y[shots]
+        s = int(np.random.SeedSequence([self.seed, client.id, 0xF17E]).generate_state(1)[0])
+        torch.manual_seed(s)  # module-level randomness (dropout) follows the client, as in training
+        g = torch.Generator(device=fed.device).manual_seed(s)
+        method.train()
+        frozen = []
+        try:
+            with torch.enable_grad():
+                with self.precision.forward_context():
+                    method.on_client_start(convert(fed.prepare(x_all)), y_all)
+                prefixes = tuple(method.start_finetune())
+                tuned = {id(p) for kind in ("shared", "personal") for n, p in method.named_group(kind)
+                         if n.startswith(prefixes)}
+                # frozen rather than masked: no gradient is computed for what does not change
+                frozen = [p for p in method.parameters() if p.requires_grad and id(p) not in tuned]
+                for p in frozen:
+                    p.requires_grad_(False)
+                if any(p.requires_grad for p in method.parameters()):
+                    optimizer = method.configure_optimizers()  # the method's local settings, fresh state
+                    order = torch.empty(0, dtype=torch.long, device=fed.device)
+                    for step in range(self.finetune_steps):
+                        if len(order) == 0:
+                            order = torch.randperm(len(y_all), generator=g, device=fed.device)
+                        idx, order = order[: self.finetune_batch_size], order[self.finetune_batch_size :]
+                        batch = convert((fed.prepare(x_all[idx], g), y_all[idx]))
+                        with self.precision.forward_context():
+                            loss = method.training_step(batch, step)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        method.eval()
+        probs = self._batched(method.predict_personal, fed.pool_x[torch.cat([client.test, client.val])])
+        load(None)
+        return probs
 
 
 def write_per_client(rows: list[dict], path) -> None:

@@ -47,16 +47,19 @@ class FedCoE(FederatedMethod):
     client's unlabeled inputs gives :math:`r_j`; routing becomes
     :math:`\\pi_j(x)_k \\propto G(x)_k\\, r_{jk}^{\\beta}`, with :math:`\\beta = 1 - H(r_j)/\\log K`
     (``adaptive``), a number, or ``calibrated``: every sampled training client scores the
-    cold-start predictor on its own data for a small grid of (beta, label-prior on/off) before
-    training, and new clients are served the setting with the best calibrated score
+    cold-start predictor on its local validation split (:meth:`on_client_validation`; up to
+    ``calibration_samples`` samples, never its training data) for a small grid of (beta,
+    label-prior on/off) before training, and new clients are served the setting with the best
+    calibrated score
 
     .. math:: \\bar s_T = \\frac{\\sum_{t \\le T} d^{T-t}\\, m_t}{\\sum_{t \\le T} d^{T-t}}, \\qquad
-              m_t = \\mathrm{mean}_{i \\in S_t}\\, s_{i,t},
+              m_t = \\mathrm{mean}_{i \\in S_t,\\, |V_i| > 0}\\, s_{i,t},
 
     an exponential moving average (bias-corrected) of the per-round mean self-scores with decay
     :math:`d` = ``calibration_decay``: recent rounds, scored on the experts as they are now, weigh
     more than early ones, scored on experts still poor. :math:`d = 1` is the average over all
-    rounds. The served setting is logged every round (:meth:`round_diagnostics`).
+    rounds. Clients with an empty validation split :math:`V_i` report no score; a round where none
+    has one leaves :math:`\\bar s` as it was. The served setting is logged every round (:meth:`round_diagnostics`).
 
     Args:
         num_experts: K.
@@ -101,8 +104,8 @@ class FedCoE(FederatedMethod):
     server_only = ("calibration",)
     serving = ("cold_start_prior", "beta")  # training never reads them (the self-scores are always collected)
     beta_grid = (0.0, 0.5, 1.0, 2.0, "adaptive")
-    # Scores are averaged over every sampled client and round, so a few samples per client suffice;
-    # 128 cost 17% of a training round (benchmarks/perf/RESULTS.md), 32 cost about 5%.
+    # Scores are averaged over every sampled client and round, so a few validation samples per client
+    # suffice; 128 cost 17% of a training round (benchmarks/perf/RESULTS.md), 32 cost about 5%.
     calibration_samples = 32
 
     def __init__(self, num_experts: int = 4, top_m: int = 0, lambda_glob: float = 1.0, lambda_bal: float = 0.01,
@@ -134,6 +137,7 @@ class FedCoE(FederatedMethod):
         # server-side statistics, filled by aggregate() from client reports (never sent to clients)
         self.register_buffer("calibration", torch.zeros(2, len(self.beta_grid), 2))  # [decayed sum, weight] x beta x lp
         self.routing: dict[int, torch.Tensor] = {}  # R: client id -> routing profile r_i
+        self._calibration: torch.Tensor | None = None  # this client's self-scores, set from its validation split
         self._diag: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the two levels
@@ -171,11 +175,7 @@ class FedCoE(FederatedMethod):
     # ------------------------------------------------------------------ client side
     @torch.no_grad()
     def on_client_start(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        # Pretend to be a new client: score the cold-start settings on our own data (server model).
-        # Under every beta, so that beta changes predictions only (``fedbench eval`` can switch it).
-        # Seam: these are the client's training samples; once clients hold a validation split, the
-        # loop should hand that split to _self_score instead (nothing else here changes).
-        self._calibration = self._self_score(x[:self.calibration_samples], y[:self.calibration_samples])
+        self._calibration = None  # a client reports its own scores or none
         if self.local_level:
             self.label_counts.copy_(torch.bincount(y, minlength=self.num_classes))
         if self.local_level and self.local_warm_start and not self.local_ready.item():
@@ -184,13 +184,23 @@ class FedCoE(FederatedMethod):
             self.local_ready.fill_(1.0)
 
     @torch.no_grad()
+    def on_client_validation(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Pretend to be a new client: score every cold-start setting (server model) on up to
+        ``calibration_samples`` of the validation split; under every beta, so that beta changes
+        predictions only (``fedbench eval`` can switch it). Only the scores are reported."""
+        x, y = x[: self.calibration_samples], y[: self.calibration_samples]
+        self._calibration = self._self_score(x, y) if len(y) else None
+
+    @torch.no_grad()
     def client_report(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         w = self.gate(x)
         report = {"routing": w.mean(0), "gate_entropy": entropy(w).mean()}
         if self.local_level:
             report["fusion_h"] = self.fusion(x)[:, 0].mean()
-        if self._calibration is not None:
-            report["calibration"] = self._calibration
+        # Every client reports the same keys (ranks stack them); a client without validation data, weight 0.
+        scores = self._calibration
+        report["calibration"] = torch.zeros(len(self.beta_grid), 2, device=x.device) if scores is None else scores
+        report["calibration_weight"] = torch.tensor(float(scores is not None), device=x.device)
         return report
 
     def _self_score(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -218,8 +228,11 @@ class FedCoE(FederatedMethod):
             span = self.span(f"experts.{k}.")
             w = n * (self.coordination_eps + profiles[:, k]) if self.coordinated else n
             new[span] = weighted_mean(stacked[:, span], w, server[span])
-        if "calibration" in updates[0].report:
-            round_mean = torch.stack([u.report["calibration"] for u in updates]).mean(0).to(self.calibration)
+        has = "calibration" in updates[0].report
+        weights = torch.stack([u.report["calibration_weight"] for u in updates]).to(self.calibration) if has else None
+        if has and weights.sum() > 0:  # the mean over the clients that scored a validation split
+            scores = torch.stack([u.report["calibration"] for u in updates]).to(self.calibration)
+            round_mean = (weights[:, None, None] * scores).sum(0) / weights.sum()
             self.calibration.mul_(self.calibration_decay)  # the sum and its weight alike
             self.calibration[0] += round_mean
             self.calibration[1] += 1
@@ -231,6 +244,11 @@ class FedCoE(FederatedMethod):
         if self.local_level:
             self._diag["fusion_h"] = float(torch.stack([u.report["fusion_h"] for u in updates]).mean())
         return new
+
+    def start_finetune(self) -> tuple[str, ...]:
+        """A new client fine-tunes its local level (local expert, warm-started by
+        :meth:`on_client_start`, and fusion gate); without one, the gate."""
+        return ("local.", "fusion.") if self.local_level else ("gate.",)
 
     def round_diagnostics(self) -> dict[str, float]:
         """Gate entropy, expert usage, mean fusion weight and, when the cold-start setting is

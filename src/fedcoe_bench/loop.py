@@ -81,6 +81,8 @@ class FederatedLoop:
             processes on several nodes need one they all reach.
         client_state_dtype: ``float32`` or ``bfloat16``, how personal states are stored (training and
             evaluation compute in the method's dtype).
+        cold_start_steps: local steps (mini-batches of ``batch_size``) a new client fine-tunes on its
+            labelled shots (``data.cold_start_shots``) for the ``cold_start_ft_acc`` column; 0: no column.
     """
 
     rounds: int = 30
@@ -96,11 +98,14 @@ class FederatedLoop:
     client_store: str = "memory"
     client_store_dir: str | None = None
     client_state_dtype: str = "float32"
+    cold_start_steps: int = 10
 
     def __post_init__(self):
         for key in ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"loop.{key} must be >= 1 (got {getattr(self, key)})")
+        if self.cold_start_steps < 0:
+            raise ConfigError(f"loop.cold_start_steps must be >= 0 (got {self.cold_start_steps}); 0 turns cold_start_ft_acc off")
         if self.checkpoint_every < 0:
             raise ConfigError(f"loop.checkpoint_every must be >= 0 (got {self.checkpoint_every})")
         if self.client_store not in ("memory", "disk"):
@@ -226,7 +231,8 @@ class FederatedLoop:
         method.check_state()
         self.precision = precision.precision
         # per-client accuracies of the latest evaluation: evaluator.per_client
-        self.evaluator = Evaluator(fed, self.eval_batch_size, self.eval_clients, seed, precision)
+        self.evaluator = Evaluator(fed, self.eval_batch_size, self.eval_clients, seed, precision,
+                                   finetune_steps=self.cold_start_steps, finetune_batch_size=self.batch_size)
         return method, server
 
     def _open_store(self, fabric: Fabric, run: RunDir | None, numel: int) -> ClientStore:
@@ -285,6 +291,10 @@ class FederatedLoop:
         inputs = convert(fed.prepare(x_all))  # un-augmented, for the hooks before and after training
         with fabric.autocast():
             method.on_client_start(inputs, y_all)
+        method.eval()  # scoring, not training: BatchNorm statistics must not see the validation inputs
+        with fabric.autocast(), torch.no_grad():
+            method.on_client_validation(convert(fed.prepare(fed.pool_x[client.val])), fed.pool_y[client.val])
+        method.train()
         loss_sum = torch.zeros((), device=fed.device)
         steps = 0
         for _ in range(self.local_epochs):

@@ -37,16 +37,34 @@ class FederatedMethod(L.LightningModule):
     personal. The loop moves shared and personal state as flat vectors (see
     :meth:`flatten_parameters`).
 
-    A method overrides what differs from FedAvg:
+    The method contract, in one place: a method overrides what differs from FedAvg, and the loop
+    calls nothing else (it never branches on a method's name).
 
-    - ``__init__``: its modules, built with :meth:`make_backbone`;
-    - :meth:`training_step`: the local objective;
-    - :meth:`on_client_start` / :meth:`client_report`: what a client does before training and
-      reports after it (no labels in the report);
-    - :meth:`setup_server`: server-side state sized from the server state (e.g. a momentum buffer);
-    - :meth:`aggregate`: the server update from the sampled clients' :class:`ClientUpdate` s;
+    Class attributes:
+
+    - ``personal``: name prefixes of the state that never leaves its client.
+    - ``server_only``: name prefixes of the state that lives on the server, never sent to a client.
+    - ``serving``: init args that training never reads (``fedbench eval`` may change them).
+    - ``global_model``: what the global and cold-start columns measure: ``trained``,
+      ``convention`` or ``none`` (tables print n/a).
+
+    Hooks (in the order the loop calls them):
+
+    - ``__init__``: its modules, built with :meth:`make_backbone`.
+    - :meth:`setup_server`: server-side state sized from the initial server state (e.g. a momentum buffer).
+    - :meth:`configure_optimizers`: the local optimizer (fresh state for every client and round).
+    - :meth:`on_client_start`: a client, its state loaded, sees its local training data before training.
+    - :meth:`on_client_validation`: then its local validation split, for label-free scores to report.
+    - :meth:`training_step`: the local objective of one mini-batch.
+    - :meth:`client_report`: label-free statistics sent with the update after training.
+    - :meth:`aggregate`: the server update from the sampled clients' :class:`ClientUpdate` s.
+    - :meth:`round_diagnostics`: scalars logged after each aggregation.
     - :meth:`predict_global`, :meth:`predict_personal`, :meth:`predict_cold_start`: class
-      probabilities for the three metrics.
+      probabilities for the global, personalized and cold-start columns.
+    - :meth:`start_finetune`: the parameters a new client fine-tunes on its few labelled shots
+      (the ``cold_start_ft_acc`` column), and the served model they start from.
+    - :meth:`routing_profiles`: each trained client's latest routing profile (methods with experts).
+    - :meth:`save_artifacts`: method-specific files written into the run directory at the end.
 
     Args:
         backbone: ``cnn`` (McMahan et al., 2017), ``resnet18``, or the class path of a user's
@@ -191,7 +209,14 @@ class FederatedMethod(L.LightningModule):
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def on_client_start(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Called with the client's local training data after its state is loaded, before training."""
+        """Called with the client's local training data after its state is loaded, before training
+        (and with a new client's labelled shots before it fine-tunes, see :meth:`start_finetune`)."""
+
+    def on_client_validation(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Called with the client's local validation split (inputs and labels; possibly empty) after
+        :meth:`on_client_start`, in eval mode and without gradients, before training. What the method
+        learns here may reach the server only as label-free scores in :meth:`client_report`, and
+        must not change the model (validation samples are not training data)."""
 
     def client_report(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Label-free statistics the client sends with its update, computed on its local train inputs."""
@@ -234,6 +259,20 @@ class FederatedMethod(L.LightningModule):
         """A new client that never trained: may read its unlabeled inputs, never labels or gradients.
         The loop loads the server state and the initial personal state before calling this."""
         return self.predict_global(x)
+
+    def start_finetune(self) -> tuple[str, ...]:
+        """Name prefixes of the parameters a new client fine-tunes on its labelled shots (FedAvg: the
+        whole model, ``("",)``; server-only parameters never are).
+
+        The evaluator loads the server state and the initial personal state, calls
+        :meth:`on_client_start` with the shots, then this; a method whose cold-start predictor
+        serves something other than that state (e.g. an evaluation head) copies it into the
+        parameters it names here, so fine-tuning starts from what a new client is served. Then
+        ``loop.cold_start_steps`` steps of :meth:`training_step` with :meth:`configure_optimizers`'
+        settings update only the named parameters, :meth:`predict_personal` is scored on the
+        client's local test split, and the state is discarded.
+        """
+        return ("",)
 
     def round_diagnostics(self) -> dict[str, float]:
         """Scalars logged after each aggregation (routing entropy, expert usage, ...)."""

@@ -18,7 +18,8 @@ import yaml
 
 from fedcoe_bench.errors import UserError
 
-METRICS = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc")
+# The table columns; the fine-tuned cold start sits next to the zero-shot one.
+METRICS = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_ft_acc", "cold_start_lp_acc")
 # The columns that measure the server-side model, which a method may lack or serve by a convention
 # (its ``global_model``: trained | convention | none, recorded in summary.json).
 SERVER_METRICS = ("global_acc", "cold_start_acc", "cold_start_lp_acc")

@@ -10,6 +10,8 @@ The global and cold-start columns measure a server-side model, which the run's m
 (``global_model`` in summary.json, from the method class): where it has none (Local) the cells
 read ``n/a`` and are never bold; where the benchmark serves one by a convention the method's paper
 does not define (FedPer's and pFedMoE's averaged heads) the cells carry a dagger and a footnote.
+The fine-tuned cold-start column (``cold-start + ft``) is a model the new client trains itself, so
+it is a number for every method (Local's too); runs from before it existed show a dash there.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from fedcoe_bench.results import METRICS, SERVER_METRICS, Run, group_title, method_sort_key
 
 HEADERS = {"global_acc": "global", "personal_acc": "personal", "cold_start_acc": "cold-start",
-           "cold_start_lp_acc": "cold-start + prior"}
+           "cold_start_ft_acc": "cold-start + ft", "cold_start_lp_acc": "cold-start + prior"}
 FORMATS = ("md", "csv", "latex")
 NA = "n/a"
 # the most cautious first: a row whose runs disagree (e.g. summaries written before the field) takes it

@@ -74,11 +74,16 @@ class Federation:
     sees it, and ``test_x_by_cluster`` / ``val_x_by_cluster`` hold the global test and server
     validation splits under every cluster's transform (``test_x``, ``val_x``: untransformed).
     Without it there is one cluster, whose views are ``test_x`` and ``val_x`` themselves.
+
+    A cold-start client labels ``cold_start_shots`` samples per class of its local train split
+    (:meth:`shots`) to fine-tune on; the rest stays unlabeled.
     """
 
     def __init__(self, images: Images, clients: list[Client], new_clients: list[Client],
-                 num_classes: int, device: torch.device | str = "cpu", val: torch.Tensor | None = None):
+                 num_classes: int, device: torch.device | str = "cpu", val: torch.Tensor | None = None,
+                 cold_start_shots: int = 5):
         self.device = torch.device(device)
+        self.cold_start_shots = cold_start_shots
         self.pool_x = images.train_x.to(self.device)
         self.pool_y = images.train_y.to(self.device)
         self.test_x = images.test_x.to(self.device)
@@ -136,6 +141,27 @@ class Federation:
         out = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
         return out.contiguous(memory_format=self.memory_format)
 
+    def shots(self, client: Client, seed: int) -> torch.Tensor:
+        """Pool indices of the labelled shots of a (cold-start) client: ``cold_start_shots`` samples
+        of each class present in its local train split (all of a class that has fewer), drawn at
+        random, a function of (``seed``, client id) only.
+
+        Example:
+            >>> images = Images(torch.zeros(6, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 0, 0, 1, 2, 2]),
+            ...                 torch.zeros(1, 1, 2, 2, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), (0.0,), (1.0,))
+            >>> c = Client(0, torch.arange(6), (0, 6, 6, 6))
+            >>> fed = Federation(images, [], [c], 3, cold_start_shots=2)
+            >>> sorted(fed.pool_y[fed.shots(c, 0)].tolist()), torch.equal(fed.shots(c, 0), fed.shots(c, 0))
+            ([0, 0, 1, 2, 2], True)
+        """
+        idx = client.train
+        rng = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, client.id, 0x5407]).generate_state(1)[0]))
+        perm = torch.randperm(len(idx), generator=rng).to(idx.device)
+        y = self.pool_y[idx[perm]]
+        ys, order = torch.sort(y, stable=True)  # grouped by class, in random order within each
+        rank = torch.arange(len(ys), device=ys.device) - torch.searchsorted(ys, ys)
+        return idx[perm[order[rank < self.cold_start_shots]]]
+
     def label_histogram(self, clients: list[Client] | None = None, split: str = "train") -> torch.Tensor:
         """[clients, classes] label counts of each client's ``split`` ('train', 'val' or 'test')."""
         clients = self.clients + self.new_clients if clients is None else clients
@@ -174,6 +200,8 @@ class FederatedData:
             client's local test split.
         val_fraction: share of the pool for the server's validation split, and of each client's
             data for its local validation split, in [0, 1); 0 turns validation off.
+        cold_start_shots: labelled samples per present class a cold-start client takes from its
+            local train split to fine-tune on (``cold_start_ft_acc``, see ``loop.cold_start_steps``).
         min_size: the fewest samples a client may get; met by moving samples from the largest
             clients, never by redrawing.
         shards_per_client: shards per client for ``scheme: shards``.
@@ -192,7 +220,7 @@ class FederatedData:
 
     def __init__(self, source: DataSource | str = "mnist10k", scheme: str = "dirichlet", alpha: float = 0.3,
                  num_clients: int = 50, cold_start_fraction: float = 0.2, train_fraction: float = 0.8,
-                 val_fraction: float = 0.1, min_size: int = 10, shards_per_client: int = 2,
+                 val_fraction: float = 0.1, cold_start_shots: int = 5, min_size: int = 10, shards_per_client: int = 2,
                  classes_per_client: int = 2, quantity_skew: float = 0.0, shift: str = "none",
                  clusters: int = 4, held_out_clusters: list[int] = [],  # noqa: B006 (read, never mutated)
                  cache_dir: str = os.path.join("~", ".cache", "fedcoe_bench", "partitions")):
@@ -216,6 +244,9 @@ class FederatedData:
             raise DataError(f"data.train_fraction must be in (0, 1) (got {train_fraction})")
         if not 0 <= val_fraction < 1:
             raise DataError(f"data.val_fraction must be in [0, 1) (got {val_fraction}); e.g. --data.val_fraction 0.1")
+        if cold_start_shots < 1:
+            raise DataError(f"data.cold_start_shots must be >= 1 (got {cold_start_shots}); to drop the fine-tuned "
+                            f"cold-start column set loop.cold_start_steps 0")
         if quantity_skew < 0:
             raise DataError(f"data.quantity_skew must be >= 0 (got {quantity_skew}); 0 is off, 1 a strong spread")
         if quantity_skew > 0 and scheme == "shards":
@@ -239,6 +270,7 @@ class FederatedData:
         self.source, self.scheme, self.alpha = source, scheme, alpha
         self.num_clients, self.cold_start_fraction = num_clients, cold_start_fraction
         self.train_fraction, self.val_fraction, self.min_size = train_fraction, val_fraction, min_size
+        self.cold_start_shots = cold_start_shots
         self.shards_per_client, self.classes_per_client = shards_per_client, classes_per_client
         self.quantity_skew, self.cache_dir = quantity_skew, cache_dir
 
@@ -250,7 +282,8 @@ class FederatedData:
 
     def key(self, seed: int) -> str:
         shift_keys = ("shift", "transform", "clusters", "held_out_clusters")
-        spec = {k: v for k, v in vars(self).items() if k not in ("source", "cache_dir", *shift_keys)}
+        # the shots are drawn at evaluation (Federation.shots), so they are no part of the partition
+        spec = {k: v for k, v in vars(self).items() if k not in ("source", "cache_dir", "cold_start_shots", *shift_keys)}
         if self.transform is not None:  # the clusters are part of the partition (the transform is not)
             spec.update(clusters=self.clusters, held_out_clusters=self.held_out_clusters)
         spec.update(source=self.source.fingerprint(), seed=seed, version=2)
@@ -306,7 +339,7 @@ class FederatedData:
         cold = set(partition.cold)
         clients = [make(i) for i in range(self.num_clients) if i not in cold]
         fed = Federation(images, clients, [make(i) for i in partition.cold], self.source.num_classes, device,
-                         val=index[bounds[VAL] : bounds[VAL + 1]])
+                         val=index[bounds[VAL] : bounds[VAL + 1]], cold_start_shots=self.cold_start_shots)
         if self.transform is not None:
             owner = torch.from_numpy(partition.client.astype(np.int64))
             sample_cluster = torch.where(owner >= 0, torch.from_numpy(partition.cluster)[owner.clamp_min(0)], -1)
