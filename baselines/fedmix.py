@@ -103,8 +103,7 @@ class FedMix(FederatedMethod):
         new = server.clone()
         for k in range(self.num_experts):
             s = self.span(f"experts.{k}.")
-            stacked = torch.stack([u.shared[s] for u in updates])
-            new[s] = weighted_mean(stacked, w[:, k], server[s])
+            new[s] = weighted_mean([u.shared[s] for u in updates], w[:, k], server[s])
         usage = w.sum(0) / w.sum().clamp_min(1e-12)
         self._diagnostics = {f"expert_usage_{k}": float(u) for k, u in enumerate(usage)}
         if all("gate_entropy" in u.report for u in updates):

@@ -241,7 +241,7 @@ class FederatedMethod(L.LightningModule):
             >>> m.aggregate(torch.zeros(2), ups)
             tensor([3., 1.])
         """
-        return weighted_mean(torch.stack([u.shared for u in updates]), [u.weight for u in updates], server)
+        return weighted_mean([u.shared for u in updates], [u.weight for u in updates], server)
 
     # ------------------------------------------------------------------ evaluation (class probabilities)
     @torch.no_grad()
@@ -295,10 +295,22 @@ def _memory_order(t: torch.Tensor) -> torch.Tensor:
     return t.permute(dims).flatten()
 
 
-def weighted_mean(stacked: torch.Tensor, weights, fallback: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """``sum_i w_i x_i / sum_i w_i`` over the first dim; ``fallback`` where the weights sum to ~0."""
-    w = torch.as_tensor(weights, dtype=stacked.dtype, device=stacked.device)
-    total = w.sum()
+def weighted_mean(vectors, weights, fallback: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """:math:`\\sum_i w_i x_i / \\sum_i w_i` over ``vectors`` (tensors shaped like ``fallback``, or the rows
+    of one stacked tensor); ``fallback`` where the weights sum to ~0.
+
+    Accumulated in place into one output: stacking a round's updates first would copy them all
+    once more (a few percent of a CPU round for the CNN).
+
+    Example:
+        >>> weighted_mean([torch.tensor([0.0, 4.0]), torch.tensor([4.0, 0.0])], [1.0, 3.0], torch.zeros(2))
+        tensor([3., 1.])
+    """
+    w = [float(x) for x in weights]
+    total = sum(w)
     if total <= eps:
         return fallback.clone()
-    return (w @ stacked) / total
+    out = torch.zeros_like(fallback)
+    for x, wi in zip(vectors, w):
+        out.add_(x, alpha=wi / total)
+    return out
