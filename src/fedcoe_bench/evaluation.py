@@ -176,10 +176,12 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, method: FederatedMethod, load, personal_of, rank: int = 0, world: int = 1,
-                 all_reduce=None, trained: Collection[int] | None = None) -> dict[str, float]:
+                 all_reduce=None, trained: Collection[int] | None = None, finetune: bool = True) -> dict[str, float]:
         """The accuracies (and :data:`COUNTS`) of the state ``load`` puts in ``method``; ``trained``: the
-        ids of the clients that have trained (None: all)."""
+        ids of the clients that have trained (None: all); ``finetune``: also ``cold_start_ft_acc`` (when
+        ``finetune_steps`` > 0)."""
         fed, c = self.fed, self.fed.num_classes
+        tune = bool(self.finetune_steps and finetune)
         was_training = method.training
         method.eval()
         pers = [cl for cl in self.train_clients if trained is None or cl.id in trained]
@@ -235,7 +237,7 @@ class Evaluator:
                 if m > n:
                     table[VAL_ACC, col], table[VAL_N, col] = _accuracy(probs[n:m], y[n:], c)
                     table[VAL_LP_ACC, col] = _accuracy(adjusted[n:], y[n:], c)[0]
-                if self.finetune_steps:
+                if tune:
                     tuned = self._finetune(method, load, cl)
                     table[FT_ACC, col] = _accuracy(tuned[:n], y[:n], c)[0]
                     if m > n:
@@ -260,7 +262,7 @@ class Evaluator:
             if cold:
                 out.update(summarize_clients(table[acc, cold].tolist(), table[n, cold].tolist(), f"{prefix}cold_start_acc"))
                 out[f"{prefix}cold_start_lp_acc"] = float(table[acc + 1, cold].mean())
-                if self.finetune_steps:
+                if tune:
                     out[f"{prefix}cold_start_ft_acc"] = float(table[acc + 2, cold].mean())
             if has(new_domain):  # cold-start clients of held-out clusters: a domain no training client has
                 out[f"{prefix}cold_start_acc_new_domain"] = float(table[acc, has(new_domain)].mean())
