@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.method import ClientUpdate, FederatedMethod, weighted_mean
 from fedcoe_bench.models import Experts, Gate, entropy, mixture
+from fedcoe_bench.routing import RoutingTable
 
 
-class FedMix(FederatedMethod):
+class FedMix(RoutingTable, FederatedMethod):
     """K shared experts :math:`f_1..f_K` (full backbones) and a personal gate
     :math:`g_i(x) \\in \\Delta^K` per client. Client *i* predicts with, and trains experts and gate
     on the negative log-likelihood of, the mixture
@@ -64,7 +65,6 @@ class FedMix(FederatedMethod):
         # Dense routing: top_m limits what is *sent*, not which experts a client mixes.
         self.gate = Gate(self.in_channels, num_experts, hidden=gate_hidden)
         self._diagnostics: dict[str, float] = {}
-        self.routing: dict[int, torch.Tensor] = {}  # client id -> its latest gate mass (server side)
 
     # ------------------------------------------------------------------ the mixture
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ class FedMix(FederatedMethod):
         # The experts are FedMix's only shared parameters, so every entry is covered below.
         w = self.aggregation_weights(updates)
         for u in updates:
-            self.routing[u.client] = u.report["gate_mass"].detach().cpu()
+            self.record_routing(u.client, u.report["gate_mass"])  # its latest gate mass m_i
         new = server.clone()
         for k in range(self.num_experts):
             s = self.span(f"experts.{k}.")
@@ -112,16 +112,6 @@ class FedMix(FederatedMethod):
 
     def round_diagnostics(self) -> dict[str, float]:
         return dict(self._diagnostics)
-
-    def routing_profiles(self) -> dict[int, torch.Tensor]:
-        """Each trained client's latest gate mass :math:`m_i`."""
-        return self.routing
-
-    def get_extra_state(self) -> dict:
-        return {"routing": dict(self.routing)}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.routing = dict(state["routing"])
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -232,6 +232,14 @@ def test_a_pool_that_cannot_fill_the_clients_says_so_in_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------- FederatedData.setup and the cache
+def test_server_val_is_never_larger_than_the_global_test_split(tmp_path):
+    # a pool of 3,000 would give 300; the test split has 40, so evaluating validation costs what testing does
+    data = make_data(tmp_path, source=Synthetic(samples=3000, test_samples=40))
+    fed = data.setup(seed=0)
+    assert len(fed.val_y) == len(fed.test_y) == 40
+    assert (data.split(data.source.load().train_y.numpy(), seed=0).client == SERVER).sum() == 300  # uncapped
+
+
 def test_setup_gives_disjoint_splits_server_val_and_cold_start_clients(small_data):
     fed = small_data.setup(seed=0)
     ids, new_ids = [c.id for c in fed.clients], [c.id for c in fed.new_clients]

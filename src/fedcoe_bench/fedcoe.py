@@ -22,9 +22,10 @@ from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.evaluation import em_label_prior, prior_adjust
 from fedcoe_bench.method import ClientUpdate, FederatedMethod, weighted_mean
 from fedcoe_bench.models import Experts, Gate, entropy, mixture
+from fedcoe_bench.routing import RoutingTable
 
 
-class FedCoE(FederatedMethod):
+class FedCoE(RoutingTable, FederatedMethod):
     """Coordinated dual-level mixture of experts.
 
     Server: experts :math:`E_1..E_K` and one gate :math:`G(x) \\in \\Delta^K` (shared).
@@ -136,7 +137,6 @@ class FedCoE(FederatedMethod):
             self.label_counts = nn.Parameter(torch.zeros(self.num_classes), requires_grad=False)
         # server-side statistics, filled by aggregate() from client reports (never sent to clients)
         self.register_buffer("calibration", torch.zeros(2, len(self.beta_grid), 2))  # [decayed sum, weight] x beta x lp
-        self.routing: dict[int, torch.Tensor] = {}  # R: client id -> routing profile r_i
         self._calibration: torch.Tensor | None = None  # this client's self-scores, set from its validation split
         self._diag: dict[str, float] = {}
 
@@ -218,16 +218,15 @@ class FedCoE(FederatedMethod):
 
     # ------------------------------------------------------------------ server side
     def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
-        stacked = torch.stack([u.shared for u in updates])
-        n = torch.tensor([u.weight for u in updates], dtype=stacked.dtype, device=stacked.device)
-        new = weighted_mean(stacked, n, server)  # gate (and everything else) by FedAvg
-        profiles = torch.stack([u.report["routing"] for u in updates]).to(stacked.dtype)
+        n = torch.tensor([u.weight for u in updates], dtype=server.dtype, device=server.device)
+        new = weighted_mean([u.shared for u in updates], n, server)  # gate (and everything else) by FedAvg
+        profiles = torch.stack([u.report["routing"] for u in updates]).to(server.dtype)
         for u, r in zip(updates, profiles):
-            self.routing[u.client] = r.detach().cpu()
+            self.record_routing(u.client, r)  # R: client id -> routing profile r_i
         for k in range(self.num_experts):
             span = self.span(f"experts.{k}.")
             w = n * (self.coordination_eps + profiles[:, k]) if self.coordinated else n
-            new[span] = weighted_mean(stacked[:, span], w, server[span])
+            new[span] = weighted_mean([u.shared[span] for u in updates], w, server[span])
         has = "calibration" in updates[0].report
         weights = torch.stack([u.report["calibration_weight"] for u in updates]).to(self.calibration) if has else None
         if has and weights.sum() > 0:  # the mean over the clients that scored a validation split
@@ -264,15 +263,6 @@ class FedCoE(FederatedMethod):
         b = self.beta_grid.index(beta)
         return {"cold_start_beta_index": float(b), "cold_start_label_prior": float(use_lp),
                 "cold_start_self_score": float(self.self_scores()[b, int(use_lp)])}
-
-    def routing_profiles(self) -> dict[int, torch.Tensor]:
-        return self.routing
-
-    def get_extra_state(self) -> dict:
-        return {"routing": dict(self.routing)}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.routing = dict(state["routing"])
 
     def save_artifacts(self, run_dir) -> None:
         """The calibrated self-score of every cold-start setting as ``calibration.csv`` (``weight``:

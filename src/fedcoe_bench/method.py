@@ -66,6 +66,10 @@ class FederatedMethod(L.LightningModule):
     - :meth:`routing_profiles`: each trained client's latest routing profile (methods with experts).
     - :meth:`save_artifacts`: method-specific files written into the run directory at the end.
 
+    To read one tensor's part of a flat vector (a :class:`ClientUpdate`'s ``shared``, a server
+    state) use :meth:`span` and :meth:`view_like`, never ``view_as``: a flat vector holds each tensor
+    in its memory order, which channels-last changes.
+
     Args:
         backbone: ``cnn`` (McMahan et al., 2017), ``resnet18``, or the class path of a user's
             :class:`~fedcoe_bench.models.Backbone`-like module (see :func:`~fedcoe_bench.models.build_backbone`).

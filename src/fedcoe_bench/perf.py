@@ -245,7 +245,8 @@ class _TimedRun(RunDir):
 def scale_point(method: str, clients: int, rounds: int, workdir: str) -> dict:
     """One federation size, measured in this process (``scale`` starts a fresh one per size).
 
-    ``clients`` clients (10% cold-start) of 10 synthetic 12x12 images each, 10 per round, the
+    ``clients`` clients (10% cold-start) of 10 synthetic 8x8 images each (100,000 clients: a pool of
+    1,000,000 images, 64 MB, which the peak RSS includes), 10 per round, the
     ``disk`` store in ``workdir``, ``SCALE_STORED[method]`` client states put in it before round 1,
     a checkpoint every round (flush of the store + write; the median after the first) and one evaluation at the end with ``loop.eval_clients``
     200 where the loop has that key (else none: evaluating every client would time the federation,
@@ -253,11 +254,11 @@ def scale_point(method: str, clients: int, rounds: int, workdir: str) -> dict:
     before training on (the store, training, evaluation and checkpoints, not building the federation).
     """
     work = Path(workdir)
-    fed = FederatedData(source=Synthetic(samples=clients * 10, test_samples=200, image_size=12), scheme="iid",
+    fed = FederatedData(source=Synthetic(samples=clients * 10, test_samples=200, image_size=8), scheme="iid",
                         num_clients=clients, cold_start_fraction=0.1, min_size=2,
                         cache_dir=str(work / "cache")).setup(0)
     torch.manual_seed(0)
-    model = SCALE_METHODS[method](in_channels=1, image_size=12)
+    model = SCALE_METHODS[method](in_channels=1, image_size=8)
     model.flatten_parameters()
     run = _TimedRun(work / "run")
     run.prepare()

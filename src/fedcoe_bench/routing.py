@@ -19,6 +19,41 @@ from torchmetrics.functional.clustering import normalized_mutual_info_score
 from fedcoe_bench.data import Federation
 
 
+class RoutingTable:
+    """Mixin of a mixture-of-experts method (before :class:`~fedcoe_bench.method.FederatedMethod` in
+    its bases): the server's table of each trained client's latest routing profile, served by
+    ``routing_profiles`` and saved with the method's state. One small vector per client trained so
+    far; the method calls :meth:`record_routing` in its ``aggregate``.
+
+    Example:
+        >>> class Table(RoutingTable, torch.nn.Module):
+        ...     pass
+        >>> t = Table()
+        >>> t.record_routing(3, torch.tensor([0.25, 0.75]))
+        >>> u = Table()
+        >>> u.load_state_dict(t.state_dict())
+        <All keys matched successfully>
+        >>> u.routing_profiles()
+        {3: tensor([0.2500, 0.7500])}
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.routing: dict[int, torch.Tensor] = {}  # client id -> its latest routing profile
+
+    def record_routing(self, client: int, profile: torch.Tensor) -> None:
+        self.routing[client] = profile.detach().cpu()
+
+    def routing_profiles(self) -> dict[int, torch.Tensor]:
+        return self.routing
+
+    def get_extra_state(self) -> dict:
+        return {"routing": dict(self.routing)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.routing = dict(state["routing"])
+
+
 def expert_cluster_agreement(top_expert: torch.Tensor, cluster: torch.Tensor) -> dict[str, float]:
     """How well the top experts of N clients match their clusters.
 

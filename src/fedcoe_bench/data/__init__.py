@@ -175,8 +175,9 @@ class Federation:
 class FederatedData:
     """How a data source is split over clients.
 
-    First a seeded ``val_fraction`` share of the pool is set aside as the server's validation split
-    (no client holds it; the global test split is the source's own). The rest is dealt out to
+    First a seeded ``val_fraction`` share of the pool, at most as many samples as the global test
+    split, is set aside as the server's validation split (no client holds it; the global test split
+    is the source's own; the cap keeps its evaluation no dearer than the test's, whatever the pool). The rest is dealt out to
     ``num_clients`` clients by ``scheme``; ``cold_start_fraction`` of them are held out as new
     clients; and every client's data is split uniformly at random into local train / validation /
     test (:func:`~fedcoe_bench.data.partition.split_local`).
@@ -286,15 +287,18 @@ class FederatedData:
         spec = {k: v for k, v in vars(self).items() if k not in ("source", "cache_dir", "cold_start_shots", *shift_keys)}
         if self.transform is not None:  # the clusters are part of the partition (the transform is not)
             spec.update(clusters=self.clusters, held_out_clusters=self.held_out_clusters)
-        spec.update(source=self.source.fingerprint(), seed=seed, version=2)
+        spec.update(source=self.source.fingerprint(), seed=seed, version=3)
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def split(self, labels: np.ndarray, seed: int) -> Partition:
+    def split(self, labels: np.ndarray, seed: int, server_val_max: int | None = None) -> Partition:
         """Pure function of (labels, config, seed): every pool sample's client and part, the
-        cold-start client ids and every client's cluster."""
+        cold-start client ids and every client's cluster; the server's validation split holds at
+        most ``server_val_max`` samples (the global test split's size, in :meth:`setup`)."""
         n, k = len(labels), self.num_clients
         min_size = max(self.min_size, 2)  # a client needs a local train and a local test sample
-        server_val = np.random.default_rng([seed, 2]).choice(n, int(self.val_fraction * n + 0.5), replace=False)
+        size = int(self.val_fraction * n + 0.5)
+        size = size if server_val_max is None else min(size, server_val_max)
+        server_val = np.random.default_rng([seed, 2]).choice(n, size, replace=False)
         dealt = np.ones(n, dtype=bool)
         dealt[server_val] = False
         dealt = np.flatnonzero(dealt)
@@ -331,7 +335,7 @@ class FederatedData:
         """The federation of ``seed`` on ``device``; feature shift, if any, already applied."""
         images = self.source.load()
         labels = images.train_y.numpy()
-        partition = self._cached_split(labels, seed)
+        partition = self._cached_split(labels, seed, len(images.test_y))
         order, bounds = partition.grouped(self.num_clients)
         index = torch.from_numpy(order).to(device)  # one transfer; every client slices it
         cluster = partition.cluster.tolist()
@@ -346,7 +350,7 @@ class FederatedData:
             fed.apply_shift(self.transform, self.shift, self.clusters, sample_cluster, seed, self.held_out_clusters)
         return fed
 
-    def _cached_split(self, labels: np.ndarray, seed: int) -> Partition:
+    def _cached_split(self, labels: np.ndarray, seed: int, server_val_max: int) -> Partition:
         path = Path(self.cache_dir).expanduser() / f"{self.key(seed)}.npz"
         if path.exists():
             try:
@@ -358,7 +362,7 @@ class FederatedData:
                     return cached
             except (OSError, KeyError, ValueError):
                 pass  # a damaged cache file is recomputed, never trusted
-        partition = self.split(labels, seed)
+        partition = self.split(labels, seed, server_val_max)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
