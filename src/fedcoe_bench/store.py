@@ -118,18 +118,25 @@ class DiskStore(ClientStore):
         super().__init__(dtype)
         self.dir, self.numel = Path(directory), numel
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.current: dict[int, int] = {}  # client -> version referenced by the last position
+        # client id -> the version the last position names (-1: none): kept as the position's own
+        # array, so that a checkpoint costs a copy of one byte per client, not a walk over a dict
+        self.versions = np.full(0, -1, dtype=np.int8)
         self.pending: dict[int, int] = {}  # client -> version put since (always the other one)
         self.unsynced: set[Path] = set()  # files this process wrote since the last flush
 
     def _path(self, client: int, version: int) -> Path:
         return self.dir / f"{client}.{version}"
 
+    def _current(self, client: int) -> int | None:
+        version = int(self.versions[client]) if client < len(self.versions) else -1
+        return None if version < 0 else version
+
     def _next(self, client: int) -> int:
-        return 1 - self.current.get(client, 1)  # a client never flushed starts at version 0
+        current = self._current(client)
+        return 0 if current is None else 1 - current  # a client never flushed starts at version 0
 
     def get(self, client: int) -> torch.Tensor | None:
-        version = self.pending.get(client, self.current.get(client))
+        version = self.pending[client] if client in self.pending else self._current(client)
         if version is None:
             return None
         path = self._path(client, version)
@@ -171,18 +178,19 @@ class DiskStore(ClientStore):
             finally:
                 os.close(fd)
         self.unsynced.clear()
-        self.current.update(self.pending)
+        if self.pending:
+            top = max(self.pending) + 1
+            if top > len(self.versions):
+                self.versions = np.concatenate([self.versions, np.full(top - len(self.versions), -1, dtype=np.int8)])
+            self.versions[list(self.pending)] = list(self.pending.values())
         self.pending.clear()
         # one byte per client id: its current version, -1 for a client never put
-        versions = torch.full((max(self.current, default=-1) + 1,), -1, dtype=torch.int8)
-        versions[list(self.current)] = torch.tensor(list(self.current.values()), dtype=torch.int8)
-        return {"kind": self.kind, "dtype": self._dtype_name(), "numel": self.numel, "versions": versions}
+        return {"kind": self.kind, "dtype": self._dtype_name(), "numel": self.numel,
+                "versions": torch.from_numpy(self.versions.copy())}
 
     def restore(self, position: dict) -> None:
         super().restore(position)
-        versions = position["versions"]
-        clients = (versions >= 0).nonzero().flatten()
-        self.current = dict(zip(clients.tolist(), versions[clients].tolist()))
+        self.versions = position["versions"].numpy().copy()
         self.pending.clear()
         self.unsynced.clear()
 
