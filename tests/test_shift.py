@@ -47,7 +47,7 @@ def test_every_image_a_client_holds_carries_its_clusters_transform(tmp_path, shi
         for split in ("train", "val", "test"):
             idx = getattr(c, split)
             assert torch.equal(fed.pool_x[idx], expected(raw.train_x[idx], c.cluster)), (c.id, c.cluster, split)
-    server_val = torch.from_numpy(np.flatnonzero(data._cached_split(raw.train_y.numpy(), 0).client == SERVER))
+    server_val = torch.from_numpy(np.flatnonzero(data.split(raw.train_y.numpy(), 0, len(raw.test_y)).client == SERVER))
     assert torch.equal(fed.pool_x[server_val], raw.train_x[server_val]), "no client owns the server's split"
     for k in range(4):
         assert torch.equal(fed.test_x_by_cluster[k], expected(raw.test_x, k))
