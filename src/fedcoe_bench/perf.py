@@ -41,7 +41,7 @@ from baselines import FedAvg, FedPer
 from fedcoe_bench.data import FederatedData, Synthetic
 from fedcoe_bench.fedcoe import FedCoE
 from fedcoe_bench.loop import FederatedLoop, sample_clients
-from fedcoe_bench.runs import RunDir
+from fedcoe_bench.runs import RunDir, atomic_open
 from fedcoe_bench.store import DiskStore
 
 
@@ -301,6 +301,35 @@ def scale_point(method: str, clients: int, rounds: int, workdir: str) -> dict:
             "store_bytes": DiskStore(run.path / "clients", 0).disk_bytes()}
 
 
+def checkpoint_cost(clients: list[int], repeats: int = 40) -> dict:
+    """Seconds of one checkpoint's own work with the ``disk`` store (10 client states put, the store
+    flushed, a checkpoint of FedPer's size written atomically) when ``clients[0]`` vs each other
+    size of federation has states in the store, alternated ``repeats`` times; median paired ratios.
+    :func:`scale` times the same inside whole runs, where the write-back of the states filled before
+    round 1 makes these few-millisecond fsyncs noisy."""
+    work = Path(tempfile.mkdtemp(prefix="fedbench-perf-checkpoint-"))
+    blob = {"server": torch.zeros(360_000), "history": [{"round": i, "train_loss": 0.1} for i in range(30)]}
+    stores = {}
+    for n in clients:
+        stores[n] = DiskStore(work / str(n), 1_300)
+        stores[n].pending.update({c: 0 for c in range(n)})  # every client has a state (no file needed to flush)
+        stores[n].flush()
+    times: dict[int, list[float]] = {n: [] for n in clients}
+    state = torch.zeros(1_300)
+    for rep in range(repeats):
+        for n, store in stores.items():
+            for c in range(10):
+                store.put((rep * 10 + c) % n, state)
+            t0 = time.perf_counter()
+            position = store.flush()
+            with atomic_open(work / f"checkpoint{n}.pt") as f:
+                torch.save({**blob, "store": position}, f)
+            times[n].append(time.perf_counter() - t0)
+    base = times[clients[0]]
+    return {"checkpoint_s": {n: statistics.median(t) for n, t in times.items()},
+            "ratio_to_first": {n: statistics.median(a / b for a, b in zip(t, base)) for n, t in times.items()}}
+
+
 def scale(methods: list[str], counts: list[int], rounds: int) -> dict:
     """Peak RSS, round, checkpoint and evaluation time at each federation size, relative to the first,
     and checkpoint and store bytes; each point in a fresh process (``ru_maxrss`` is per process)."""
@@ -342,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.scale:
         results["scale"] = scale(args.scale_methods, args.scale_clients, args.rounds)
         print(json.dumps(results["scale"], default=lambda v: round(v, 4)), flush=True)
+        results["checkpoint_cost"] = checkpoint_cost(args.scale_clients)
+        print("checkpoint alone:", json.dumps(results["checkpoint_cost"], default=lambda v: round(v, 4)), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2, default=float))
         return
