@@ -156,7 +156,7 @@ class FederatedLoop:
             self.trained.update(c.id for c in sampled)
             mine = sampled[fabric.global_rank :: fabric.world_size]
             updates = [self._train_client(fabric, method, optimizer, fed, c, seed, rnd, server) for c in mine]
-            updates = self._gather(fabric, updates, method, server)
+            updates = self._gather(fabric, updates, server)
             for u in updates:
                 if not math.isfinite(u.loss):
                     raise TrainingDiverged(
@@ -244,9 +244,9 @@ class FederatedLoop:
             raise ConfigError("loop.client_store=disk needs a run directory or loop.client_store_dir")
         return open_store(self.client_store, directory, numel, self.client_state_dtype, fabric.world_size)
 
-    def _format(self, method: FederatedMethod, fed: Federation, state: dict | None) -> bool:
+    def _format(self, method: FederatedMethod, fed: Federation, state: dict | None) -> None:
         """Put the model and the batches in channels-last format or not (a checkpoint's own choice,
-        else ``channels_last``, else channels-last for a convolutional model on CPU); returns which."""
+        else ``channels_last``, else channels-last for a convolutional model on CPU)."""
         if state is not None:  # checkpoints from before the choice existed were all in the default format
             channels_last = state.get("channels_last", False)
         elif self.channels_last is not None:
@@ -255,7 +255,6 @@ class FederatedLoop:
             channels_last = method.device.type == "cpu" and any(p.dim() == 4 for p in method.parameters())
         fed.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         method.to(memory_format=fed.memory_format)
-        return channels_last
 
     def _restore(self, method: FederatedMethod, state: dict) -> torch.Tensor:
         """Load a checkpoint's method state and its store position; returns the server state."""
@@ -321,8 +320,7 @@ class FederatedLoop:
                             loss=float(loss_sum) / max(steps, 1), samples=n * self.local_epochs)
 
     # ------------------------------------------------------------------ ranks meet
-    def _gather(self, fabric: Fabric, updates: list[ClientUpdate], method: FederatedMethod,
-                server: torch.Tensor) -> list[ClientUpdate]:
+    def _gather(self, fabric: Fabric, updates: list[ClientUpdate], server: torch.Tensor) -> list[ClientUpdate]:
         """All ranks get every update (in client order); personal states stay in the store, where the
         rank that trained a client wrote it."""
         if fabric.world_size == 1:

@@ -22,7 +22,6 @@ Timings on a shared 2-core machine are noisy: each figure is the median of sever
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -246,11 +245,11 @@ def scale_point(method: str, clients: int, rounds: int, workdir: str) -> dict:
     """One federation size, measured in this process (``scale`` starts a fresh one per size).
 
     ``clients`` clients (10% cold-start) of 10 synthetic 8x8 images each (100,000 clients: a pool of
-    1,000,000 images, 64 MB, which the peak RSS includes), 10 per round, the
-    ``disk`` store in ``workdir``, ``SCALE_STORED[method]`` client states put in it before round 1,
-    a checkpoint every round (flush of the store + write; the median after the first) and one evaluation at the end with ``loop.eval_clients``
-    200 where the loop has that key (else none: evaluating every client would time the federation,
-    not the store). ``peak_rss_MiB`` is the process's peak; ``fit_peak_rss_MiB`` the peak from just
+    1,000,000 images, 64 MB, which the peak RSS includes), 10 per round, the ``disk`` store in
+    ``workdir``, ``SCALE_STORED[method]`` client states put in it before round 1, a checkpoint every
+    round (flush of the store + write; the median after the first) and one evaluation at the end
+    with ``loop.eval_clients`` 200 (evaluating every client would time the federation, not the
+    store). ``peak_rss_MiB`` is the process's peak; ``fit_peak_rss_MiB`` the peak from just
     before training on (the store, training, evaluation and checkpoints, not building the federation).
     """
     work = Path(workdir)
@@ -262,11 +261,8 @@ def scale_point(method: str, clients: int, rounds: int, workdir: str) -> dict:
     model.flatten_parameters()
     run = _TimedRun(work / "run")
     run.prepare()
-    sampled_eval = "eval_clients" in {f.name for f in dataclasses.fields(FederatedLoop)}
     loop = FederatedLoop(rounds=rounds, clients_per_round=10, eval_every=rounds, checkpoint_every=1,
-                         progress=False, client_store="disk", **({"eval_clients": 200} if sampled_eval else {}))
-    if not sampled_eval:
-        loop._measure = lambda *args: {}
+                         progress=False, client_store="disk", eval_clients=200)
     stored = min(SCALE_STORED[method], len(fed.clients)) if model.flat["personal"].numel() else 0
     resume = None
     if stored:  # a federation that already trained: states in the store, as a round-0 checkpoint
@@ -296,7 +292,7 @@ def scale_point(method: str, clients: int, rounds: int, workdir: str) -> dict:
             "rss_before_fit_MiB": before / 1024, "fit_peak_rss_MiB": _rss_kib("VmHWM") / 1024,
             "round_s": statistics.median(r["round_time"] for r in rows),
             "checkpoint_s": statistics.median(f + w for f, w in list(zip(flushes, run.times))[1:]),
-            "eval_s": loop.history[-1].get("eval_time") if sampled_eval else None,
+            "eval_s": loop.history[-1]["eval_time"],
             "checkpoint_bytes": run.checkpoint_path.stat().st_size,
             "store_bytes": DiskStore(run.path / "clients", 0).disk_bytes()}
 
