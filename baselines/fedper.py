@@ -43,7 +43,7 @@ class LatestHeads:
         size = parameters_to_vector(head.parameters()).numel()
         self.register_buffer("eval_head_sum", torch.zeros(size))  # Sigma
         self.register_buffer("eval_head_weight", torch.zeros(()))  # N
-        self.head_weight = nn.Parameter(torch.zeros(()), requires_grad=False)  # personal: w_i
+        self.register_buffer("head_weight", torch.zeros(()))  # personal: w_i
 
     def _head(self) -> torch.Tensor:
         return self.flat["personal"][self.span(self.head_prefix, "personal")]

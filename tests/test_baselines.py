@@ -105,7 +105,8 @@ def test_personal_parameters_are_never_in_the_shared_vector(cls, kwargs, shared,
         assert any(n.startswith(prefix) for n in m.layout["personal"])
     # server-only evaluation heads travel in neither direction
     assert not any("eval_head" in n for kind in ("shared", "personal") for n in m.layout[kind])
-    total = sum(p.numel() for n, p in m.named_parameters() if "eval_head" not in n)
+    state = [*m.named_parameters(), *m.named_buffers()]  # floating buffers move like parameters
+    total = sum(t.numel() for n, t in state if "eval_head" not in n and t.is_floating_point())
     assert m.flat["shared"].numel() + m.flat["personal"].numel() == total
 
 

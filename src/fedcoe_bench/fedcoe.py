@@ -133,8 +133,8 @@ class FedCoE(RoutingTable, FederatedMethod):
         if local_level:
             self.local = self.make_backbone()
             self.fusion = Gate(self.in_channels, 2)  # h(x) = its first softmax output
-            self.local_ready = nn.Parameter(torch.zeros(1), requires_grad=False)
-            self.label_counts = nn.Parameter(torch.zeros(self.num_classes), requires_grad=False)
+            self.register_buffer("local_ready", torch.zeros(1))
+            self.register_buffer("label_counts", torch.zeros(self.num_classes))
         # server-side statistics, filled by aggregate() from client reports (never sent to clients)
         self.register_buffer("calibration", torch.zeros(2, len(self.beta_grid), 2))  # [decayed sum, weight] x beta x lp
         self._calibration: torch.Tensor | None = None  # this client's self-scores, set from its validation split
