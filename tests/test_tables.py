@@ -307,3 +307,31 @@ def test_wandb_runs_carry_the_global_model_too():
     assert {r.method: r.global_model for r in runs} == {"local": "none", "fedavg": "trained"}
     text, _ = render(build_tables(runs), "md")
     assert [md_row(text, "local")[i] for i in SERVER_COLUMNS] == ["n/a"] * 3 and text.count("n/a") == 3
+
+
+def test_shift_columns_appear_only_where_runs_have_them(tmp_path):
+    """A feature-shift table gains the new-domain cold start (from summary.json) and the expert-cluster
+    agreement (from the last round of metrics.csv that logged it); a table without them does not."""
+    root = tmp_path / "runs"
+    accs = (0.8, 0.9, 0.5, 0.6, 0.55)
+    for seed, (new_domain, nmi) in enumerate(((0.30, 0.40), (0.20, 0.60))):
+        run = write_summary(root, "fedcoe", seed, accs, dataset="shifted")
+        summary = json.loads((run / "summary.json").read_text())
+        summary["metrics"]["cold_start_acc_new_domain"] = new_domain
+        (run / "summary.json").write_text(json.dumps(summary))
+        (run / "metrics.csv").write_text(  # the agreement of the last round that logged it counts, not the max
+            f"round,expert_cluster_nmi,expert_cluster_purity\n1,0.99,0.99\n2,{nmi},0.5\n3,,\n")
+    write_summary(root, "fedavg", 0, accs, dataset="shifted")  # no experts: empty agreement cells
+    write_summary(root, "fedavg", 0, accs)  # another table, without shift: no extra columns
+    text, _ = render(build_tables(load_runs(root)), "md")
+    sections = {part.split(",")[0]: part for part in text.split("## ")[1:]}
+    shifted, plain = sections["shifted"], sections["mnist10k"]
+    header = next(line for line in shifted.splitlines() if line.startswith("| method"))
+    assert header.endswith("| cold-start new domain | expert-cluster NMI | expert-cluster purity | n |")
+    fedcoe = md_row(shifted, "fedcoe")
+    assert fedcoe[6] == f"**{100 * 0.25:.1f} ± {100 * mean_std([0.3, 0.2])[1]:.1f}**"  # the only one
+    assert fedcoe[7] == f"**0.50 ± {mean_std([0.4, 0.6])[1]:.2f}**" and fedcoe[8] == "**0.50 ± 0.00**"
+    assert md_row(shifted, "fedavg")[7:9] == ["–", "–"]
+    assert "new domain" not in plain and "NMI" not in plain
+    rows = list(csv.DictReader(io.StringIO(render(build_tables(load_runs(root)), "csv")[0])))
+    assert [r["expert_cluster_nmi_mean"] for r in rows if r["dataset"] == "shifted"] == ["", "0.5000"]

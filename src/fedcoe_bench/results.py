@@ -8,7 +8,9 @@ with ``status`` saying why, so that tables list it as missing instead of droppin
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,7 +24,10 @@ from fedcoe_bench.errors import UserError
 METRICS = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_ft_acc", "cold_start_lp_acc")
 # The columns that measure the server-side model, which a method may lack or serve by a convention
 # (its ``global_model``: trained | convention | none, recorded in summary.json).
-SERVER_METRICS = ("global_acc", "cold_start_acc", "cold_start_lp_acc")
+SERVER_METRICS = ("global_acc", "cold_start_acc", "cold_start_lp_acc", "cold_start_acc_new_domain")
+# Columns a table shows only where a run has them: cold start on held-out clusters (feature shift) and
+# the expert-cluster agreement of the routing (methods with experts, on federations with clusters).
+EXTRA_METRICS = ("cold_start_acc_new_domain", "expert_cluster_nmi", "expert_cluster_purity")
 # Methods in the order of the paper's tables; other names follow alphabetically.
 METHOD_ORDER = ("fedavg", "fedprox", "fedper", "fedmix", "pfedmoe", "local", "fedcoe")
 
@@ -91,7 +96,7 @@ def run_from_summary(summary: dict, path: str) -> Run:
     for key in ("method", "dataset", "scheme", "alpha", "rounds", "seed", "global_model"):
         if summary.get(key) is not None:
             setattr(run, key, summary[key])
-    run.metrics = {k: summary.get(k, (summary.get("metrics") or {}).get(k)) for k in METRICS}
+    run.metrics = {k: summary.get(k, (summary.get("metrics") or {}).get(k)) for k in METRICS + EXTRA_METRICS}
     if summary.get("status", "finished") != "finished":
         run.status = f"status {summary.get('status')!r}"
     elif all(v is None for v in run.metrics.values()):
@@ -120,7 +125,10 @@ def load_run(path: Path) -> Run:
             summary = json.loads(summary_path.read_text())
             if not isinstance(summary, dict):
                 raise ValueError("not a JSON object")
-            return run_from_summary(summary, str(path))
+            run = run_from_summary(summary, str(path))
+            missing = [k for k in EXTRA_METRICS if run.metrics.get(k) is None]
+            run.metrics.update(last_logged(path / "metrics.csv", missing) if missing else {})
+            return run
         except (OSError, ValueError) as err:
             why = f"unreadable summary.json: {type(err).__name__}"
     else:
@@ -131,6 +139,24 @@ def load_run(path: Path) -> Run:
     except (OSError, yaml.YAMLError):
         config = {}
     return run_from_config(config, str(path), why)
+
+
+def last_logged(path: Path, keys) -> dict[str, float]:
+    """The last finite value of each of ``keys`` in a ``metrics.csv`` (per-round diagnostics, such as the
+    expert-cluster agreement, are logged there rather than in the final metrics); absent keys are left out."""
+    out: dict[str, float] = {}
+    if not path.exists():
+        return out
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for k in keys:
+                try:
+                    v = float(row.get(k) or "nan")
+                except ValueError:
+                    continue
+                if math.isfinite(v):
+                    out[k] = v
+    return out
 
 
 def load_runs(root: str | os.PathLike) -> list[Run]:
@@ -169,7 +195,7 @@ def run_from_wandb(wb_run) -> Run:
               shift=shift_label(pick("data.shift"), pick("data.clusters"), pick("data.held_out_clusters")),
               init_args={k[len("method.init_args."):]: v for k, v in config.items() if k.startswith("method.init_args.")},
               global_model=pick("global_model") or "trained")
-    run.metrics = {k: summary.get(k) for k in METRICS}
+    run.metrics = {k: summary.get(k) for k in METRICS + EXTRA_METRICS}  # W&B's summary: each key's last value
     state = getattr(wb_run, "state", "finished")
     if method is None:
         run.status = "not a fedbench run (no 'method' in its config)"

@@ -21,10 +21,14 @@ import io
 import statistics
 from dataclasses import dataclass, field
 
-from fedcoe_bench.results import METRICS, SERVER_METRICS, Run, group_title, method_sort_key
+from fedcoe_bench.results import EXTRA_METRICS, METRICS, SERVER_METRICS, Run, group_title, method_sort_key
 
 HEADERS = {"global_acc": "global", "personal_acc": "personal", "cold_start_acc": "cold-start",
-           "cold_start_ft_acc": "cold-start + ft", "cold_start_lp_acc": "cold-start + prior"}
+           "cold_start_ft_acc": "cold-start + ft", "cold_start_lp_acc": "cold-start + prior",
+           "cold_start_acc_new_domain": "cold-start new domain", "expert_cluster_nmi": "expert-cluster NMI",
+           "expert_cluster_purity": "expert-cluster purity"}
+# Agreement scores, printed as they are (0 to 1, two decimals); every other column is an accuracy in %.
+SCORES = ("expert_cluster_nmi", "expert_cluster_purity")
 FORMATS = ("md", "csv", "latex")
 NA = "n/a"
 # the most cautious first: a row whose runs disagree (e.g. summaries written before the field) takes it
@@ -39,13 +43,14 @@ class Cell:
     std: float | None  # in %; None with fewer than two values
     n: int
     model: str = "trained"  # what the cell measures: trained | convention | none (see GLOBAL_MODELS)
+    digits: int = 1
 
     def text(self, pm: str = " ± ") -> str:
         if self.model == "none":
             return NA
         if self.mean is None:
             return "–"
-        return f"{self.mean:.1f}" + (f"{pm}{self.std:.1f}" if self.std is not None else "")
+        return f"{self.mean:.{self.digits}f}" + (f"{pm}{self.std:.{self.digits}f}" if self.std is not None else "")
 
     def styled(self, bold: bool, bold_fmt: str, dagger: str, pm: str = " ± ") -> str:
         """The text, bold where asked, with ``dagger`` after a convention-based number."""
@@ -68,6 +73,7 @@ class Table:
     rows: list[Row]
     missing: list[Run]
     notes: list[str]
+    columns: tuple = METRICS  # METRICS, then the EXTRA_METRICS some run of the table has
 
     @property
     def title(self) -> str:
@@ -106,21 +112,24 @@ def build_tables(runs: list[Run]) -> list[Table]:
                              f"counting the first only")
                 continue
             seeds[r.seed] = r
+        columns = METRICS + tuple(m for m in EXTRA_METRICS
+                                  if any(r.metrics.get(m) is not None for s in by_label.values() for r in s.values()))
         rows = []
         for label in sorted(by_label, key=method_sort_key):
             seed_runs = by_label[label]
             model = min((r.global_model for r in seed_runs.values()), key=_caution)
             cells = {}
-            for m in METRICS:
-                values = [100.0 * r.metrics[m] for r in seed_runs.values() if r.metrics.get(m) is not None]
+            for m in columns:
+                scale, digits = (1.0, 2) if m in SCORES else (100.0, 1)
+                values = [scale * r.metrics[m] for r in seed_runs.values() if r.metrics.get(m) is not None]
                 mean, std = mean_std(values)
-                cells[m] = Cell(mean, std, len(values), model if m in SERVER_METRICS else "trained")
+                cells[m] = Cell(mean, std, len(values), model if m in SERVER_METRICS else "trained", digits)
             rows.append(Row(label, sorted(seed_runs, key=str), [r.path for r in seed_runs.values()], cells))
-        for m in METRICS:
+        for m in columns:
             ranked = [r for r in rows if r.cells[m].mean is not None and r.cells[m].model != "none"]
-            shown = [round(r.cells[m].mean, 1) for r in ranked]
+            shown = [round(r.cells[m].mean, r.cells[m].digits) for r in ranked]
             for r in ranked:
-                if round(r.cells[m].mean, 1) == max(shown):
+                if round(r.cells[m].mean, r.cells[m].digits) == max(shown):
                     r.bold.add(m)
         all_seeds = sorted({s for r in rows for s in r.seeds}, key=str)
         for r in rows:
@@ -129,7 +138,7 @@ def build_tables(runs: list[Run]) -> list[Table]:
                 notes.append(f"note: {r.label} has {len(r.seeds)} seed{'s' * (len(r.seeds) != 1)} "
                              f"({', '.join(map(str, r.seeds))}), the others up to {len(all_seeds)}: "
                              f"missing seed{'s' * (len(lacking) != 1)} {', '.join(map(str, lacking))}")
-        tables.append(Table(key, rows, missing, notes))
+        tables.append(Table(key, rows, missing, notes, columns))
     return tables
 
 
@@ -150,10 +159,10 @@ def render_md(tables: list[Table]) -> str:
     for t in tables:
         out.append(f"## {t.title}\n")
         if t.rows:
-            out.append("| method | " + " | ".join(HEADERS[m] for m in METRICS) + " | n |")
-            out.append("|---|" + "---:|" * len(METRICS) + "---:|")
+            out.append("| method | " + " | ".join(HEADERS[m] for m in t.columns) + " | n |")
+            out.append("|---|" + "---:|" * len(t.columns) + "---:|")
             for r in t.rows:
-                cells = [r.cells[m].styled(m in r.bold, "**{}**", "†") for m in METRICS]
+                cells = [r.cells[m].styled(m in r.bold, "**{}**", "†") for m in t.columns]
                 out.append(f"| {r.label} | " + " | ".join(cells) + f" | {len(r.seeds)} |")
             out.append("")
             if _convention_labels(t):
@@ -163,7 +172,9 @@ def render_md(tables: list[Table]) -> str:
         extra = t.notes + _missing_lines(t)
         if extra:
             out += extra + [""]
-    out.append("Accuracy in %, mean ± sample std over n seeds; best mean per column in bold.")
+    scores = any(m in SCORES for t in tables for m in t.columns)
+    out.append("Accuracy in %" + (" (expert-cluster NMI and purity: 0 to 1, the last round's routing)" if scores else "")
+               + ", mean ± sample std over n seeds; best mean per column in bold.")
     return "\n".join(out) + "\n"
 
 
@@ -178,17 +189,17 @@ def render_latex(tables: list[Table]) -> str:
     out = []
     for t in tables:
         out.append(f"% {t.title}: accuracy (%), mean $\\pm$ sample std over n seeds; best mean in bold")
-        out.append("\\begin{tabular}{l" + "r" * len(METRICS) + "r}")
+        out.append("\\begin{tabular}{l" + "r" * len(t.columns) + "r}")
         out.append("\\toprule")
-        out.append("Method & " + " & ".join(HEADERS[m].capitalize() for m in METRICS) + " & $n$ \\\\")
+        out.append("Method & " + " & ".join(HEADERS[m].capitalize() for m in t.columns) + " & $n$ \\\\")
         out.append("\\midrule")
         for r in t.rows:
-            cells = [r.cells[m].styled(m in r.bold, "\\textbf{{{}}}", "$^\\dagger$", " $\\pm$ ") for m in METRICS]
+            cells = [r.cells[m].styled(m in r.bold, "\\textbf{{{}}}", "$^\\dagger$", " $\\pm$ ") for m in t.columns]
             out.append(f"{_tex(r.label)} & " + " & ".join(cells) + f" & {len(r.seeds)} \\\\")
         out.append("\\bottomrule")
         if _convention_labels(t):
             note = CONVENTION_NOTE.format(dagger="$^\\dagger$", labels=", ".join(map(_tex, _convention_labels(t))))
-            out.append(f"\\multicolumn{{{len(METRICS) + 2}}}{{l}}{{\\footnotesize {note}}} \\\\")
+            out.append(f"\\multicolumn{{{len(t.columns) + 2}}}{{l}}{{\\footnotesize {note}}} \\\\")
         out.append("\\end{tabular}")
         out += [f"% {line}" for line in t.notes + _missing_lines(t)]
         out.append("")
@@ -199,13 +210,13 @@ def render_csv(tables: list[Table]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["dataset", "scheme", "alpha", "rounds", "method", "n", "seeds"]
-               + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["global_model"])
+               + [f"{m}_{s}" for m in METRICS + EXTRA_METRICS for s in ("mean", "std")] + ["global_model"])
     for t in tables:
         dataset, scheme, alpha, rounds = t.group
         for r in t.rows:
             stats = []
-            for m in METRICS:
-                c = r.cells[m]
+            for m in METRICS + EXTRA_METRICS:
+                c = r.cells.get(m, Cell(None, None, 0))
                 if c.model == "none":
                     stats += [NA, NA]  # pandas reads n/a as missing
                 else:
