@@ -286,31 +286,25 @@ class FederatedLoop:
         s = client_seed(seed, rnd, client.id)
         torch.manual_seed(s)  # module-level randomness (dropout) follows the client too
         g = torch.Generator(device=fed.device).manual_seed(s)
-        x_all, y_all = fed.pool_x[client.train], fed.pool_y[client.train]
-        n = len(y_all)
+        n = len(client.train)
         method.train()
         convert = fabric.strategy.precision.convert_input
-        inputs = convert(fed.prepare(x_all))  # un-augmented, for the hooks before and after training
+        inputs = convert(fed.prepare(fed.pool_x[client.train]))  # un-augmented, for the hooks before and after training
         with fabric.autocast():
-            method.on_client_start(inputs, y_all)
+            method.on_client_start(inputs, fed.pool_y[client.train])
         method.eval()  # scoring, not training: BatchNorm statistics must not see the validation inputs
         with fabric.autocast(), torch.no_grad():
             method.on_client_validation(convert(fed.prepare(fed.pool_x[client.val])), fed.pool_y[client.val])
         method.train()
         loss_sum = torch.zeros((), device=fed.device)
-        steps = 0
-        for _ in range(self.local_epochs):
-            order = torch.randperm(n, generator=g, device=fed.device)
-            for b, i in enumerate(range(0, n, self.batch_size)):
-                idx = order[i : i + self.batch_size]
-                batch = convert((fed.prepare(x_all[idx], g), y_all[idx]))
-                with fabric.autocast():
-                    loss = method.training_step(batch, b)
-                optimizer.zero_grad(set_to_none=True)
-                fabric.backward(loss)
-                optimizer.step()
-                loss_sum += loss.detach().float()
-                steps += 1
+        steps = self.local_epochs * math.ceil(n / self.batch_size)
+        for step, batch in enumerate(fed.batches(client.train, self.batch_size, steps, g)):
+            with fabric.autocast():
+                loss = method.training_step(convert(batch), step)
+            optimizer.zero_grad(set_to_none=True)
+            fabric.backward(loss)
+            optimizer.step()
+            loss_sum += loss.detach().float()
         method.eval()
         with fabric.autocast():
             report = method.client_report(inputs)
