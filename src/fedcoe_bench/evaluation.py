@@ -13,7 +13,7 @@ from lightning.fabric.plugins import Precision
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from fedcoe_bench.data import Client, Federation
-from fedcoe_bench.method import FederatedMethod
+from fedcoe_bench.method import FederatedMethod, overrides
 
 
 def em_label_prior(probs: torch.Tensor, train_prior: torch.Tensor, iters: int = 50, tol: float = 1e-6,
@@ -104,10 +104,6 @@ ACC, LP_ACC, FT_ACC, N, VAL_ACC, VAL_LP_ACC, VAL_FT_ACC, VAL_N = range(len(ROWS)
 COUNTS = ("clients_evaluated", "clients_trained", "clients_never_trained", "cold_start_clients_evaluated")
 
 
-def _overrides(method: FederatedMethod, name: str) -> bool:
-    return getattr(type(method), name) is not getattr(FederatedMethod, name)
-
-
 class Evaluator:
     """Runs the three predictors of a method over a federation.
 
@@ -188,8 +184,8 @@ class Evaluator:
         # Clients are split over ranks; per-client accuracies meet in one all-reduce.
         my_pers, my_cold = list(range(len(pers)))[rank::world], list(range(len(self.cold_clients)))[rank::world]
         one_model = method.flat["personal"].numel() == 0
-        personal_is_global = one_model and not _overrides(method, "predict_personal")
-        cold_is_global = not _overrides(method, "predict_cold_start")
+        personal_is_global = one_model and not overrides(method, "predict_personal")
+        cold_is_global = not overrides(method, "predict_cold_start")
         # One pass per model over a client's test, then validation (then, cold start: unlabeled) inputs.
         tests = [torch.cat([pers[j].test, pers[j].val]) for j in my_pers]
         colds = [torch.cat([cl.test, cl.val, cl.train]) for cl in (self.cold_clients[j] for j in my_cold)]

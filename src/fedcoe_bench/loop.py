@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from fedcoe_bench.data import Client, Federation
 from fedcoe_bench.errors import ConfigError, RunError, TrainingDiverged
 from fedcoe_bench.evaluation import COUNTS, Evaluator
-from fedcoe_bench.method import ClientUpdate, FederatedMethod
+from fedcoe_bench.method import ClientUpdate, FederatedMethod, overrides
 from fedcoe_bench.routing import routing_diagnostics
 from fedcoe_bench.runs import RunDir
 from fedcoe_bench.store import DTYPES, ClientStore, open_store
@@ -292,10 +292,11 @@ class FederatedLoop:
         inputs = convert(fed.prepare(fed.pool_x[client.train]))  # un-augmented, for the hooks before and after training
         with fabric.autocast():
             method.on_client_start(inputs, fed.pool_y[client.train])
-        method.eval()  # scoring, not training: BatchNorm statistics must not see the validation inputs
-        with fabric.autocast(), torch.no_grad():
-            method.on_client_validation(convert(fed.prepare(fed.pool_x[client.val])), fed.pool_y[client.val])
-        method.train()
+        if overrides(method, "on_client_validation"):  # preparing the inputs is wasted work otherwise
+            method.eval()  # scoring, not training: BatchNorm statistics must not see the validation inputs
+            with fabric.autocast(), torch.no_grad():
+                method.on_client_validation(convert(fed.prepare(fed.pool_x[client.val])), fed.pool_y[client.val])
+            method.train()
         loss_sum = torch.zeros((), device=fed.device)
         steps = self.local_epochs * math.ceil(n / self.batch_size)
         for step, batch in enumerate(fed.batches(client.train, self.batch_size, steps, g)):

@@ -299,6 +299,20 @@ def _memory_order(t: torch.Tensor) -> torch.Tensor:
     return t.permute(dims).flatten()
 
 
+def overrides(method: FederatedMethod, hook: str) -> bool:
+    """Whether ``method``'s class overrides the base class's ``hook``: where it does not, the loop and
+    the evaluator may skip the hook's inputs or share its predictions between clients.
+
+    Example:
+        >>> class Quiet(FederatedMethod):
+        ...     def client_report(self, x):
+        ...         return {}
+        >>> overrides(Quiet(), "client_report"), overrides(Quiet(), "on_client_validation")
+        (True, False)
+    """
+    return getattr(type(method), hook) is not getattr(FederatedMethod, hook)
+
+
 def weighted_mean(vectors, weights, fallback: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """:math:`\\sum_i w_i x_i / \\sum_i w_i` over ``vectors`` (tensors shaped like ``fallback``, or the rows
     of one stacked tensor); ``fallback`` where the weights sum to ~0.
