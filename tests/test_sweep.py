@@ -432,3 +432,37 @@ def test_tune_mnist10k_gives_every_method_its_knobs_on_validation(monkeypatch):
         assert init["backbone"] == "cnn" and init["momentum"] == 0.9  # the rest of the base config stays
     assert got == want
     assert len({r.config["name"] for r in runs}) == 33  # each setting its own row and run directory
+
+
+def test_export_writes_each_chosen_setting_as_a_config_that_pins_its_row(tuning_sweep, tmp_path, run_cli):
+    """--export writes one config per (group, method), holding the chosen setting (its config file's
+    method and name) and the group's alpha; the base config plus that file resolves to the chosen run's
+    config, up to seed, rounds and run directory."""
+    from fedcoe_bench import cli
+
+    runs = sweep.plan(tuning_sweep, tmp_path / "out")
+    finish(runs)
+    code, out, err = run_cli(["sweep", str(tuning_sweep), "--sweep_dir", str(tmp_path / "out"), "--dry-run",
+                              "--export", str(tmp_path / "chosen")])
+    assert code == 0, err
+    files = sorted((tmp_path / "chosen").glob("*.yaml"))
+    assert [f.name for f in files] == ["synthetic-dirichlet0.1-fedavg.yaml", "synthetic-dirichlet0.1-fedper.yaml",
+                                       "synthetic-dirichlet0.5-fedavg.yaml", "synthetic-dirichlet0.5-fedper.yaml"]
+    assert all(f"wrote {f}" in out for f in files)
+    base = str(tmp_path / "base.yaml")
+    for f in files:
+        alpha, method = float(f.stem.split("-")[1][len("dirichlet"):]), f.stem.split("-")[2]
+        assert f.read_text().startswith("# chosen by `fedbench sweep ") and "val_personal_acc" in f.read_text()
+        cfg = cli.fit_parser().parse_args(["--config", base, "--config", str(f), "--seed", "7"])
+        assert cfg.name == CHOSEN[(method, alpha)] and cfg.data.alpha == alpha
+        chosen_run = next(r for r in runs if r.config["name"] == cfg.name and r.config["data"]["alpha"] == alpha)
+        assert cfg.method.init_args.lr == chosen_run.config["method"]["init_args"]["lr"]
+    # an unfinished group writes nothing; a sweep on a test metric cannot export
+    (runs[0].run_dir / "summary.json").unlink()
+    run_cli(["sweep", str(tuning_sweep), "--sweep_dir", str(tmp_path / "out"), "--dry-run", "--export", str(tmp_path / "again")])
+    assert len(list((tmp_path / "again").glob("*.yaml"))) == 3
+    spec = yaml.safe_load(tuning_sweep.read_text())
+    spec["metric"] = {"name": "personal_acc"}
+    tuning_sweep.write_text(yaml.safe_dump(spec))
+    code, _, err = run_cli(["sweep", str(tuning_sweep), "--sweep_dir", str(tmp_path / "out"), "--dry-run", "--export", str(tmp_path / "x")])
+    assert code != 0 and "--export needs a tuning sweep" in err and len(err.strip().splitlines()) == 1

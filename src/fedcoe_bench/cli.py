@@ -24,7 +24,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
@@ -95,6 +95,8 @@ def sweep_parser() -> ArgumentParser:
     p.add_argument("--sweep_dir", type=str, default="runs", help="where the run directories go")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print the commands only")
     p.add_argument("--logger", type=Literal["csv", "wandb"], default="csv", help="logger of every run")
+    p.add_argument("--export", type=Optional[str], default=None,
+                   help="a tuning sweep: also write each chosen setting as a config file in this directory")
     p.add_argument("--debug", type=bool, default=False)
     return p
 

@@ -354,17 +354,79 @@ def render_selection(selections: list[Selection], metric: str, goal: str) -> str
     return "\n".join(lines) + "\n"
 
 
-def report_selection(path: str | os.PathLike, runs: list[SweepRun]) -> None:
-    """Print the selection of a tuning sweep (one whose metric is a validation metric); nothing otherwise."""
+def _nest(dotted: dict) -> dict:
+    out: dict = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def export_selection(selections: list[Selection], directory: str | os.PathLike, metric: str, source: str) -> list[Path]:
+    """Write each chosen setting as a config file ``DIRECTORY/<dataset>-<scheme><alpha>-<method>.yaml``,
+    to be given after the sweep's base config: the setting's own config files and grid values, the
+    chosen runs' resolved ``method`` (class and every argument) and ``name``, and the group's data
+    keys (source, scheme, alpha, shift), so that one file pins one table row. Groups that chose
+    nothing (unfinished runs) write no file. Returns the paths written."""
+    from fedcoe_bench.results import fmt_alpha, run_from_config
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for sel in selections:
+        if sel.score is None:
+            continue
+        config = sel.runs[0].config
+        out: dict = {}
+        for key, value in sel.setting.items():
+            if key == "config":
+                out = _merge(out, yaml.safe_load(Path(value).read_text()) or {})
+            else:
+                out = _merge(out, _nest({key: value}))
+        data = {k: config["data"][k] for k in ("source", "scheme", "alpha", "shift", "clusters", "held_out_clusters")
+                if k in config.get("data", {})}
+        out = _merge(out, {"name": config.get("name"), "method": config["method"], "data": data})
+        record = run_from_config(config, "", "chosen")
+        alpha = fmt_alpha(record.alpha) if record.scheme == "dirichlet" else ""
+        stem = "-".join(filter(None, (record.dataset, record.shift, f"{record.scheme}{alpha}", record.method)))
+        path = directory / f"{stem}.yaml"
+        seeds = " ".join(str(r.config.get("seed")) for r in sel.runs)
+        header = (f"# chosen by `fedbench sweep {source}`: {metric} {sel.score:.4f} (mean over seeds {seeds}), "
+                  f"the best of {sel.settings} settings\n")
+        path.write_text(header + yaml.safe_dump({k: v for k, v in out.items() if v is not None}, sort_keys=False))
+        written.append(path)
+    return written
+
+
+def report_selection(path: str | os.PathLike, runs: list[SweepRun], export: str | None = None) -> None:
+    """Print the selection of a tuning sweep (one whose metric is a validation metric), and with
+    ``export`` write it as config files (:func:`export_selection`); nothing for another sweep."""
     chosen_by = selection_metric(load_sweep(path))
-    if chosen_by is not None:
-        print(render_selection(select(runs, *chosen_by), *chosen_by), end="", flush=True)
+    if chosen_by is None:
+        if export is not None:
+            raise SweepError(f"--export needs a tuning sweep: {path}'s metric.name is not a validation (val_*) metric")
+        return
+    selections = select(runs, *chosen_by)
+    print(render_selection(selections, *chosen_by), end="", flush=True)
+    if export is not None:
+        for written in export_selection(selections, export, chosen_by[0], str(path)):
+            print(f"wrote {written}", flush=True)
 
 
 def command(cfg) -> int:
-    """``fedbench sweep FILE [--sweep_dir DIR] [--dry-run] [--logger csv|wandb]``; a tuning sweep then
-    prints its selection (:func:`select`)."""
+    """``fedbench sweep FILE [--sweep_dir DIR] [--dry-run] [--logger csv|wandb] [--export DIR]``; a tuning
+    sweep then prints its selection (:func:`select`) and with ``--export`` writes it as config files."""
     runs = plan(cfg.file, cfg.sweep_dir, cfg.logger)
     code = run_sweep(runs, dry_run=cfg.dry_run)
-    report_selection(cfg.file, runs)
+    report_selection(cfg.file, runs, cfg.export)
     return code
