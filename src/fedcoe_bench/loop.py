@@ -121,16 +121,7 @@ class FederatedLoop:
     def fit(self, fabric: Fabric, method: FederatedMethod, fed: Federation, seed: int,
             run: RunDir | None = None, resume_state: dict | None = None) -> dict:
         """Train ``method`` on ``fed`` and return the final metrics (and the history in ``self.history``)."""
-        if self.clients_per_round > len(fed.clients):
-            raise ConfigError(
-                f"loop.clients_per_round={self.clients_per_round} exceeds the {len(fed.clients)} training "
-                f"clients; lower it or raise data.num_clients"
-            )
-        if fabric.world_size > self.clients_per_round:  # a rank with no client has no report to gather
-            raise ConfigError(
-                f"{fabric.world_size} processes but loop.clients_per_round={self.clients_per_round}; each process "
-                f"trains its share of the round's clients, so use at most {self.clients_per_round} devices"
-            )
+        self._check(fabric, fed)
         method, server = self._setup(fabric, method, fed, seed, resume_state)
         optimizer = fabric.setup_optimizers(method.configure_optimizers())
         self.store = self._open_store(fabric, run, self.init_personal.numel())
@@ -151,30 +142,7 @@ class FederatedLoop:
         bar = tqdm(range(start, self.rounds), desc=type(method).__name__, initial=start, total=self.rounds,
                    disable=not (self.progress and fabric.is_global_zero), dynamic_ncols=True)
         for rnd in bar:
-            t0 = time.perf_counter()
-            sampled = [fed.clients[i] for i in sample_clients(seed, rnd, len(fed.clients), self.clients_per_round)]
-            self.trained.update(c.id for c in sampled)
-            mine = sampled[fabric.global_rank :: fabric.world_size]
-            updates = [self._train_client(fabric, method, optimizer, fed, c, seed, rnd, server) for c in mine]
-            updates = self._gather(fabric, updates, server)
-            for u in updates:
-                if not math.isfinite(u.loss):
-                    raise TrainingDiverged(
-                        f"round {rnd}, client {u.client}: local loss is {u.loss}; lower method.init_args.lr "
-                        f"(the last good checkpoint is kept)"
-                    )
-            load(None)
-            server = method.aggregate(server, updates)
-            train_time = time.perf_counter() - t0
-            samples = sum(u.samples for u in updates)
-            row = {
-                "round": rnd + 1,
-                "train_loss": sum(u.loss * u.samples for u in updates) / max(samples, 1),
-                "round_time": train_time,
-                "samples_per_s": samples / train_time,
-                **method.round_diagnostics(),
-                **routing_diagnostics(method.routing_profiles(), fed),  # the loop knows the clusters, no method does
-            }
+            server, row = self._round(fabric, method, optimizer, fed, seed, rnd, server)
             if (rnd + 1) % self.eval_every == 0 or rnd + 1 == self.rounds:
                 t1 = time.perf_counter()
                 metrics = self._measure(fabric, method, load, finetune=rnd + 1 == self.rounds)
@@ -184,12 +152,7 @@ class FederatedLoop:
             fabric.log_dict(row, step=rnd + 1)
             if run is not None and self.checkpoint_every and ((rnd + 1) % self.checkpoint_every == 0 or rnd + 1 == self.rounds):
                 load(None)
-                state = {"round": rnd + 1, "server": server, "store": self.store.flush(),
-                         "method": method.state_dict(), "history": self.history, "precision": self.precision,
-                         "channels_last": fed.memory_format == torch.channels_last,
-                         "wall_time_s": prior_time + time.perf_counter() - t_start}
-                fabric.barrier()  # every rank's client states are durable before the checkpoint names them
-                run.save_checkpoint(fabric, state)
+                self._checkpoint(fabric, method, fed, run, rnd, server, prior_time + time.perf_counter() - t_start)
         load(None)  # leave the method holding the server state
         self.server = server
         self.wall_time_s = prior_time + time.perf_counter() - t_start
@@ -197,6 +160,56 @@ class FederatedLoop:
             metrics = {k: v for row in self.history for k, v in row.items()
                        if k.endswith("_acc") or "_acc_" in k or k in COUNTS}
         return metrics
+
+    def _check(self, fabric: Fabric, fed: Federation) -> None:
+        if self.clients_per_round > len(fed.clients):
+            raise ConfigError(
+                f"loop.clients_per_round={self.clients_per_round} exceeds the {len(fed.clients)} training "
+                f"clients; lower it or raise data.num_clients"
+            )
+        if fabric.world_size > self.clients_per_round:  # a rank with no client has no report to gather
+            raise ConfigError(
+                f"{fabric.world_size} processes but loop.clients_per_round={self.clients_per_round}; each process "
+                f"trains its share of the round's clients, so use at most {self.clients_per_round} devices"
+            )
+
+    def _round(self, fabric: Fabric, method: FederatedMethod, optimizer, fed: Federation, seed: int, rnd: int,
+               server: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One round: sample, train this rank's clients, gather, aggregate; returns the new server state
+        and the round's log row."""
+        t0 = time.perf_counter()
+        sampled = [fed.clients[i] for i in sample_clients(seed, rnd, len(fed.clients), self.clients_per_round)]
+        self.trained.update(c.id for c in sampled)
+        mine = sampled[fabric.global_rank :: fabric.world_size]
+        updates = [self._train_client(fabric, method, optimizer, fed, c, seed, rnd, server) for c in mine]
+        updates = self._gather(fabric, updates, server)
+        for u in updates:
+            if not math.isfinite(u.loss):
+                raise TrainingDiverged(
+                    f"round {rnd}, client {u.client}: local loss is {u.loss}; lower method.init_args.lr "
+                    f"(the last good checkpoint is kept)"
+                )
+        self._load(method, server)
+        server = method.aggregate(server, updates)
+        train_time = time.perf_counter() - t0
+        samples = sum(u.samples for u in updates)
+        return server, {
+            "round": rnd + 1,
+            "train_loss": sum(u.loss * u.samples for u in updates) / max(samples, 1),
+            "round_time": train_time,
+            "samples_per_s": samples / train_time,
+            **method.round_diagnostics(),
+            **routing_diagnostics(method.routing_profiles(), fed),  # the loop knows the clusters, no method does
+        }
+
+    def _checkpoint(self, fabric: Fabric, method: FederatedMethod, fed: Federation, run: RunDir, rnd: int,
+                    server: torch.Tensor, wall_time_s: float) -> None:
+        """Save the state after round ``rnd`` as one dict, once every rank's client states are durable."""
+        state = {"round": rnd + 1, "server": server, "store": self.store.flush(),
+                 "method": method.state_dict(), "history": self.history, "precision": self.precision,
+                 "channels_last": fed.memory_format == torch.channels_last, "wall_time_s": wall_time_s}
+        fabric.barrier()  # every rank's client states are durable before the checkpoint names them
+        run.save_checkpoint(fabric, state)
 
     def evaluate(self, fabric: Fabric, method: FederatedMethod, fed: Federation, state: dict, seed: int,
                  trained: RunDir | None = None) -> dict:
