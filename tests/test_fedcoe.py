@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.fedcoe import FedCoE
 from fedcoe_bench.method import ClientUpdate
 
@@ -195,6 +196,30 @@ def test_balance_loss_prefers_balanced_routing():
     unbalanced.load_state_dict(m.state_dict())
     assert float((collapsed - unbalanced.training_step((x, y), 0)).detach()) == pytest.approx(3.0, abs=1e-3)  # K * f_0 * P_0
     assert math.isfinite(float(base.detach()))
+
+
+def test_balanced_routing_moves_the_bias_against_the_load():
+    """b_k <- b_k - gamma (K u_k - 1), u the n-weighted mean routing profile: the over-used expert's
+    bias falls, the others' rise, a balanced load leaves it; the gate routes through it."""
+    m = tiny(local_level=False, balance_rate=0.5)
+    server = torch.zeros(m.flat["shared"].numel())
+    bias = m.span("gate.route_bias")
+    ups = updates_for(m, [(3.0, [0.9, 0.1, 0.0]), (1.0, [0.6, 0.2, 0.2])])  # u = [0.825, 0.125, 0.05]
+    new = m.aggregate(server, ups)
+    load = torch.tensor([0.825, 0.125, 0.05])
+    torch.testing.assert_close(new[bias], -0.5 * (3 * load - 1))
+    torch.testing.assert_close(m.aggregate(new, updates_for(m, [(1.0, [1 / 3] * 3)]))[bias], new[bias])
+    x = torch.randn(5, 1, 8, 8)
+    m.flat["shared"].copy_(new)
+    logits = m.gate.net(x) + new[bias]
+    torch.testing.assert_close(m.gate(x), logits.softmax(1))
+    assert tiny(local_level=False).gate.route_bias is None  # off: no state, the old layout
+
+
+def test_balanced_routing_needs_a_shared_gate_and_a_rate_of_at_least_zero():
+    for kw in ({"balance_rate": -0.1}, {"balance_rate": 0.1, "shared_gate": False}):
+        with pytest.raises(ConfigError, match="balance_rate"):
+            tiny(**kw)
 
 
 def test_bad_beta_is_refused():

@@ -44,6 +44,17 @@ class FedCoE(RoutingTable, FederatedMethod):
     correlation matrix R and sets :math:`E_k \\leftarrow \\sum_i n_i (\\epsilon + r_{ik}) E_k^i /
     \\sum_i n_i (\\epsilon + r_{ik})` (unchanged when no client routes to k), :math:`G` by FedAvg.
 
+    Balanced routing (ours, ``balance_rate`` :math:`\\gamma > 0`): left alone, the routed expert loss
+    lets the expert that starts slightly ahead take every input (on rotated MNIST-10k all clients
+    ended on one expert, ``benchmarks/results/mnist10k_shift.md``). The server then keeps a routing
+    bias :math:`b` in the gate's logits, :math:`G(x) = \\mathrm{softmax}(\\mathrm{net}(x) + b)`, and
+    after each round moves it against the experts' load measured by R,
+
+    .. math:: u_k = \\frac{\\sum_i n_i r_{ik}}{\\sum_i n_i}, \\qquad b_k \\leftarrow b_k - \\gamma\\,(K u_k - 1),
+
+    a global balance across clients (as the auxiliary-loss-free balancing of DeepSeek-V3, Wang et
+    al., 2024), unlike Switch's per-batch term, which pushes every client to use every expert.
+
     Cold start (inferred; no labels, no gradient steps): one no-grad pass of G over the new
     client's unlabeled inputs gives :math:`r_j`; routing becomes
     :math:`\\pi_j(x)_k \\propto G(x)_k\\, r_{jk}^{\\beta}`, with :math:`\\beta = 1 - H(r_j)/\\log K`
@@ -85,6 +96,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         calibration_decay: d in (0, 1] above; 1 weighs every round alike. 0.9 (ours, not tuned:
             a half-life of about 6.6 rounds, so a served setting rests on some 19 rounds of scores)
             lets the choice follow the trained experts.
+        balance_rate: :math:`\\gamma` of the balanced routing above (0: off; needs ``shared_gate``).
 
     Defaults: the method's written specification is ``lambda_expert=0, local_prior=False,
     beta=adaptive`` (``benchmarks/sweeps/fedcoe_variants/spec.yaml``). On the tuning seed (seed 1;
@@ -114,20 +126,23 @@ class FedCoE(RoutingTable, FederatedMethod):
                  shared_gate: bool = True, local_level: bool = True, local_warm_start: bool = True,
                  local_prior: bool = True,
                  cold_start_prior: bool = True, beta: float | str = "calibrated", calibration_decay: float = 0.9,
-                 **kwargs):
+                 balance_rate: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if not (isinstance(beta, (int, float)) or beta in ("adaptive", "calibrated")):
             raise ConfigError(f"method.init_args.beta must be a number, 'adaptive' or 'calibrated' (got {beta!r})")
         if not 0 < calibration_decay <= 1:
             raise ConfigError(f"method.init_args.calibration_decay must be in (0, 1] (got {calibration_decay}); "
                               f"1 averages every round alike")
-        self.calibration_decay = calibration_decay
+        if balance_rate < 0 or (balance_rate and not shared_gate):
+            raise ConfigError(f"method.init_args.balance_rate must be >= 0 and needs shared_gate: true (got "
+                              f"{balance_rate} with shared_gate {shared_gate}); the server sets the routing bias")
+        self.calibration_decay, self.balance_rate = calibration_decay, balance_rate
         self.num_experts, self.lambda_glob, self.lambda_bal, self.lambda_expert = num_experts, lambda_glob, lambda_bal, lambda_expert
         self.coordinated, self.coordination_eps, self.local_level = coordinated, coordination_eps, local_level
         self.local_warm_start, self.cold_start_prior, self.beta = local_warm_start, cold_start_prior, beta
         self.local_prior, self.expert_loss_routed = local_prior, expert_loss_routed
         self.experts = Experts(self.make_backbone() for _ in range(num_experts))
-        self.gate = Gate(self.in_channels, num_experts, top_m=top_m)
+        self.gate = Gate(self.in_channels, num_experts, top_m=top_m, route_bias=balance_rate > 0)
         if not shared_gate:
             self.personal = self.personal + ("gate.",)
         if local_level:
@@ -227,6 +242,10 @@ class FedCoE(RoutingTable, FederatedMethod):
             span = self.span(f"experts.{k}.")
             w = n * (self.coordination_eps + profiles[:, k]) if self.coordinated else n
             new[span] = weighted_mean([u.shared[span] for u in updates], w, server[span])
+        if self.balance_rate:  # clients never change the bias: the server sets it from R
+            load = (n[:, None] * profiles).sum(0) / n.sum()
+            bias = self.span("gate.route_bias")
+            new[bias] = server[bias] - self.balance_rate * (self.num_experts * load - 1)
         has = "calibration" in updates[0].report
         weights = torch.stack([u.report["calibration_weight"] for u in updates]).to(self.calibration) if has else None
         if has and weights.sum() > 0:  # the mean over the clients that scored a validation split

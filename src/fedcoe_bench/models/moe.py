@@ -25,6 +25,9 @@ class Experts(nn.ModuleList):
 class Gate(nn.Module):
     """A light router ``x -> simplex^K``: average-pool the image to ``pooled x pooled``, then a
     two-layer MLP. Optional top-m sparse routing keeps the m largest weights and renormalises.
+    With ``route_bias``, a buffer :math:`b` (zeros) is added to the logits, :math:`\\mathrm{softmax}(
+    \\mathrm{net}(x) + b)`: a bias no gradient moves, for a balancing rule that sets it from outside
+    (FedCoE's ``balance_rate``).
 
     Example:
         >>> g = Gate(in_channels=1, num_outputs=4, top_m=2)
@@ -33,8 +36,10 @@ class Gate(nn.Module):
         (torch.Size([3, 4]), True, 2)
     """
 
-    def __init__(self, in_channels: int, num_outputs: int, hidden: int = 64, pooled: int = 7, top_m: int = 0):
+    def __init__(self, in_channels: int, num_outputs: int, hidden: int = 64, pooled: int = 7, top_m: int = 0,
+                 route_bias: bool = False):
         super().__init__()
+        self.register_buffer("route_bias", torch.zeros(num_outputs) if route_bias else None)
         self.net = nn.Sequential(
             nn.AdaptiveAvgPool2d(pooled), nn.Flatten(),
             nn.Linear(in_channels * pooled * pooled, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs),
@@ -46,6 +51,8 @@ class Gate(nn.Module):
 
     def log_weights(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.net(x)
+        if self.route_bias is not None:
+            logits = logits + self.route_bias
         if 0 < self.top_m < logits.shape[1]:
             kth = logits.topk(self.top_m, dim=1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
