@@ -3,6 +3,7 @@ same numbers, a damaged checkpoint is refused in one line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,36 @@ def test_resume_sweep_and_eval_agree_on_which_keys_are_neutral(trained, tmp_path
         assert rc == 1 and resume_err.count("\n") == 1 and f"{key}: " in resume_err, resume_err
         assert state.startswith("conflict") and f"{key}: " in state
         assert eval_rc == 1 and eval_err.count("\n") == 1 and key in eval_err, eval_err
+
+
+def test_a_method_argument_a_config_predates_counts_at_its_default():
+    """A run finished before FedCoE had balance_rate ran the code of its time, which is balance_rate 0
+    (off): it is the same config as one stating the default, not as one turning the switch on."""
+    from fedcoe_bench.runs import config_diff
+
+    old = {"seed": 0, "method": {"class_path": "fedcoe_bench.fedcoe.FedCoE", "init_args": {"lr": 0.01}}}
+    new = {"seed": 0, "method": {"class_path": "fedcoe_bench.fedcoe.FedCoE", "init_args": {"lr": 0.01, "balance_rate": 0.0}}}
+    assert config_diff(old, new) == [] and config_diff(new, old) == []
+    on = {"seed": 0, "method": {"class_path": "fedcoe_bench.fedcoe.FedCoE", "init_args": {"lr": 0.01, "balance_rate": 0.1}}}
+    assert config_diff(old, on) == ["method.init_args.balance_rate: None there, 0.1 here"]
+    other = {"seed": 0, "method": {"class_path": "baselines.fedavg.FedAvg", "init_args": {"lr": 0.01, "balance_rate": 0.0}}}
+    assert config_diff(old, other)  # another class: nothing is filled in
+
+
+def test_a_table_row_keeps_runs_that_predate_an_argument_at_its_default(tmp_path):
+    from fedcoe_bench.results import load_runs
+    from fedcoe_bench.tables import build_tables
+
+    def write(seed, init_args, name=None):
+        run = tmp_path / f"seed{seed}"
+        run.mkdir()
+        config = {"seed": seed, "name": name, "method": {"class_path": "fedcoe_bench.fedcoe.FedCoE", "init_args": init_args},
+                  "data": {"source": "mnist10k", "scheme": "dirichlet", "alpha": 0.3}, "loop": {"rounds": 100}}
+        (run / "summary.json").write_text(json.dumps({"status": "finished", "global_acc": 0.5, "personal_acc": 0.5,
+                                                      "cold_start_acc": 0.5, "config": config}))
+
+    write(0, {"lr": 0.01})
+    write(1, {"lr": 0.01, "balance_rate": 0.0})
+    write(2, {"lr": 0.01, "balance_rate": 0.1})  # the switch on, without a name of its own: a row of its own
+    labels = {r.label: r.seeds for r in build_tables(load_runs(tmp_path))[0].rows}
+    assert labels == {"fedcoe": [0, 1], "fedcoe (balance_rate=0.1)": [2]}

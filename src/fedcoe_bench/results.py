@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from fedcoe_bench.errors import UserError
+from fedcoe_bench.runs import NO_DEFAULT, argument_default
 
 # The table columns; the fine-tuned cold start sits next to the zero-shot one.
 METRICS = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_ft_acc", "cold_start_lp_acc")
@@ -51,6 +52,7 @@ class Run:
     shift: str | None = None  # the feature shift, e.g. rotate4-held3 (shift_label); None without
     metrics: dict[str, float | None] = field(default_factory=dict)
     init_args: dict = field(default_factory=dict)
+    class_path: str | None = None  # the method's class, where the config names it
     global_model: str = "trained"  # the method's ``global_model``; summaries written before it existed: trained
     status: str = "finished"
     label: str = ""  # the table row; set by :func:`assign_labels`
@@ -87,7 +89,7 @@ def run_from_config(config: dict, path: str, status: str) -> Run:
                dataset=_source_name(data.get("source")), scheme=data.get("scheme"), alpha=data.get("alpha"),
                rounds=(config.get("loop") or {}).get("rounds"), seed=config.get("seed"), name=config.get("name"),
                shift=shift_label(data.get("shift"), data.get("clusters"), data.get("held_out_clusters")),
-               init_args=dict(method.get("init_args") or {}), status=status)
+               init_args=dict(method.get("init_args") or {}), class_path=method.get("class_path"), status=status)
 
 
 def run_from_summary(summary: dict, path: str) -> Run:
@@ -247,6 +249,10 @@ def assign_labels(runs: list[Run]) -> list[Run]:
     for same in by_key.values():
         flats = [_flat(r.init_args) for r in same]
         keys = sorted({k for f in flats for k in f})
+        for r, f in zip(same, flats):  # a run from before an argument existed ran at its default
+            for k in keys:
+                if k not in f and r.class_path and (default := argument_default(r.class_path, k)) is not NO_DEFAULT:
+                    f[k] = default
         varying = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
         for r, f in zip(same, flats):
             extra = []

@@ -14,6 +14,8 @@ Which config keys may differ between two runs that count as the same is defined 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import json
 import os
 import shutil
@@ -58,7 +60,38 @@ def config_diff(there: dict, here: dict, neutral: tuple[str, ...] = NEUTRAL_KEYS
         ['seed: 0 there, 1 here']
     """
     a, b = comparable(there, neutral), comparable(here, neutral)
+    for one, other in ((a, b), (b, a)):  # a method argument one config predates counts at its default
+        path = other.get("method.class_path")
+        for k in other.keys() - one.keys():
+            if k.startswith(INIT_ARGS) and path == one.get("method.class_path") and other[k] == argument_default(path, k[len(INIT_ARGS):]):
+                one[k] = other[k]
     return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+INIT_ARGS = "method.init_args."
+NO_DEFAULT = object()
+
+
+def argument_default(class_path: str, name: str):
+    """The default of argument ``name`` of the class at ``class_path`` (searching its bases' ``__init__``,
+    as ``**kwargs`` passes them on), or a sentinel equal to nothing when it has none or cannot be
+    imported. A config written before an argument existed ran the code of its time; that equals the
+    argument's default when, as this project's rule is, a new argument's default keeps the old behaviour.
+
+    Example:
+        >>> argument_default("fedcoe_bench.fedcoe.FedCoE", "balance_rate"), argument_default("fedcoe_bench.fedcoe.FedCoE", "lr")
+        (0.0, 0.01)
+    """
+    module, _, name_ = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name_)
+    except (ImportError, AttributeError, ValueError):
+        return NO_DEFAULT
+    for klass in inspect.getmro(cls):
+        param = inspect.signature(klass.__init__).parameters.get(name) if "__init__" in vars(klass) else None
+        if param is not None and param.default is not inspect.Parameter.empty:
+            return param.default
+    return NO_DEFAULT
 
 
 def shown(diff: list[str], limit: int = 3) -> str:
