@@ -158,7 +158,7 @@ def test_sweep_file_errors_are_one_line(tmp_path, small_sweep, run_cli):
 
 
 # ---------------------------------------------------------------------- the shipped sweep files
-@pytest.mark.parametrize("name", ["main_table", "mnist10k", "ablation", "tune_mnist10k"])
+@pytest.mark.parametrize("name", ["main_table", "mnist10k", "ablation", "tune_mnist10k", "tune_fedcoe"])
 def test_shipped_sweeps_are_wandb_grid_definitions(name):
     spec = sweep.load_sweep(REPO / "benchmarks" / "sweeps" / f"{name}.yaml")
     assert spec["method"] == "grid" and spec["program"] == "fedbench"
