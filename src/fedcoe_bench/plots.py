@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from fedcoe_bench.results import Run, fmt_alpha, group_title, load_runs, method_sort_key
+from fedcoe_bench.results import Run, finite_float, fmt_alpha, group_title, load_runs, method_sort_key, read_history
 from fedcoe_bench.tables import mean_std
 
 CURVE_METRICS = (("global_acc", "global (server model, global test set)"),
@@ -40,30 +40,9 @@ def _colors(labels: list[str]) -> dict[str, tuple]:
     return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
 
-def _float(v: str | None) -> float | None:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def read_curve(run_dir: str | Path) -> dict[str, dict[int, float]]:
     """metric -> {round: accuracy} from ``metrics.csv`` (rounds without an evaluation are left out)."""
-    path = Path(run_dir) / "metrics.csv"
-    out: dict[str, dict[int, float]] = {m: {} for m, _ in CURVE_METRICS}
-    if not path.exists():
-        return out
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            rnd = _float(row.get("round") or row.get("step"))
-            if rnd is None:
-                continue
-            for m, series in out.items():
-                v = _float(row.get(m))
-                if v is not None:
-                    series[int(rnd)] = v
-    return out
+    return read_history(run_dir, [m for m, _ in CURVE_METRICS])
 
 
 def read_clients(run_dir: str | Path) -> list[dict]:
@@ -71,7 +50,7 @@ def read_clients(run_dir: str | Path) -> list[dict]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{"kind": r["kind"], "acc": _float(r["acc"])} for r in csv.DictReader(f) if _float(r.get("acc")) is not None]
+        return [{"kind": r["kind"], "acc": finite_float(r["acc"])} for r in csv.DictReader(f) if finite_float(r.get("acc")) is not None]
 
 
 def _slug(group: tuple) -> str:

@@ -129,7 +129,7 @@ def load_run(path: Path) -> Run:
                 raise ValueError("not a JSON object")
             run = run_from_summary(summary, str(path))
             missing = [k for k in EXTRA_METRICS if run.metrics.get(k) is None]
-            run.metrics.update(last_logged(path / "metrics.csv", missing) if missing else {})
+            run.metrics.update(last_logged(path, missing) if missing else {})
             return run
         except (OSError, ValueError) as err:
             why = f"unreadable summary.json: {type(err).__name__}"
@@ -143,22 +143,39 @@ def load_run(path: Path) -> Run:
     return run_from_config(config, str(path), why)
 
 
-def last_logged(path: Path, keys) -> dict[str, float]:
-    """The last finite value of each of ``keys`` in a ``metrics.csv`` (per-round diagnostics, such as the
-    expert-cluster agreement, are logged there rather than in the final metrics); absent keys are left out."""
-    out: dict[str, float] = {}
+def finite_float(v) -> float | None:
+    """``v`` as a finite float, or None (empty CSV cells, ``nan``, text)."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def read_history(run_dir: str | os.PathLike, keys) -> dict[str, dict[int, float]]:
+    """key -> {round: value} from a run's ``metrics.csv``, finite values only (a metric is logged in
+    the rounds that measure it)."""
+    path = Path(run_dir) / "metrics.csv"
+    out: dict[str, dict[int, float]] = {k: {} for k in keys}
     if not path.exists():
         return out
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            for k in keys:
-                try:
-                    v = float(row.get(k) or "nan")
-                except ValueError:
-                    continue
-                if math.isfinite(v):
-                    out[k] = v
+            rnd = finite_float(row.get("round") or row.get("step"))
+            if rnd is None:
+                continue
+            for k, series in out.items():
+                v = finite_float(row.get(k))
+                if v is not None:
+                    series[int(rnd)] = v
     return out
+
+
+def last_logged(run_dir: str | os.PathLike, keys) -> dict[str, float]:
+    """The value of each of ``keys`` in the last round of ``metrics.csv`` that logged it (per-round
+    diagnostics, such as the expert-cluster agreement, are logged there rather than in the final
+    metrics); absent keys are left out."""
+    return {k: series[max(series)] for k, series in read_history(run_dir, keys).items() if series}
 
 
 def load_runs(root: str | os.PathLike) -> list[Run]:
