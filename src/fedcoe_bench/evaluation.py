@@ -295,6 +295,7 @@ class Evaluator:
         fed, convert = self.fed, self.precision.convert_input
         load(None)
         shots = fed.shots(client, self.seed)
+        x_all, y_all = fed.pool_x[shots], fed.pool_y[shots]
         s = int(np.random.SeedSequence([self.seed, client.id, 0xF17E]).generate_state(1)[0])
         torch.manual_seed(s)  # module-level randomness (dropout) follows the client, as in training
         g = torch.Generator(device=fed.device).manual_seed(s)
@@ -303,7 +304,7 @@ class Evaluator:
         try:
             with torch.enable_grad():
                 with self.precision.forward_context():
-                    method.on_client_start(convert(fed.prepare(fed.pool_x[shots])), fed.pool_y[shots])
+                    method.on_client_start(convert(fed.prepare(x_all)), y_all)
                 prefixes = tuple(method.start_finetune())
                 tuned = {id(p) for kind in ("shared", "personal") for n, p in method.named_group(kind)
                          if n.startswith(prefixes)}
@@ -313,7 +314,7 @@ class Evaluator:
                     p.requires_grad_(False)
                 if any(p.requires_grad for p in method.parameters()):
                     optimizer = method.configure_optimizers()  # the method's local settings, fresh state
-                    for step, batch in enumerate(fed.batches(shots, self.finetune_batch_size, self.finetune_steps, g)):
+                    for step, batch in enumerate(fed.batches(x_all, y_all, self.finetune_batch_size, self.finetune_steps, g)):
                         with self.precision.forward_context():
                             loss = method.training_step(convert(batch), step)
                         optimizer.zero_grad(set_to_none=True)

@@ -299,12 +299,13 @@ class FederatedLoop:
         s = client_seed(seed, rnd, client.id)
         torch.manual_seed(s)  # module-level randomness (dropout) follows the client too
         g = torch.Generator(device=fed.device).manual_seed(s)
-        n = len(client.train)
+        x_all, y_all = fed.pool_x[client.train], fed.pool_y[client.train]
+        n = len(y_all)
         method.train()
         convert = fabric.strategy.precision.convert_input
-        inputs = convert(fed.prepare(fed.pool_x[client.train]))  # un-augmented, for the hooks before and after training
+        inputs = convert(fed.prepare(x_all))  # un-augmented, for the hooks before and after training
         with fabric.autocast():
-            method.on_client_start(inputs, fed.pool_y[client.train])
+            method.on_client_start(inputs, y_all)
         if overrides(method, "on_client_validation"):  # preparing the inputs is wasted work otherwise
             method.eval()  # scoring, not training: BatchNorm statistics must not see the validation inputs
             with fabric.autocast(), torch.no_grad():
@@ -312,7 +313,7 @@ class FederatedLoop:
             method.train()
         loss_sum = torch.zeros((), device=fed.device)
         steps = self.local_epochs * math.ceil(n / self.batch_size)
-        for step, batch in enumerate(fed.batches(client.train, self.batch_size, steps, g)):
+        for step, batch in enumerate(fed.batches(x_all, y_all, self.batch_size, steps, g)):
             with fabric.autocast():
                 loss = method.training_step(convert(batch), step)
             optimizer.zero_grad(set_to_none=True)

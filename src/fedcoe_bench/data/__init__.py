@@ -141,26 +141,26 @@ class Federation:
         out = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
         return out.contiguous(memory_format=self.memory_format)
 
-    def batches(self, idx: torch.Tensor, batch_size: int, steps: int, generator: torch.Generator):
-        """``steps`` training mini-batches ``(x, y)`` of the pool samples ``idx``: passes over a fresh
+    def batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, generator: torch.Generator):
+        """``steps`` training mini-batches ``(x, y)`` of uint8 images ``x`` and labels ``y`` (a client's
+        samples, gathered once by the caller): passes over a fresh
         permutation each (drawn from ``generator``, which also drives augmentation), cut into
-        ``batch_size`` chunks, the last of a pass partial, so ``epochs * ceil(len(idx) / batch_size)``
+        ``batch_size`` chunks, the last of a pass partial, so ``epochs * ceil(len(y) / batch_size)``
         steps are that many epochs. Local training and the fine-tuned cold start both draw from here.
 
         Example:
             >>> images = Images(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), torch.arange(5),
             ...                 torch.zeros(1, 1, 2, 2, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), (0.0,), (1.0,))
             >>> fed = Federation(images, [], [], 5)
-            >>> [len(y) for _, y in fed.batches(torch.arange(5), 2, 4, torch.Generator().manual_seed(0))]
+            >>> [len(y) for _, y in fed.batches(fed.pool_x, fed.pool_y, 2, 4, torch.Generator().manual_seed(0))]
             [2, 2, 1, 2]
         """
-        x_all, y_all = self.pool_x[idx], self.pool_y[idx]
-        order = idx[:0]
+        order = y[:0]
         for _ in range(steps):
             if len(order) == 0:
-                order = torch.randperm(len(idx), generator=generator, device=self.device)
+                order = torch.randperm(len(y), generator=generator, device=self.device)
             take, order = order[:batch_size], order[batch_size:]
-            yield self.prepare(x_all[take], generator), y_all[take]
+            yield self.prepare(x[take], generator), y[take]
 
     def shots(self, client: Client, seed: int) -> torch.Tensor:
         """Pool indices of the labelled shots of a (cold-start) client: ``cold_start_shots`` samples
