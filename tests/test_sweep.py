@@ -158,7 +158,7 @@ def test_sweep_file_errors_are_one_line(tmp_path, small_sweep, run_cli):
 
 
 # ---------------------------------------------------------------------- the shipped sweep files
-@pytest.mark.parametrize("name", ["main_table", "mnist10k", "ablation", "tune_mnist10k", "tune_fedcoe"])
+@pytest.mark.parametrize("name", ["main_table", "mnist10k", "mnist10k_control", "ablation", "tune_mnist10k", "tune_fedcoe"])
 def test_shipped_sweeps_are_wandb_grid_definitions(name):
     spec = sweep.load_sweep(REPO / "benchmarks" / "sweeps" / f"{name}.yaml")
     assert spec["method"] == "grid" and spec["program"] == "fedbench"
@@ -192,6 +192,22 @@ def test_mnist10k_sweep(monkeypatch):
         assert chosen["data"]["alpha"] == r.config["data"]["alpha"] and chosen["name"] == r.config["name"]
         assert chosen["method"] == r.config["method"]  # every argument as the tuning run had it
         assert str(r.run_dir) == f"runs/mnist10k/dirichlet{chosen['data']['alpha']}/{chosen['name']}/seed{r.config['seed']}"
+
+
+def test_mnist10k_control_runs_the_main_tables_methods_at_the_old_lr_in_directories_of_their_own(monkeypatch):
+    """The before/after control: FedAvg and FedPer as the main table runs them but at lr 0.01, in run
+    directories no main-table run writes (else a sweep would count one for the other)."""
+    monkeypatch.chdir(REPO)
+    control = sweep.plan("benchmarks/sweeps/mnist10k_control.yaml", "runs")
+    main = {str(r.run_dir): r for r in sweep.plan("benchmarks/sweeps/mnist10k.yaml", "runs")}
+    assert len(control) == 2 * 2 * 3
+    for r in control:
+        method = r.config["method"]["class_path"].rsplit(".", 1)[-1].lower()
+        assert method in {"fedavg", "fedper"} and r.config["method"]["init_args"]["lr"] == 0.01
+        assert str(r.run_dir) not in main
+        twin = main[str(r.run_dir).replace(f"{method}-lr0.01", f"{method}-lr0.03")]
+        assert {k: v for k, v in twin.config.items() if k not in ("method", "name", "run_dir")} == \
+            {k: v for k, v in r.config.items() if k not in ("method", "name", "run_dir")}
 
 
 def test_mnist10k_shift_sweep_lands_apart_from_the_unshifted_runs(monkeypatch):
