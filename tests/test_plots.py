@@ -72,6 +72,21 @@ def test_curves_average_over_seeds(runs):
     assert labels == ["fedavg", "fedper"]
 
 
+def test_a_method_without_a_server_model_draws_no_server_curve(runs, fit_argv, run_cli):
+    """As the tables print n/a for Local's global and cold-start cells, its curves leave those out
+    (they would be its untrained model) and keep its personalized one."""
+    from fedcoe_bench.plots import curve_series
+    from fedcoe_bench.results import load_runs
+
+    code, _, err = run_cli(fit_argv(str(runs / "local" / "seed0"), "--method", "local", "--loop.rounds", "2",
+                                    "--loop.eval_every", "1"))
+    assert code == 0, err
+    series = curve_series([r for r in load_runs(runs) if r.finished])
+    assert "local" in series["personal_acc"] and "fedavg" in series["global_acc"]
+    assert "local" not in series["global_acc"] and "local" not in series["cold_start_acc"]
+    assert len(series["global_acc"]["fedavg"]) == 2  # one curve per seed
+
+
 def test_plot_of_nothing_is_one_line(tmp_path, run_cli):
     code, _, err = run_cli(["plot", str(tmp_path / "missing")])
     assert code == 1 and err.count("\n") == 1 and err.startswith("fedbench: error: no such directory")

@@ -19,7 +19,8 @@ import re
 import sys
 from pathlib import Path
 
-from fedcoe_bench.results import Run, finite_float, fmt_alpha, group_title, load_runs, method_sort_key, read_history
+from fedcoe_bench.results import (SERVER_METRICS, Run, finite_float, fmt_alpha, group_title, load_runs, method_sort_key,
+                                  read_history)
 from fedcoe_bench.tables import mean_std
 
 CURVE_METRICS = (("global_acc", "global (server model, global test set)"),
@@ -59,11 +60,24 @@ def _slug(group: tuple) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
 
 
+def curve_series(runs: list[Run]) -> dict[str, dict[str, list[dict[int, float]]]]:
+    """``{metric: {label: [one {round: value} per seed]}}`` of the curves a figure draws: a server
+    metric (global, cold-start) only for runs whose method has a server model, as the tables print
+    ``n/a`` for the others (Local's untrained model is no curve)."""
+    curves = {r.path: read_curve(r.path) for r in runs}
+    series: dict[str, dict[str, list[dict[int, float]]]] = {}
+    for metric, _ in CURVE_METRICS:
+        for r in runs:
+            if curves[r.path][metric] and not (metric in SERVER_METRICS and r.global_model == "none"):
+                series.setdefault(metric, {}).setdefault(r.label, []).append(curves[r.path][metric])
+    return series
+
+
 def plot_curves(runs: list[Run], title: str, out: Path) -> bool:
     labels = sorted({r.label for r in runs}, key=method_sort_key)
     colors = _colors(labels)
-    curves = {r.path: read_curve(r.path) for r in runs}
-    if not any(c for cur in curves.values() for c in cur.values()):
+    series = curve_series(runs)
+    if not series:
         return False
     from matplotlib.ticker import MaxNLocator
 
@@ -71,7 +85,7 @@ def plot_curves(runs: list[Run], title: str, out: Path) -> bool:
     axes = fig.subplots(1, len(CURVE_METRICS))
     for ax, (metric, name) in zip(axes, CURVE_METRICS):
         for i, label in enumerate(labels):
-            per_seed = [curves[r.path][metric] for r in runs if r.label == label and curves[r.path][metric]]
+            per_seed = series.get(metric, {}).get(label)
             if not per_seed:
                 continue
             rounds = sorted({t for c in per_seed for t in c})
