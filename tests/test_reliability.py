@@ -108,6 +108,10 @@ def test_nan_loss_stops_the_run_naming_round_and_client(tmp_path, monkeypatch, c
     run = tmp_path / "nan"
     assert not (run / "summary.json").exists()
     assert checkpoint_round(run) >= 1  # the last good checkpoint is kept
+    # and a table says why it has no numbers (not "unfinished", which a resume would mend)
+    from fedcoe_bench.results import load_run
+
+    assert load_run(run).status == f"diverged: {err[0].removeprefix('fedbench: error: ')}"
 
 
 @pytest.mark.parametrize("method", ["fedavg", "fedper"])

@@ -28,7 +28,7 @@ from typing import Callable, Literal, Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from fedcoe_bench.errors import UserError
+from fedcoe_bench.errors import TrainingDiverged, UserError
 from fedcoe_bench.runs import CHECKPOINT_NEUTRAL_KEYS, RunDir, config_diff
 
 # The method's input and output shape: taken from the data source (a link), never given by hand.
@@ -303,7 +303,13 @@ class Fit:
         if self.trained is not None:
             return self.loop.evaluate(self.fabric, self.method, self.fed, self.trained_state, self.cfg.seed,
                                       RunDir(self.trained))
-        return self.loop.fit(self.fabric, self.method, self.fed, self.cfg.seed, self.run_dir, self.resume_state)
+        self.run_dir.diverged_path.unlink(missing_ok=True)
+        try:
+            return self.loop.fit(self.fabric, self.method, self.fed, self.cfg.seed, self.run_dir, self.resume_state)
+        except TrainingDiverged as err:  # on disk, so that a table says why this run has no summary
+            if self.fabric.is_global_zero:
+                self.run_dir.diverged_path.write_text(f"{err}\n")
+            raise
 
     def report(self, metrics: dict) -> dict:
         """Write the method's artefacts, ``clients.csv`` and ``summary.json`` (rank 0), close the loggers,

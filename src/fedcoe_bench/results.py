@@ -133,6 +133,8 @@ def load_run(path: Path) -> Run:
             return run
         except (OSError, ValueError) as err:
             why = f"unreadable summary.json: {type(err).__name__}"
+    elif (path / "diverged.txt").exists():
+        why = f"diverged: {(path / 'diverged.txt').read_text().strip()}"
     else:
         why = "unfinished: no summary.json"
     try:

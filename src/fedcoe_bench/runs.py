@@ -144,6 +144,7 @@ class RunDir:
 
     summary_path = property(lambda self: self.path / "summary.json")
     checkpoint_path = property(lambda self: self.path / "checkpoint.pt")
+    diverged_path = property(lambda self: self.path / "diverged.txt")  # the error of a run stopped by a non-finite loss
 
     def is_finished(self) -> bool:
         return self.summary_path.exists()
