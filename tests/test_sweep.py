@@ -422,6 +422,27 @@ def test_an_unfinished_group_chooses_nothing(tuning_sweep, tmp_path, capsys):
     assert "not chosen: 1 of its runs unfinished" in out
 
 
+def test_a_setting_with_a_diverged_run_is_out_of_the_running(tuning_sweep, tmp_path):
+    """A diverged run (diverged.txt, no summary) fails its setting: the group chooses among the others
+    rather than waiting for a run that a resume would diverge again; all settings diverged: nothing."""
+    runs = sweep.plan(tuning_sweep, tmp_path / "out")
+    finish(runs)
+    best = next(r for r in runs if r.config["name"] == "fedavg-lr0.1" and r.config["data"]["alpha"] == 0.1)
+    (best.run_dir / "summary.json").unlink()
+    (best.run_dir / "diverged.txt").write_text("round 3, client 1: local loss is nan\n")
+    selections = sweep.select(runs, "val_personal_acc")
+    fedavg = next(s for s in selections if s.group[-1] == "fedavg" and s.group[2] == 0.1)
+    assert fedavg.runs[0].config["name"] == "fedavg-lr0.01" and fedavg.diverged == 1
+    assert {k: v for k, v in chosen(selections).items() if k != ("fedavg", 0.1)} == \
+        {k: v for k, v in CHOSEN.items() if k != ("fedavg", 0.1)}
+    assert "(of 2, 1 diverged)" in sweep.render_selection(selections, "val_personal_acc", "maximize")
+    other = next(r for r in runs if r.config["name"] == "fedavg-lr0.01" and r.config["data"]["alpha"] == 0.1)
+    (other.run_dir / "summary.json").unlink()
+    (other.run_dir / "diverged.txt").write_text("round 2, client 0: local loss is inf\n")
+    fedavg = next(s for s in sweep.select(runs, "val_personal_acc") if s.group[-1] == "fedavg" and s.group[2] == 0.1)
+    assert fedavg.score is None and fedavg.unfinished == 0 and fedavg.diverged == 2
+
+
 def test_a_sweep_on_a_test_metric_selects_nothing(small_sweep):
     assert sweep.selection_metric(sweep.load_sweep(small_sweep)) is None
     assert sweep.selection_metric(sweep.load_sweep(REPO / "benchmarks" / "sweeps" / "mnist10k.yaml")) is None

@@ -265,6 +265,7 @@ class Selection:
     runs: list[SweepRun]  # the chosen setting's runs
     settings: int  # how many settings competed
     unfinished: int = 0  # runs of the group without a finished summary: nothing is chosen then
+    diverged: int = 0  # settings out of the running because one of their runs diverged
 
 
 def selection_metric(config: dict) -> tuple[str, str] | None:
@@ -292,10 +293,15 @@ def validation_score(run: SweepRun, metric: str) -> float:
     return float(value)
 
 
+def _diverged(run: SweepRun) -> bool:
+    return not (run.run_dir / "summary.json").exists() and (run.run_dir / "diverged.txt").exists()
+
+
 def select(runs: list[SweepRun], metric: str, goal: str = "maximize") -> list[Selection]:
     """Per group (method, dataset, scheme, alpha, rounds; read from each run's resolved config), the
     setting whose mean ``metric`` over its seeds is best; ties go to the first in grid order, NaN ranks
-    last. A group with an unfinished run chooses nothing (its ``unfinished`` says how many)."""
+    last. A setting with a diverged run (``diverged.txt``, no summary) is a failed setting, out of the
+    running; a group with another unfinished run chooses nothing (its ``unfinished`` says how many)."""
     from fedcoe_bench.results import run_from_config
 
     groups: dict[tuple, dict[tuple, list[SweepRun]]] = {}
@@ -305,21 +311,21 @@ def select(runs: list[SweepRun], metric: str, goal: str = "maximize") -> list[Se
         groups.setdefault((*record.group, record.method), {}).setdefault(setting, []).append(r)
     out = []
     for group, settings in groups.items():
-        members = [r for same in settings.values() for r in same]
-        unfinished = sum(check_finished(r) != "finished" for r in members)
-        if unfinished:
-            out.append(Selection(group, {}, None, [], len(settings), unfinished))
+        failed = {k for k, same in settings.items() if any(_diverged(r) for r in same)}
+        unfinished = sum(check_finished(r) != "finished" for k, same in settings.items() if k not in failed for r in same)
+        if unfinished or len(failed) == len(settings):
+            out.append(Selection(group, {}, None, [], len(settings), unfinished, len(failed)))
             continue
         sign = 1.0 if goal == "maximize" else -1.0
         best, best_key = None, None
-        for same in settings.values():
+        for same in (same for k, same in settings.items() if k not in failed):
             score = sum(validation_score(r, metric) for r in same) / len(same)
             key = -math.inf if math.isnan(score) else sign * score
             if best_key is None or key > best_key:
                 best, best_key = (same, score), key
         chosen, score = best
         setting = {k: v for k, v in chosen[0].params.items() if k not in NOT_A_SETTING}
-        out.append(Selection(group, setting, score, chosen, len(settings)))
+        out.append(Selection(group, setting, score, chosen, len(settings), 0, len(failed)))
     return out
 
 
@@ -336,7 +342,8 @@ def render_selection(selections: list[Selection], metric: str, goal: str) -> str
     for sel in sorted(selections, key=lambda s: (str(s.group[:-1]), method_sort_key(s.group[-1]))):
         title, method = group_title(sel.group[:-1]), sel.group[-1]
         if sel.score is None:
-            row = [f"not chosen: {sel.unfinished} of its runs unfinished", "", *[""] * len(METRICS), ""]
+            why = f"{sel.unfinished} of its runs unfinished" if sel.unfinished else "every setting diverged"
+            row = [f"not chosen: {why}", "", *[""] * len(METRICS), ""]
         else:
             tested = [load_run(r.run_dir) for r in sel.runs]
             cells = []
@@ -346,7 +353,7 @@ def render_selection(selections: list[Selection], metric: str, goal: str) -> str
                                   else "trained").styled(False, "{}", "†"))
             conventions += [method] * (tested[0].global_model == "convention")
             chosen = ", ".join(f"{k}={v}" for k, v in sel.setting.items()) or "(the only one)"
-            row = [f"{chosen} (of {sel.settings})", f"{100.0 * sel.score:.2f}", *cells,
+            row = [f"{chosen} (of {sel.settings}{f', {sel.diverged} diverged' if sel.diverged else ''})", f"{100.0 * sel.score:.2f}", *cells,
                    " ".join(str(r.config.get("seed")) for r in sel.runs)]
         lines.append("| " + " | ".join([title, method, *row]) + " |")
     if conventions:
