@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from fedcoe_bench.errors import UserError
-from fedcoe_bench.runs import NO_DEFAULT, argument_default
+from fedcoe_bench.runs import NO_DEFAULT, RunDir, argument_default
 
 # The table columns; the fine-tuned cold start sits next to the zero-shot one.
 METRICS = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_ft_acc", "cold_start_lp_acc")
@@ -133,10 +133,9 @@ def load_run(path: Path) -> Run:
             return run
         except (OSError, ValueError) as err:
             why = f"unreadable summary.json: {type(err).__name__}"
-    elif (path / "diverged.txt").exists():
-        why = f"diverged: {(path / 'diverged.txt').read_text().strip()}"
     else:
-        why = "unfinished: no summary.json"
+        error = RunDir(path).divergence()
+        why = f"diverged: {error}" if error else "unfinished: no summary.json"
     try:
         config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
         config = config if isinstance(config, dict) else {}

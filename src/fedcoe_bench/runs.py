@@ -149,6 +149,12 @@ class RunDir:
     def is_finished(self) -> bool:
         return self.summary_path.exists()
 
+    def divergence(self) -> str | None:
+        """The error of an unfinished run stopped by a non-finite loss, else None."""
+        if self.is_finished() or not self.diverged_path.exists():
+            return None
+        return self.diverged_path.read_text().strip()
+
     def prepare(self, overwrite: bool = False) -> None:
         """Make the directory ready for this run. With ``overwrite`` it is emptied first (a sweep's lock
         aside), which only a directory that holds a run (one of :data:`RUN_FILES`) or nothing allows."""

@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from fedcoe_bench.errors import UserError
-from fedcoe_bench.runs import LOCK, config_diff, shown
+from fedcoe_bench.runs import LOCK, RunDir, config_diff, shown
 
 
 class SweepError(UserError):
@@ -293,10 +293,6 @@ def validation_score(run: SweepRun, metric: str) -> float:
     return float(value)
 
 
-def _diverged(run: SweepRun) -> bool:
-    return not (run.run_dir / "summary.json").exists() and (run.run_dir / "diverged.txt").exists()
-
-
 def select(runs: list[SweepRun], metric: str, goal: str = "maximize") -> list[Selection]:
     """Per group (method, dataset, scheme, alpha, rounds; read from each run's resolved config), the
     setting whose mean ``metric`` over its seeds is best; ties go to the first in grid order, NaN ranks
@@ -311,7 +307,7 @@ def select(runs: list[SweepRun], metric: str, goal: str = "maximize") -> list[Se
         groups.setdefault((*record.group, record.method), {}).setdefault(setting, []).append(r)
     out = []
     for group, settings in groups.items():
-        failed = {k for k, same in settings.items() if any(_diverged(r) for r in same)}
+        failed = {k for k, same in settings.items() if any(RunDir(r.run_dir).divergence() for r in same)}
         unfinished = sum(check_finished(r) != "finished" for k, same in settings.items() if k not in failed for r in same)
         if unfinished or len(failed) == len(settings):
             out.append(Selection(group, {}, None, [], len(settings), unfinished, len(failed)))
@@ -353,7 +349,8 @@ def render_selection(selections: list[Selection], metric: str, goal: str) -> str
                                   else "trained").styled(False, "{}", "†"))
             conventions += [method] * (tested[0].global_model == "convention")
             chosen = ", ".join(f"{k}={v}" for k, v in sel.setting.items()) or "(the only one)"
-            row = [f"{chosen} (of {sel.settings}{f', {sel.diverged} diverged' if sel.diverged else ''})", f"{100.0 * sel.score:.2f}", *cells,
+            diverged = f", {sel.diverged} diverged" if sel.diverged else ""
+            row = [f"{chosen} (of {sel.settings}{diverged})", f"{100.0 * sel.score:.2f}", *cells,
                    " ".join(str(r.config.get("seed")) for r in sel.runs)]
         lines.append("| " + " | ".join([title, method, *row]) + " |")
     if conventions:
