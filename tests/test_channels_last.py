@@ -76,3 +76,29 @@ def test_evaluating_a_channels_last_run_in_another_format_keeps_the_trained_form
     trained, evaluated = read_summary(tmp_path / "trained"), read_summary(tmp_path / "evaluated")
     for key in ("global_acc", "personal_acc", "cold_start_acc", "cold_start_lp_acc"):
         assert evaluated[key] == trained[key], key
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_the_cnn_pools_before_its_relus_with_conv_relu_pools_exact_values_and_gradients(fmt):
+    # The CNN applies each ReLU after its max-pooling (cheaper); McMahan et al.'s order is conv, ReLU,
+    # pool. The two must agree bit for bit, forward and backward, in both memory formats.
+    from torch import nn
+
+    torch.manual_seed(0)
+    ours = FedAvg(in_channels=1, image_size=12).net.to(memory_format=fmt)
+    body = ours.body
+    assert [type(m) for m in body[:3]] == [nn.Conv2d, nn.MaxPool2d, nn.ReLU]
+    textbook = torch.nn.Sequential(
+        nn.Sequential(body[0], nn.ReLU(), nn.MaxPool2d(2), body[3], nn.ReLU(), nn.MaxPool2d(2), *body[6:]), ours.head)
+    x = torch.randn(16, 1, 12, 12).contiguous(memory_format=fmt)
+    x[:, :, :6] = -1.0  # whole pooling windows below zero: ties at zero after a ReLU
+    y = torch.randint(0, 10, (16,))
+    grads = []
+    for net in (ours, textbook):
+        net.zero_grad()
+        out = net(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        grads.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+    (out_a, g_a), (out_b, g_b) = grads
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(g_a, g_b))
