@@ -60,7 +60,7 @@ def test_dry_run_prints_the_commands_and_runs_nothing(small_sweep, tmp_path, run
     assert code == 0, err
     lines = out.strip().splitlines()
     assert lines[:-1] == [r.command for r in sweep.plan(small_sweep, tmp_path / "out")]
-    assert lines[-1] == "# 8 runs: 8 to run, 0 already finished, 0 in conflict"
+    assert lines[-1] == "# 8 runs: 8 to run, 0 already finished, 0 diverged, 0 in conflict"
     assert not (tmp_path / "out").exists()
 
 
@@ -82,7 +82,7 @@ def test_finished_runs_are_skipped_and_conflicts_reported(small_sweep, tmp_path,
     out, err = capsys.readouterr()
     assert called == [r.fit_args for r in runs[2:]]
     assert code == 1  # a conflict is not a success
-    assert "sweep: 8 runs: 6 run now, 1 already finished, 0 run by another sweep process, 0 failed, 1 in conflict" in out
+    assert "sweep: 8 runs: 6 run now, 1 already finished, 0 run by another sweep process, 0 failed, 0 diverged (not rerun), 1 in conflict" in out
     assert f"skipping {runs[1].run_dir}" in err
 
 
@@ -93,6 +93,45 @@ def test_a_failed_run_does_not_stop_the_sweep(small_sweep, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "6 run now" not in out and "7 run now, 0 already finished, 0 run by another sweep process, 1 failed" in out
     assert f"failed (exit code 3): {runs[1].run_dir}" in err
+
+
+def test_a_diverged_run_is_reported_not_resumed_into_the_same_nan(small_sweep, tmp_path, capsys):
+    """A run stopped by a non-finite loss (diverged.txt, no summary) would resume from its last
+    checkpoint and diverge again: the sweep skips it, says why and how to rerun it, and fails."""
+    runs = sweep.plan(small_sweep, tmp_path / "out")
+    runs[2].run_dir.mkdir(parents=True)
+    (runs[2].run_dir / "diverged.txt").write_text("round 15, client 1: local loss is nan; lower method.init_args.lr\n")
+    runs = sweep.plan(small_sweep, tmp_path / "out")
+    assert runs[2].state == "diverged: round 15, client 1: local loss is nan; lower method.init_args.lr"
+    assert [r.state for i, r in enumerate(runs) if i != 2] == ["todo"] * 7
+
+    assert sweep.run_sweep(runs, dry_run=True) == 1
+    out = capsys.readouterr().out
+    assert f"# diverged: round 15, client 1: local loss is nan; lower method.init_args.lr: {runs[2].command}" in out
+    assert "# 8 runs: 7 to run, 0 already finished, 1 diverged, 0 in conflict" in out
+
+    called = []
+    assert sweep.run_sweep(runs, runner=lambda args: called.append(args) or 0) == 1
+    out, err = capsys.readouterr()
+    assert called == [r.fit_args for i, r in enumerate(runs) if i != 2]
+    assert "7 run now, 0 already finished, 0 run by another sweep process, 0 failed, 1 diverged (not rerun)" in out
+    assert f"skipping {runs[2].run_dir}: it diverged: round 15" in err and "delete the directory" in err
+
+    # another sweep process ran the second run, which diverged, while this one ran the first: not run again
+    runs = sweep.plan(small_sweep, tmp_path / "again")
+
+    def runner(args):
+        if not called:
+            runs[1].run_dir.mkdir(parents=True, exist_ok=True)
+            (runs[1].run_dir / "diverged.txt").write_text("round 1, client 0: local loss is inf\n")
+        called.append(args)
+        return 0
+
+    called = []
+    assert sweep.run_sweep(runs, runner=runner) == 1
+    assert runs[1].fit_args not in called and len(called) == 7
+    assert "7 run now, 0 already finished, 0 run by another sweep process, 0 failed, 1 diverged (not rerun)" in \
+        capsys.readouterr().out
 
 
 def test_sweep_runs_fit_and_resumes(tmp_path, small_sweep, monkeypatch, run_cli):
@@ -351,7 +390,7 @@ def test_sweep_prints_the_chosen_settings_test_numbers_only(tuning_sweep, tmp_pa
     finish(runs)
     code, out, err = run_cli(["sweep", str(tuning_sweep), "--sweep_dir", str(tmp_path / "out"), "--dry-run"])
     assert code == 0, err
-    assert "# 16 runs: 0 to run, 16 already finished, 0 in conflict" in out
+    assert "# 16 runs: 0 to run, 16 already finished, 0 diverged, 0 in conflict" in out
     rows = [line for line in out.splitlines() if line.startswith("| synthetic")]
     assert len(rows) == 4
     for (method, alpha), name in CHOSEN.items():

@@ -8,7 +8,8 @@ the order of ``parameters``), with ``--logger=csv`` and ``--run_dir`` set to
 ``fedbench fit``'s default run directory with ``runs`` replaced by ``SWEEP_DIR``. Runs go one
 after another, each in its own process; a run whose directory already holds a finished run of
 the same config is skipped, so an interrupted sweep resumes where it stopped (an unfinished run
-continues from its checkpoint). Several ``fedbench sweep`` processes on the same file share the
+continues from its checkpoint; one stopped by a non-finite loss is reported, not run again: resumed,
+it would diverge again). Several ``fedbench sweep`` processes on the same file share the
 grid: each run is claimed with a lock file in its directory, so on N cores run N of them (with
 ``OMP_NUM_THREADS`` set so that they do not oversubscribe the cores).
 
@@ -50,7 +51,7 @@ class SweepRun:
     fit_args: list[str]  # everything after `fedbench fit`, --run_dir and --logger included
     run_dir: Path
     config: dict = field(default_factory=dict)  # the resolved config, as summary.json stores it
-    state: str = "todo"  # todo | finished | conflict: ... (set by check_finished)
+    state: str = "todo"  # todo | finished | diverged: ... | conflict: ... (set by check_finished)
 
     @property
     def command(self) -> str:
@@ -155,10 +156,12 @@ def plan(path: str | os.PathLike, sweep_dir: str | os.PathLike = "runs", logger:
 
 def check_finished(run: SweepRun) -> str:
     """``finished`` when the run directory holds a finished run of this config, ``conflict: ...`` when it
-    holds a finished run of another config, else ``todo``."""
+    holds a finished run of another config, ``diverged: <its error>`` when it holds a run stopped by a
+    non-finite loss, else ``todo``."""
     summary_path = run.run_dir / "summary.json"
     if not summary_path.exists():
-        run.state = "todo"
+        error = RunDir(run.run_dir).divergence()
+        run.state = f"diverged: {error}" if error else "todo"
         return run.state
     try:
         done = json.loads(summary_path.read_text()).get("config") or {}
@@ -208,29 +211,34 @@ def run_fit(args: list[str]) -> int:
 
 def run_sweep(runs: list[SweepRun], dry_run: bool = False, runner=None) -> int:
     """Run (or with ``dry_run`` print) the planned runs in order. Returns the exit code: 1 if a run
-    failed or a run directory holds another config's finished run, else 0."""
+    failed, diverged (now or before) or a run directory holds another config's finished run, else 0."""
     runner = runner or run_fit
     n = len(runs)
     todo = [r for r in runs if r.state == "todo"]
     finished = [r for r in runs if r.state == "finished"]
     conflicts = [r for r in runs if r.state.startswith("conflict")]
+    diverged = [r for r in runs if r.state.startswith("diverged")]
     if dry_run:
         for r in runs:
             prefix = "" if r.state == "todo" else f"# {r.state}: "
             print(prefix + r.command)
-        print(f"# {n} runs: {len(todo)} to run, {len(finished)} already finished, {len(conflicts)} in conflict")
-        return 1 if conflicts else 0
+        print(f"# {n} runs: {len(todo)} to run, {len(finished)} already finished, {len(diverged)} diverged, "
+              f"{len(conflicts)} in conflict")
+        return 1 if conflicts or diverged else 0
     for r in conflicts:
         print(f"fedbench sweep: skipping {r.run_dir}: it {r.state[len('conflict: '):]}; move it away or choose "
               f"another --sweep_dir", file=sys.stderr)
+    for r in diverged:
+        _skip_diverged(r)
     failed, ran, elsewhere = [], 0, []
     for r in todo:
         if not claim(r):
             elsewhere.append(r)
             continue
         try:
-            if check_finished(r) != "todo":  # another process finished it meanwhile
-                finished.append(r)
+            state = check_finished(r)
+            if state != "todo":  # another process finished it meanwhile, or saw it diverge
+                (finished if state == "finished" else diverged).append(r)
                 continue
             print(f"[{r.index}/{n}] {r.command}", flush=True)
             code = runner(r.fit_args)
@@ -242,10 +250,16 @@ def run_sweep(runs: list[SweepRun], dry_run: bool = False, runner=None) -> int:
         else:
             ran += 1
     print(f"sweep: {n} runs: {ran} run now, {len(finished)} already finished, {len(elsewhere)} run by another "
-          f"sweep process, {len(failed)} failed, {len(conflicts)} in conflict", flush=True)
+          f"sweep process, {len(failed)} failed, {len(diverged)} diverged (not rerun), {len(conflicts)} in conflict",
+          flush=True)
     for r in failed:
         print(f"failed: {r.run_dir} ({r.command})", file=sys.stderr)
-    return 1 if failed or conflicts else 0
+    return 1 if failed or conflicts or diverged else 0
+
+
+def _skip_diverged(run: SweepRun) -> None:
+    print(f"fedbench sweep: skipping {run.run_dir}: it {run.state}; resumed, it would diverge again; change its "
+          f"settings (e.g. a lower lr, under another name) or delete the directory to run it anew", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- choosing on validation
