@@ -2,8 +2,10 @@
 
 1. loop / tight-loop training throughput for the FedAvg CNN on mnist10k, both in the default memory
    format (target >= 0.90); 1c. the loop in channels-last (the CPU default) vs a bare loop in the
-   default format (target >= 1.10) and vs a bare channels-last loop (target >= 0.95);
-2. evaluation cost relative to a training round (target <= 0.5), round time at 100, 1,000 and
+   default format (target >= 1.10) and vs a bare channels-last loop (target >= 0.95), in full batches
+   and in the clients' own batches;
+2. evaluation cost relative to a training round (target <= 0.5) and its floor (its images at a bare
+   inference loop's rate), round time at 100, 1,000 and
    10,000 clients with the same samples per round (target: flat, <= 1.2x), and the time of an
    evaluation of 200 sampled clients at those sizes (target: flat);
 3. bytes per stored client state for FedPer and FedCoE (what 10,000 clients cost);
@@ -107,29 +109,68 @@ def loop_vs_tight(rounds: int, repeats: int) -> dict:
 def channels_last_speedup(rounds: int, repeats: int) -> dict:
     """Samples/s of the loop in its CPU default, channels-last, over a bare loop in full batches of 32
     (a) in the default memory format (what channels-last gains), (b) in channels-last (what the loop
-    costs on top). The three alternate ``repeats`` times; each ratio is the median over repeats."""
+    costs on top), and (c) over a bare channels-last loop in the batches the clients form, whose last
+    batch is partial: (b) without the protocol's partial batches, i.e. the loop's own cost. The four
+    alternate ``repeats`` times; each ratio is the median over repeats."""
     fed = FederatedData(cache_dir=_cache()).setup(0)
     results = []
     for _ in range(repeats):
         loop_sps, client_batches = _loop_run(fed, rounds, channels_last=True)
         full = [32] * (sum(client_batches) // 32)
-        results.append((loop_sps, _tight(fed, full), _tight(fed, full, channels_last=True)))
+        results.append((loop_sps, _tight(fed, full), _tight(fed, full, channels_last=True),
+                        _tight(fed, client_batches, channels_last=True)))
     med = lambda j: statistics.median(r[j] for r in results)
     return {"loop_channels_last_samples_per_s": med(0), "bare_default_samples_per_s": med(1),
-            "bare_channels_last_samples_per_s": med(2),
+            "bare_channels_last_samples_per_s": med(2), "bare_channels_last_client_batches_samples_per_s": med(3),
             "loop_vs_bare_default": statistics.median(r[0] / r[1] for r in results),
-            "loop_vs_bare_channels_last": statistics.median(r[0] / r[2] for r in results)}
+            "loop_vs_bare_channels_last": statistics.median(r[0] / r[2] for r in results),
+            "loop_vs_bare_channels_last_client_batches": statistics.median(r[0] / r[3] for r in results)}
+
+
+def _inference(fed, images: int, batch_size: int = 256) -> float:
+    """Images/s of a bare inference loop: the FedAvg CNN in channels-last, ``no_grad``, softmax, over
+    ``images`` pool images in batches of ``batch_size`` (the loop's ``eval_batch_size``)."""
+    torch.manual_seed(0)
+    model = FedAvg().to(memory_format=torch.channels_last).eval()
+    x = fed.pool_x[torch.arange(images) % len(fed.pool_x)]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, images, batch_size):
+            model(fed.prepare(x[i : i + batch_size]).contiguous(memory_format=torch.channels_last)).softmax(-1)
+    return images / (time.perf_counter() - t0)
+
+
+def eval_images(fed) -> int:
+    """Images one FedAvg evaluation predicts: the global test and server validation splits, every
+    training client's local test and validation splits, and every cold-start client's test,
+    validation and train split (the label-prior adapter's unlabeled inputs)."""
+    local = sum(len(c.test) + len(c.val) for c in fed.clients)
+    cold = sum(len(c.test) + len(c.val) + len(c.train) for c in fed.new_clients)
+    return len(fed.test_y) + len(fed.val_y) + local + cold
 
 
 def eval_cost(repeats: int) -> dict:
     """Seconds of one evaluation (all three metrics, as the loop runs it) over seconds of one training
-    round, medians over one run of ``2 * repeats + 1`` rounds evaluated every 2 (round 1 left out)."""
+    round, medians over one run of ``2 * repeats + 1`` rounds evaluated every 2 (round 1 left out).
+
+    Also what an evaluation is made of: the images it predicts, its images/s over a bare inference
+    loop's on as many images (run after each evaluation-bearing run; 1 means no overhead beyond the
+    forward passes), and ``floor_ratio``, the ratio that evaluation would have if it cost only its
+    images at the bare loop's rate: no faster evaluation of the same images exists here.
+    """
     fed = FederatedData(cache_dir=_cache()).setup(0)
-    loop = FederatedLoop(rounds=2 * repeats + 1, eval_every=2, checkpoint_every=0, progress=False)
+    images = eval_images(fed)
+    loop = FederatedLoop(rounds=2 * repeats + 1, eval_every=2, checkpoint_every=0, progress=False,
+                         cold_start_steps=0)  # the fine-tuned cold start runs at the last evaluation only
     loop.fit(_fabric(), FedAvg(), fed, seed=0)
+    bare = statistics.median(_inference(fed, images) for _ in range(repeats))
     train = statistics.median(r["round_time"] for r in loop.history[1:])
-    evals = [r["eval_time"] for r in loop.history if "eval_time" in r]
-    return {"train_round_s": train, "eval_s": statistics.median(evals), "ratio": statistics.median(evals) / train}
+    train_samples = statistics.median(r["samples_per_s"] * r["round_time"] for r in loop.history[1:])
+    ev = statistics.median(r["eval_time"] for r in loop.history if "eval_time" in r)
+    return {"train_round_s": train, "eval_s": ev, "ratio": ev / train, "images_per_eval": images,
+            "train_samples_per_round": train_samples, "eval_images_per_s": images / ev,
+            "bare_inference_images_per_s": bare, "eval_vs_bare_inference": images / ev / bare,
+            "floor_ratio": images / bare / train}
 
 
 def _scaled_fed(n: int, per_client: int, cold_start_fraction: float = 0.0):
