@@ -13,6 +13,7 @@ import yaml
 from fedcoe_bench import sweep
 from fedcoe_bench.cli import main
 from fedcoe_bench.results import METRICS
+from fedcoe_bench.runs import config_diff
 
 REPO = Path(__file__).parents[1]
 METHODS = ["fedavg", "fedprox", "fedper", "fedmix", "pfedmoe", "local", "fedcoe"]
@@ -273,11 +274,13 @@ def test_ablation_is_one_run_per_variant_and_seed(monkeypatch):
         assert method["class_path"] == "fedcoe_bench.fedcoe.FedCoE"
         assert method["init_args"]["backbone"] == "cnn" and r.config["loop"]["rounds"] == 100
         by_name.setdefault(r.config["name"], []).append(r)
-    default = by_name[None][0].config["method"]["init_args"]
+    reference = by_name["fedcoe-lr0.03-k4"]
+    default = reference[0].config["method"]["init_args"]
+    assert all(r.config["method"]["init_args"]["lr"] == 0.03 for r in runs)  # the main table's lr, every variant
     changed = {name: {k for k, v in rs[0].config["method"]["init_args"].items() if v != default[k]}
                for name, rs in by_name.items()}
     assert changed == {
-        None: set(), "fedcoe-no_coordination": {"coordinated"}, "fedcoe-no_shared_gate": {"shared_gate"},
+        "fedcoe-lr0.03-k4": set(), "fedcoe-no_coordination": {"coordinated"}, "fedcoe-no_shared_gate": {"shared_gate"},
         "fedcoe-no_local_level": {"local_level"}, "fedcoe-no_cold_start_prior": {"cold_start_prior"},
         "fedcoe-no_expert_loss": {"lambda_expert"}, "fedcoe-no_local_prior": {"local_prior"},
         "fedcoe-beta_adaptive": {"beta"}, "fedcoe-spec": {"lambda_expert", "local_prior", "beta"},
@@ -285,6 +288,11 @@ def test_ablation_is_one_run_per_variant_and_seed(monkeypatch):
     assert all({(r.config["seed"], r.config["data"]["alpha"]) for r in rs} == {(s, a) for s in (0, 2, 3) for a in (0.1, 0.3)}
                for rs in by_name.values())
     assert [r.config["seed"] for r in runs[:18]] == [0] * 18  # whole seeds first
+    # the reference runs are the main table's FedCoE runs: same directories, same config
+    main = {r.run_dir: r for r in sweep.plan("benchmarks/sweeps/mnist10k.yaml", "runs")}
+    assert len(reference) == 6
+    for r in reference:
+        assert not config_diff(main[r.run_dir].config, r.config), r.run_dir
 
 
 def test_a_lock_released_while_being_read_is_claimed(small_sweep, tmp_path, monkeypatch):
