@@ -207,3 +207,11 @@ def test_commands_that_do_not_train_do_not_import_torch(argv, tmp_path):
             "print(sorted(m for m in ('torch', 'lightning', 'wandb', 'matplotlib', 'datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]", out
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(fit_argv, run_cli, monkeypatch):
+    """A sweep's or nohup's log file gets no redrawn progress bar, even outside CI and with progress on."""
+    monkeypatch.delenv("CI", raising=False)
+    code, _, err = run_cli(fit_argv("run", "--loop.progress", "true"))
+    assert code == 0, err
+    assert "it/s" not in err and "s/it" not in err and "2/2" not in err

@@ -264,7 +264,7 @@ class Fit:
         Fabric.seed_everything(cfg.seed, verbose=False)  # the method's initial weights follow the seed
         init = self.parser.instantiate(cfg)  # the method sized by the data source (see DATA_SHAPE)
         self.method, self.data, self.loop = init.method, init.data, init.loop
-        if os.environ.get("CI"):
+        if os.environ.get("CI") or not sys.stderr.isatty():  # a bar redrawn into a log file is noise
             self.loop.progress = False
 
         self.run_dir = RunDir(cfg.run_dir or default_run_dir(cfg), self.config)
