@@ -4,8 +4,8 @@
    format (target >= 0.90); 1c. the loop in channels-last (the CPU default) vs a bare loop in the
    default format (target >= 1.10) and vs a bare channels-last loop (target >= 0.95), in full batches
    and in the clients' own batches;
-2. evaluation cost relative to a training round (target <= 0.5) and its floor (its images at a bare
-   inference loop's rate), round time at 100, 1,000 and
+2. evaluation cost relative to a training round (target <= 0.5) and the same at a bare inference
+   loop's rate over its images, round time at 100, 1,000 and
    10,000 clients with the same samples per round (target: flat, <= 1.2x), and the time of an
    evaluation of 200 sampled clients at those sizes (target: flat);
 3. bytes per stored client state for FedPer and FedCoE (what 10,000 clients cost);
@@ -155,8 +155,8 @@ def eval_cost(repeats: int) -> dict:
 
     Also what an evaluation is made of: the images it predicts, its images/s over a bare inference
     loop's on as many images (run after each evaluation-bearing run; 1 means no overhead beyond the
-    forward passes), and ``floor_ratio``, the ratio that evaluation would have if it cost only its
-    images at the bare loop's rate: no faster evaluation of the same images exists here.
+    forward passes), and ``ratio_at_bare_inference``, the ratio an evaluation would have if it predicted
+    its images at the bare loop's rate: what a faster evaluation of the same images could approach.
     """
     fed = FederatedData(cache_dir=_cache()).setup(0)
     images = eval_images(fed)
@@ -170,7 +170,7 @@ def eval_cost(repeats: int) -> dict:
     return {"train_round_s": train, "eval_s": ev, "ratio": ev / train, "images_per_eval": images,
             "train_samples_per_round": train_samples, "eval_images_per_s": images / ev,
             "bare_inference_images_per_s": bare, "eval_vs_bare_inference": images / ev / bare,
-            "floor_ratio": images / bare / train}
+            "ratio_at_bare_inference": images / bare / train}
 
 
 def _scaled_fed(n: int, per_client: int, cold_start_fraction: float = 0.0):
