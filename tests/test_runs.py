@@ -60,6 +60,44 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, fit_argv, run_
     assert len(rows) == 1 + 3, "the resumed run's metrics.csv must hold one row per round, no duplicates"
 
 
+def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_leaves_no_partial_file(tmp_path, fit_argv, run_cli,
+                                                                                     monkeypatch):
+    """The disk fills while round 2's checkpoint is written: one line naming the file and what to do,
+    round 1's checkpoint kept whole, no half-written temporary file taking space; run again, the run
+    resumes to the numbers of an uninterrupted one."""
+    import errno
+
+    import torch
+
+    args = ("--loop.rounds", "3", "--loop.checkpoint_every", "1", "--loop.eval_every", "1")
+    assert run_cli(fit_argv("whole", *args))[0] == 0
+    real_save, saves = torch.save, []
+
+    def disk_fills_on_the_second(obj, f, *a, **kw):
+        saves.append(1)
+        if len(saves) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")  # what torch's zip writer raises: no file name
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", disk_fills_on_the_second)
+    rc, _, err = run_cli(fit_argv("parts", *args))
+    monkeypatch.undo()
+    run = tmp_path / "parts"
+    assert rc == 1 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedbench: error: No space left on device writing ")
+    assert str(run / "checkpoint.pt") in lines[0] and "resume" in lines[0]
+    assert not list(run.glob("*.tmp"))
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["round"] == 1
+
+    assert run_cli(fit_argv("parts", *args))[0] == 0
+    whole, parts = read_summary(tmp_path / "whole"), read_summary(run)
+    assert parts["resumed_from_round"] == 1
+    for key in METRICS:
+        assert parts[key] == whole[key], key
+
+
 def test_a_run_that_died_after_its_last_checkpoint_keeps_its_numbers(tmp_path, fit_argv, run_cli):
     assert run_cli(fit_argv("run"))[0] == 0
     before = read_summary(tmp_path / "run")

@@ -14,6 +14,7 @@ Lightning (seconds), which ``fedbench --help`` and ``fedbench table`` need not w
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
 import json
 import operator
@@ -483,6 +484,13 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"fedbench: error: {one_line(err)}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if debug or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"fedbench: error: {err.strerror}{where}; every file written before is whole (a run keeps its last "
+              f"checkpoint): free space and run the same command again to resume", file=sys.stderr)
         return 1
     except Exception as err:
         from jsonargparse import ArgumentError

@@ -121,11 +121,17 @@ def atomic_open(path: Path):
     """A binary file to write ``path`` through: a temporary file, fsynced and renamed over ``path`` on
     success, so that readers see the old or the new file, never half, and nothing is buffered in memory."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep a half checkpoint's worth of space
+        if isinstance(err, OSError) and err.filename is None:  # torch.save's writer does not say which file
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
