@@ -129,7 +129,8 @@ def atomic_open(path: Path):
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)  # a full disk must not keep a half checkpoint's worth of space
-        if isinstance(err, OSError) and err.filename is None:  # torch.save's writer does not say which file
+        # name the file where the writer did not (torch.save's does not)
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:
             raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
