@@ -238,7 +238,7 @@ def run_sweep(runs: list[SweepRun], dry_run: bool = False, runner=None) -> int:
         try:
             state = check_finished(r)
             if state != "todo":  # another process finished it meanwhile, or saw it diverge
-                (finished if state == "finished" else diverged).append(r)
+                (diverged if state.startswith("diverged") else finished).append(r)
                 continue
             print(f"[{r.index}/{n}] {r.command}", flush=True)
             code = runner(r.fit_args)
@@ -321,8 +321,10 @@ def select(runs: list[SweepRun], metric: str, goal: str = "maximize") -> list[Se
         groups.setdefault((*record.group, record.method), {}).setdefault(setting, []).append(r)
     out = []
     for group, settings in groups.items():
-        failed = {k for k, same in settings.items() if any(RunDir(r.run_dir).divergence() for r in same)}
-        unfinished = sum(check_finished(r) != "finished" for k, same in settings.items() if k not in failed for r in same)
+        for r in (r for same in settings.values() for r in same):
+            check_finished(r)  # one read of each run directory: finished, diverged or neither
+        failed = {k for k, same in settings.items() if any(r.state.startswith("diverged") for r in same)}
+        unfinished = sum(r.state != "finished" for k, same in settings.items() if k not in failed for r in same)
         if unfinished or len(failed) == len(settings):
             out.append(Selection(group, {}, None, [], len(settings), unfinished, len(failed)))
             continue
