@@ -1,10 +1,11 @@
-"""Baseline federated methods, one class per file, each a subclass of FederatedMethod."""
+"""Baseline federated methods (the package ``fedcoe_bench.baselines``), one class per file, each a
+subclass of :class:`~fedcoe_bench.method.FederatedMethod`; short names in :mod:`fedcoe_bench.registry`."""
 
-from baselines.fedavg import FedAvg
-from baselines.fedmix import FedMix
-from baselines.fedper import FedPer
-from baselines.fedprox import FedProx
-from baselines.local import Local
-from baselines.pfedmoe import PFedMoE
+from fedcoe_bench.baselines.fedavg import FedAvg
+from fedcoe_bench.baselines.fedmix import FedMix
+from fedcoe_bench.baselines.fedper import FedPer
+from fedcoe_bench.baselines.fedprox import FedProx
+from fedcoe_bench.baselines.local import Local
+from fedcoe_bench.baselines.pfedmoe import PFedMoE
 
 __all__ = ["FedAvg", "FedMix", "FedPer", "FedProx", "Local", "PFedMoE"]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fedcoe_bench.errors import ConfigError
-from fedcoe_bench.method import ClientUpdate, FederatedMethod, weighted_mean
+from fedcoe_bench.method import ClientContext, ClientUpdate, FederatedMethod, RoundContext, weighted_mean
 from fedcoe_bench.models import Experts, Gate, entropy, mixture
 from fedcoe_bench.routing import RoutingTable
 
@@ -45,9 +45,9 @@ class FedMix(RoutingTable, FederatedMethod):
         >>> m.flatten_parameters()
         >>> s0, s1 = m.span("experts.0."), m.span("experts.1.")
         >>> a, b = torch.zeros_like(m.flat["shared"]), torch.ones_like(m.flat["shared"])
-        >>> ups = [ClientUpdate(0, 1.0, a, {"gate_mass": torch.tensor([0.9, 0.1])}),
-        ...        ClientUpdate(1, 3.0, b, {"gate_mass": torch.tensor([0.1, 0.9])})]
-        >>> new = m.aggregate(torch.zeros_like(a), ups)  # expert 0: (0.9*0 + 0.3*1) / 1.2
+        >>> ups = [ClientUpdate(0, 1.0, a, {"gate_mass": torch.tensor([0.9, 0.1]), "gate_entropy": torch.tensor(0.3)}),
+        ...        ClientUpdate(1, 3.0, b, {"gate_mass": torch.tensor([0.1, 0.9]), "gate_entropy": torch.tensor(0.3)})]
+        >>> new, _ = m.aggregate(torch.zeros_like(a), ups, RoundContext(1, 2, 2))  # expert 0: (0.9*0 + 0.3*1) / 1.2
         >>> round(float(new[s0][0]), 4), round(float(new[s1][0]), 4)
         (0.25, 0.9643)
     """
@@ -64,7 +64,6 @@ class FedMix(RoutingTable, FederatedMethod):
         self.experts = Experts(self.make_backbone() for _ in range(num_experts))
         # Dense routing: top_m limits what is *sent*, not which experts a client mixes.
         self.gate = Gate(self.in_channels, num_experts, hidden=gate_hidden)
-        self._diagnostics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the mixture
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +79,7 @@ class FedMix(RoutingTable, FederatedMethod):
         return ("gate.",)
 
     @torch.no_grad()
-    def client_report(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def on_client_end(self, x: torch.Tensor, ctx: ClientContext) -> dict[str, torch.Tensor]:
         w = self.gate(x)
         return {"gate_mass": w.mean(0), "gate_entropy": entropy(w).mean()}
 
@@ -95,7 +94,10 @@ class FedMix(RoutingTable, FederatedMethod):
             w = w * sent
         return w
 
-    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate],
+                  ctx: RoundContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """The experts as above; logs each expert's share of the aggregation weight (``expert_usage_k``)
+        and the mean gate entropy."""
         # The experts are FedMix's only shared parameters, so every entry is covered below.
         w = self.aggregation_weights(updates)
         for u in updates:
@@ -105,13 +107,9 @@ class FedMix(RoutingTable, FederatedMethod):
             s = self.span(f"experts.{k}.")
             new[s] = weighted_mean([u.shared[s] for u in updates], w[:, k], server[s])
         usage = w.sum(0) / w.sum().clamp_min(1e-12)
-        self._diagnostics = {f"expert_usage_{k}": float(u) for k, u in enumerate(usage)}
-        if all("gate_entropy" in u.report for u in updates):
-            self._diagnostics["gate_entropy"] = float(torch.stack([u.report["gate_entropy"] for u in updates]).mean())
-        return new
-
-    def round_diagnostics(self) -> dict[str, float]:
-        return dict(self._diagnostics)
+        scalars = {f"expert_usage_{k}": float(u) for k, u in enumerate(usage)}
+        scalars["gate_entropy"] = float(torch.stack([u.report["gate_entropy"] for u in updates]).mean())
+        return new, scalars
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from baselines.fedavg import FedAvg
-from fedcoe_bench.method import ClientUpdate
+from fedcoe_bench.baselines.fedavg import FedAvg
+from fedcoe_bench.method import ClientContext, ClientUpdate, RoundContext
 
 
 class LatestHeads:
@@ -49,8 +49,8 @@ class LatestHeads:
         return self.flat["personal"][self.span(self.head_prefix, "personal")]
 
     @torch.no_grad()
-    def on_client_start(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        super().on_client_start(x, y)
+    def on_client_start(self, x: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> None:
+        super().on_client_start(x, y, ctx)
         self._previous = (self._head().clone(), self.head_weight.detach().clone())
         self.head_weight.fill_(len(y))  # what the report below makes this client's head count with
 
@@ -62,20 +62,21 @@ class LatestHeads:
         return (self.head_prefix,)
 
     @torch.no_grad()
-    def client_report(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def on_client_end(self, x: torch.Tensor, ctx: ClientContext) -> dict[str, torch.Tensor]:
         head, weight = self._previous
-        return {**super().client_report(x), "head": self._head().clone(), "previous_head": head,
+        return {**super().on_client_end(x, ctx), "head": self._head().clone(), "previous_head": head,
                 "previous_weight": weight}
 
     @torch.no_grad()
-    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate],
+                  ctx: RoundContext) -> tuple[torch.Tensor, dict[str, float]]:
         for u in updates:
             old = u.report["previous_weight"].to(self.eval_head_sum)
             self.eval_head_sum += u.weight * u.report["head"].to(self.eval_head_sum) - old * u.report["previous_head"].to(self.eval_head_sum)
             self.eval_head_weight += u.weight - old
         if self.eval_head_weight > 0:
             vector_to_parameters(self.eval_head_sum / self.eval_head_weight, self.eval_head.parameters())
-        return super().aggregate(server, updates)
+        return super().aggregate(server, updates, ctx)
 
 
 class FedPer(LatestHeads, FedAvg):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from baselines.fedavg import FedAvg
+from fedcoe_bench.baselines.fedavg import FedAvg
 from fedcoe_bench.errors import ConfigError
+from fedcoe_bench.method import ClientContext
 
 
 class FedProx(FedAvg):
@@ -24,7 +25,7 @@ class FedProx(FedAvg):
         >>> import torch
         >>> m = FedProx(mu=2.0, num_classes=10, in_channels=1, image_size=12)
         >>> m.flatten_parameters()
-        >>> m.on_client_start(torch.zeros(1, 1, 12, 12), torch.zeros(1, dtype=torch.long))
+        >>> m.on_client_start(torch.zeros(1, 1, 12, 12), torch.zeros(1, dtype=torch.long), None)
         >>> with torch.no_grad():
         ...     m.flat["shared"] += 0.5  # every shared weight 0.5 away from the server's
         >>> round(m.proximal_term().item() / m.flat["shared"].numel(), 3)  # mu/2 * 0.5^2
@@ -38,7 +39,7 @@ class FedProx(FedAvg):
         self.mu = mu
         self._anchor: torch.Tensor | None = None
 
-    def on_client_start(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def on_client_start(self, x: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> None:
         # The anchor is the server model as received, so it must be taken before the first step.
         self._anchor = self.flat["shared"].detach().clone()
 
@@ -46,8 +47,8 @@ class FedProx(FedAvg):
         """:math:`\\frac{\\mu}{2} \\lVert w - w^t \\rVert^2` over the shared parameters (differentiable)."""
         # Summed per Parameter: autograd sees the Parameters, not the flat buffer they are views of.
         total = self._anchor.new_zeros(())
-        for name, p in self.named_group("shared"):
-            total = total + (p - self.view_like(self._anchor, name)).pow(2).sum()
+        for p, anchor in self.parameters_with(self._anchor):
+            total = total + (p - anchor).pow(2).sum()
         return 0.5 * self.mu * total
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from baselines.fedavg import FedAvg
-from fedcoe_bench.method import ClientUpdate
+from fedcoe_bench.baselines.fedavg import FedAvg
+from fedcoe_bench.method import ClientUpdate, RoundContext
 
 
 class Local(FedAvg):
@@ -30,5 +30,6 @@ class Local(FedAvg):
     personal = ("net.",)
     global_model = "none"
 
-    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
-        return server
+    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate],
+                  ctx: RoundContext) -> tuple[torch.Tensor, dict[str, float]]:
+        return server, {}

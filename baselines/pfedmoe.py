@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from baselines.fedper import LatestHeads
-from fedcoe_bench.method import ClientUpdate, FederatedMethod
+from fedcoe_bench.baselines.fedper import LatestHeads
+from fedcoe_bench.method import ClientContext, ClientUpdate, FederatedMethod, RoundContext
 from fedcoe_bench.models import Gate
 
 
@@ -29,7 +29,7 @@ class PFedMoE(LatestHeads, FederatedMethod):
     Convention for global and cold-start accuracy (not in the paper, where every client has its own
     model; ``global_model = "convention"``, marked in tables): :math:`G` with the evaluation head
     :math:`\\bar h`, the n-weighted average of the latest heads of all clients trained so far, as for
-    :class:`~baselines.fedper.FedPer` (:class:`~baselines.fedper.LatestHeads`). The heads were
+    :class:`~fedcoe_bench.baselines.fedper.FedPer` (:class:`~fedcoe_bench.baselines.fedper.LatestHeads`). The heads were
     trained on the mixed :math:`z`, not on :math:`G(x)` alone, so this is a lower bound on what the
     global expert knows.
 
@@ -63,7 +63,6 @@ class PFedMoE(LatestHeads, FederatedMethod):
         self.head = local.head
         self.gate = Gate(self.in_channels, 2, hidden=gate_hidden)
         self.init_eval_head(self.head)
-        self._global_weight = float("nan")
 
     def mixed_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``z = a_1 G(x) + a_2 F_i(x)`` and the gate weights ``[B, 2]``."""
@@ -74,21 +73,21 @@ class PFedMoE(LatestHeads, FederatedMethod):
         return self.head(self.mixed_features(x)[0])
 
     @torch.no_grad()
-    def client_report(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {**super().client_report(x), "global_weight": self.gate(x)[:, 0].mean()}
+    def on_client_end(self, x: torch.Tensor, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        return {**super().on_client_end(x, ctx), "global_weight": self.gate(x)[:, 0].mean()}
 
-    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate],
+                  ctx: RoundContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """FedAvg over G; logs ``global_weight``, the sampled clients' n-weighted mean gate weight
+        :math:`a_1` on G."""
         weights = [u.weight for u in updates]
-        self._global_weight = float(sum(w * float(u.report["global_weight"]) for w, u in zip(weights, updates)) / sum(weights))
-        return super().aggregate(server, updates)
+        global_weight = float(sum(w * float(u.report["global_weight"]) for w, u in zip(weights, updates)) / sum(weights))
+        server, scalars = super().aggregate(server, updates, ctx)
+        return server, {**scalars, "global_weight": global_weight}
 
     def start_finetune(self) -> tuple[str, ...]:
         """A new client fine-tunes its gate and its head (from the evaluation head :math:`\\bar h`)."""
         return (*super().start_finetune(), "gate.")
-
-    def round_diagnostics(self) -> dict[str, float]:
-        """``global_weight``: the sampled clients' n-weighted mean gate weight :math:`a_1` on G."""
-        return {"global_weight": self._global_weight}
 
     @torch.no_grad()
     def predict_global(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 
-from baselines import FedAvg, FedMix, FedPer, FedProx, Local, PFedMoE
+from fedcoe_bench.baselines import FedAvg, FedMix, FedPer, FedProx, Local, PFedMoE
 from fedcoe_bench.data import FederatedData, Synthetic
-from fedcoe_bench.loop import FederatedLoop, sample_clients
-from fedcoe_bench.method import ClientUpdate
+from fedcoe_bench.loop import FederatedLoop, FitResult, sample_clients
+from fedcoe_bench.method import ClientContext, ClientUpdate, RoundContext
 
 SEED = 0
 PER_ROUND = 3
@@ -43,12 +43,20 @@ def build(cls, **kwargs):
     return cls(**DIMS, **kwargs)
 
 
-def fit(fabric, method, fed, rounds=1, resume=None) -> FederatedLoop:
+def fit(fabric, method, fed, rounds=1, resume=None) -> FitResult:
     # the default memory format, so that flat vectors compare with ones built here by flatten_parameters
     loop = FederatedLoop(rounds=rounds, clients_per_round=PER_ROUND, checkpoint_every=0, progress=False,
                          channels_last=False)
-    loop.metrics = loop.fit(fabric, method, fed, SEED, resume_state=resume)
-    return loop
+    return loop.fit(fabric, method, fed, SEED, resume_state=resume)
+
+
+def ctx(clients=PER_ROUND, steps=1) -> ClientContext:
+    """A client's context in round 1 of this federation (the unit tests call the hooks directly)."""
+    return ClientContext(1, 6, clients, steps)
+
+
+def round_ctx(clients=PER_ROUND) -> RoundContext:
+    return RoundContext(1, 6, clients)
 
 
 def sampled_in(fed, rnd):
@@ -77,7 +85,7 @@ def test_fedprox_loss_is_cross_entropy_plus_half_mu_squared_distance_to_the_anch
     m = build(FedProx, mu=0.3)
     m.flatten_parameters()
     x, y = torch.randn(4, 1, 12, 12), torch.tensor([0, 1, 2, 3])
-    m.on_client_start(x, y)
+    m.on_client_start(x, y, ctx())
     delta = 0.01 * torch.randn(m.flat["shared"].shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         m.flat["shared"].add_(delta)
@@ -85,7 +93,7 @@ def test_fedprox_loss_is_cross_entropy_plus_half_mu_squared_distance_to_the_anch
     expected = F.cross_entropy(m(x), y) + 0.5 * 0.3 * delta.pow(2).sum()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
     # the anchor is the state at client start, not re-read each step
-    m.on_client_start(x, y)
+    m.on_client_start(x, y, ctx())
     torch.testing.assert_close(m.training_step((x, y), 0), F.cross_entropy(m(x), y))
 
 
@@ -146,13 +154,13 @@ def test_personal_state_stays_on_its_client(fabric, fed, cls, kwargs):
 ], ids=name)
 def test_evaluation_head_is_the_weighted_average_of_the_latest_heads(fabric, fed, cls, head, features):
     m = build(cls)
-    loop = fit(fabric, m, fed, rounds=3)
-    trained = [c for c in fed.clients if loop.store.get(c.id) is not None]
+    result = fit(fabric, m, fed, rounds=3)
+    trained = [c for c in fed.clients if result.store.get(c.id) is not None]
     rounds = [{c.id for c in sampled_in(fed, r)} for r in range(3)]
     assert len(trained) > len(rounds[-1]) and rounds[0] & rounds[1], "needs clients outside the last round and one trained twice"
     s = m.span(head, "personal")
     n = torch.tensor([float(c.num_train) for c in trained])
-    expected = n @ torch.stack([loop.store.get(c.id)[s] for c in trained]) / n.sum()
+    expected = n @ torch.stack([result.store.get(c.id)[s] for c in trained]) / n.sum()
     torch.testing.assert_close(flat(m.eval_head), expected)
 
     # global prediction = server features + evaluation head, whatever personal state is loaded
@@ -160,7 +168,7 @@ def test_evaluation_head_is_the_weighted_average_of_the_latest_heads(fabric, fed
     m.eval()
     want = m.eval_head(features(m, x)).softmax(-1)
     with torch.no_grad():
-        m.flat["personal"].copy_(loop.store.get(trained[0].id))
+        m.flat["personal"].copy_(result.store.get(trained[0].id))
     torch.testing.assert_close(m.predict_global(x), want)
     torch.testing.assert_close(m.predict_cold_start(x, x), want)
     assert not torch.allclose(m.predict_personal(x), want)
@@ -179,18 +187,18 @@ def test_evaluation_head_replaces_a_retrained_clients_old_head(cls, head):
 
     def train(cid, value):  # a client's turn as the loop runs it, local SGD replaced by setting its head
         m.flat["personal"].copy_(personal.get(cid, init_personal))
-        m.on_client_start(x, torch.zeros(n[cid], dtype=torch.long))
+        m.on_client_start(x, torch.zeros(n[cid], dtype=torch.long), ctx())
         m.flat["personal"][s] = value
-        update = ClientUpdate(cid, float(n[cid]), m.flat["shared"].clone(), m.client_report(x))
+        update = ClientUpdate(cid, float(n[cid]), m.flat["shared"].clone(), m.on_client_end(x, ctx()))
         personal[cid] = m.flat["personal"].clone()
         return update
 
     h = {k: torch.full((s.stop - s.start,), float(k)) for k in (1, 2, 3, 4)}
-    m.aggregate(server, [train(0, h[1]), train(1, h[2])])
+    m.aggregate(server, [train(0, h[1]), train(1, h[2])], round_ctx(2))
     torch.testing.assert_close(flat(m.eval_head), (2 * h[1] + 3 * h[2]) / 5)
-    m.aggregate(server, [train(2, h[3])])  # not only the latest round's client
+    m.aggregate(server, [train(2, h[3])], round_ctx(1))  # not only the latest round's client
     torch.testing.assert_close(flat(m.eval_head), (2 * h[1] + 3 * h[2] + 5 * h[3]) / 10)
-    m.aggregate(server, [train(0, h[4])])  # client 0's first head is replaced, not added again
+    m.aggregate(server, [train(0, h[4])], round_ctx(1))  # client 0's first head is replaced, not added again
     torch.testing.assert_close(flat(m.eval_head), (2 * h[4] + 3 * h[2] + 5 * h[3]) / 10)
     # the server holds one head's worth of sums, whatever the number of clients
     assert m.eval_head_sum.numel() == s.stop - s.start and m.eval_head_weight.item() == 10.0
@@ -213,7 +221,7 @@ def test_fedmix_trains_on_the_mixture_nll_and_reports_mean_gate_mass():
     p = sum(g[:, k : k + 1] * e(x).softmax(-1) for k, e in enumerate(m.experts))
     torch.testing.assert_close(m.predict_personal(x), p)
     torch.testing.assert_close(m.training_step((x, y), 0), -p[torch.arange(6), y].log().mean())
-    mass = m.client_report(x)["gate_mass"]
+    mass = m.on_client_end(x, ctx())["gate_mass"]
     torch.testing.assert_close(mass, g.mean(0))
     uniform = sum(e(x).softmax(-1) for e in m.experts) / 3
     torch.testing.assert_close(m.predict_global(x), uniform)
@@ -238,9 +246,10 @@ def test_fedmix_averages_each_expert_with_n_times_gate_mass(top_m, weights):
     server = m.flat["shared"].clone()
     gen = torch.Generator().manual_seed(1)
     sent = [torch.randn(server.shape, generator=gen) for _ in range(2)]
-    ups = [ClientUpdate(0, 10.0, sent[0], {"gate_mass": torch.tensor([0.7, 0.3, 0.0])}),
-           ClientUpdate(1, 30.0, sent[1], {"gate_mass": torch.tensor([0.2, 0.8, 0.0])})]
-    new = m.aggregate(server, ups)
+    entropy = torch.tensor(0.5)  # every FedMix report carries its gate entropy (logged, not aggregated)
+    ups = [ClientUpdate(0, 10.0, sent[0], {"gate_mass": torch.tensor([0.7, 0.3, 0.0]), "gate_entropy": entropy}),
+           ClientUpdate(1, 30.0, sent[1], {"gate_mass": torch.tensor([0.2, 0.8, 0.0]), "gate_entropy": entropy})]
+    new, _ = m.aggregate(server, ups, round_ctx(2))
     spans = [m.span(f"experts.{k}.") for k in range(3)]
     assert sum(s.stop - s.start for s in spans) == server.numel()
     for s, (w0, w1) in zip(spans, weights):
@@ -252,13 +261,16 @@ def test_fedmix_averages_each_expert_with_n_times_gate_mass(top_m, weights):
 def test_local_never_aggregates(fabric, fed):
     m = build(Local)
     initial = copy.deepcopy(m).eval()
-    loop = fit(fabric, m, fed, rounds=2)
-    assert loop.server.numel() == 0
-    assert m.aggregate(loop.server, [ClientUpdate(0, 5.0, loop.server.clone())]) is loop.server
-    states = list(loop.store.states.values())
+    start = copy.deepcopy(m)  # the initial personal state, as the loop takes it (default memory format)
+    start.flatten_parameters()
+    init_personal = start.flat["personal"].clone()
+    result = fit(fabric, m, fed, rounds=2)
+    assert result.server.numel() == 0
+    assert m.aggregate(result.server, [ClientUpdate(0, 5.0, result.server.clone())], round_ctx(1))[0] is result.server
+    states = list(result.store.states.values())
     assert len(states) >= 2
     assert all(not torch.equal(a, b) for a, b in itertools.combinations(states, 2))
-    assert all(not torch.equal(s, loop.init_personal) for s in states)
+    assert all(not torch.equal(s, init_personal) for s in states)
     x = fed.prepare(fed.test_x[:16])
     torch.testing.assert_close(m.predict_global(x), initial.predict_global(x))  # the untrained floor
     torch.testing.assert_close(m.predict_cold_start(x, x), initial.predict_global(x))
@@ -268,17 +280,20 @@ def test_local_never_aggregates(fabric, fed):
 @pytest.mark.parametrize("cls, kwargs", ALL, ids=name)
 def test_predictions_are_distributions(fabric, fed, cls, kwargs):
     m = build(cls, **kwargs)
-    loop = fit(fabric, m, fed, rounds=1)
+    start = copy.deepcopy(m)  # the initial personal state, as the loop takes it (default memory format)
+    start.flatten_parameters()
+    init_personal = start.flat["personal"].clone()
+    result = fit(fabric, m, fed, rounds=1)
     for key in ("global_acc", "personal_acc", "cold_start_acc"):
-        assert 0.0 <= loop.metrics[key] <= 1.0
+        assert 0.0 <= result.metrics[key] <= 1.0
     x = fed.prepare(fed.test_x[:32])
     unlabeled = fed.prepare(fed.pool_x[fed.new_clients[0].train])
     m.eval()
     outs = [m.predict_global(x), m.predict_cold_start(x, unlabeled)]
     client = sampled_in(fed, 0)[0].id
     with torch.no_grad():
-        state = loop.store.get(client)
-        m.flat["personal"].copy_(loop.init_personal if state is None else state)
+        state = result.store.get(client)
+        m.flat["personal"].copy_(init_personal if state is None else state)
     outs.append(m.predict_personal(x))
     for p in outs:
         assert p.shape == (32, 10)

@@ -8,7 +8,7 @@ import torch
 from helpers import read_summary
 from lightning.fabric import Fabric
 
-from baselines import FedAvg, FedProx
+from fedcoe_bench.baselines import FedAvg, FedProx
 from fedcoe_bench.fedcoe import FedCoE
 from fedcoe_bench.loop import FederatedLoop
 
@@ -21,8 +21,8 @@ def train(fed, fabric, name: str, channels_last: bool):
     method = cls(**kwargs, num_classes=fed.num_classes, in_channels=1, image_size=12, lr=0.05)
     loop = FederatedLoop(rounds=2, clients_per_round=4, batch_size=16, eval_every=2, checkpoint_every=0,
                          progress=False, channels_last=channels_last)
-    metrics = loop.fit(fabric, method, fed, seed=0)
-    return method, loop, metrics
+    result = loop.fit(fabric, method, fed, seed=0)
+    return method, loop, result.metrics
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedcoe"])
@@ -44,7 +44,7 @@ def test_channels_last_gives_the_default_formats_results(small_data, name):
         for name_, p in cl.named_group(kind):
             assert torch.equal(cl.view_like(cl.flat[kind], name_, kind), p)
             assert p.untyped_storage().data_ptr() == cl.flat[kind].untyped_storage().data_ptr()
-    assert fed.prepare(fed.pool_x[:4]).is_contiguous(memory_format=torch.channels_last)
+    assert fed.prepare(fed.pool_x[:4], memory_format=torch.channels_last).is_contiguous(memory_format=torch.channels_last)
 
     # same trained model and the same metrics, up to float rounding
     cl_state, default_state = cl.state_dict(), default.state_dict()

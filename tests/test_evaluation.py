@@ -5,6 +5,7 @@ and does the same work at any federation size."""
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -12,10 +13,10 @@ import torch.nn.functional as F
 from helpers import decode_indices, read_summary
 from torch import nn
 
-from baselines import FedAvg, FedPer
+from fedcoe_bench.baselines import FedAvg, FedPer
 from fedcoe_bench.data import FederatedData, Synthetic
 from fedcoe_bench.errors import ConfigError
-from fedcoe_bench.evaluation import COUNTS, Evaluator, em_label_prior, prior_adjust
+from fedcoe_bench.evaluation import COUNTS, Evaluator, Snapshot, em_label_prior, prior_adjust
 from fedcoe_bench.loop import FederatedLoop
 
 
@@ -44,26 +45,31 @@ class FedPerClientByClient(FedPer):
 
 
 def trained_loop(fed, fabric, method, rounds=2, clients_per_round=4, **kwargs):
+    """The result of a short fit."""
     loop = FederatedLoop(rounds=rounds, clients_per_round=clients_per_round, batch_size=16, eval_every=10**6, checkpoint_every=0, progress=False, channels_last=False, **kwargs)
-    loop.fit(fabric, method, fed, seed=0)
-    return loop
+    return loop.fit(fabric, method, fed, seed=0)
 
 
-def evaluate(fed, method, server, personal_of, trained, **kwargs):
-    """One evaluation of ``method`` at (server, personal states); returns (metrics, per-client rows, loads)."""
+@dataclass
+class CountingSnapshot(Snapshot):
+    """A snapshot that records the client of every state it loads (None: the server and initial state)."""
+
+    loads: list = field(default_factory=list)
+
+    def load(self, method, client=None):
+        self.loads.append(client)
+        super().load(method, client)
+
+
+def evaluate(fed, method, server, store, trained, **kwargs):
+    """One evaluation of ``method`` at (server, personal states in ``store``); returns (metrics, per-client
+    rows, loads)."""
     init = method.flat["personal"].clone()
-    loads = []
-
-    def load(state):
-        loads.append(state)
-        method.flat["shared"].copy_(server)
-        if method.flat["personal"].numel():
-            method.flat["personal"].copy_(init if state is None else state)
-
+    state = CountingSnapshot(server, init, store, trained)
     evaluator = Evaluator(fed, batch_size=64, **kwargs)
-    metrics = evaluator(method, load, personal_of, trained=trained)
+    metrics = evaluator(method, state)
     method.flat["personal"].copy_(init)
-    return metrics, evaluator.per_client, loads
+    return metrics, evaluator.per_client, state.loads
 
 
 @pytest.mark.parametrize("batched, reference", [(FedAvg, FedAvgClientByClient), (FedPer, FedPerClientByClient)])
@@ -72,17 +78,17 @@ def test_batched_evaluation_equals_client_by_client(indexed_fed, fabric, batched
     kw = {"num_classes": fed.num_classes, "in_channels": 1, "image_size": 12}
     torch.manual_seed(0)
     method = batched(**kw)
-    loop = trained_loop(fed, fabric, method)
+    result = trained_loop(fed, fabric, method)
     ref = reference(**kw)
     ref.load_state_dict(method.state_dict(), strict=False)
     ref.flatten_parameters()
     if batched is FedAvg:
-        ref.flat["shared"].copy_(loop.server)
-        server, states = loop.server, {}.get
+        ref.flat["shared"].copy_(result.server)
+        server, states = result.server, None
     else:  # same parameter layout: the states carry over
-        server, states = loop.server, loop.store.get
-    got, rows, loads = evaluate(fed, method, loop.server, loop.store.get, loop.trained)
-    want, ref_rows, ref_loads = evaluate(fed, ref, server, states, loop.trained)
+        server, states = result.server, result.store
+    got, rows, loads = evaluate(fed, method, result.server, result.store, result.trained_ids)
+    want, ref_rows, ref_loads = evaluate(fed, ref, server, states, result.trained_ids)
 
     assert rows == ref_rows  # every client's accuracy, label-prior accuracy and size
     assert got == pytest.approx(want, abs=1e-9)
@@ -109,7 +115,7 @@ def test_each_new_client_gets_the_label_prior_of_its_own_em(indexed_fed):
     fed = indexed_fed
     method = NoisyOracle(fed, num_classes=fed.num_classes, in_channels=1, image_size=12)
     method.flatten_parameters()
-    _, rows, _ = evaluate(fed, method, method.flat["shared"].clone(), {}.get, None)
+    _, rows, _ = evaluate(fed, method, method.flat["shared"].clone(), None, None)
     counts = torch.bincount(fed.pool_y[torch.cat([c.train for c in fed.clients])], minlength=fed.num_classes)
     train_prior = counts / counts.sum()
     cold = [r for r in rows if r["kind"] == "cold_start"]
@@ -175,11 +181,12 @@ def test_personal_accuracy_counts_trained_clients_only(indexed_fed, fabric, cls)
     loop = FederatedLoop(rounds=1, clients_per_round=2, batch_size=16, eval_every=1, checkpoint_every=0,
                          progress=False, eval_clients=6)
     torch.manual_seed(0)
-    metrics = loop.fit(fabric, cls(num_classes=fed.num_classes, in_channels=1, image_size=12), fed, seed=0)
-    assert len(loop.trained) == 2
-    sample = {c.id for c in loop.evaluator.train_clients}
-    rows = [r for r in loop.evaluator.per_client if r["kind"] == "train"]
-    assert len(sample) == 6 and {r["client"] for r in rows} == sample & loop.trained
+    result = loop.fit(fabric, cls(num_classes=fed.num_classes, in_channels=1, image_size=12), fed, seed=0)
+    metrics = result.metrics
+    assert len(result.trained_ids) == 2
+    sample = {c.id for c in Evaluator(fed, clients=loop.eval_clients, seed=0).train_clients}  # the loop's sample
+    rows = [r for r in result.per_client if r["kind"] == "train"]
+    assert len(sample) == 6 and {r["client"] for r in rows} == sample & result.trained_ids
     assert metrics["clients_evaluated"] == 6
     assert metrics["clients_trained"] == len(rows) and metrics["clients_never_trained"] == 6 - len(rows)
     assert metrics["cold_start_clients_evaluated"] == len(fed.new_clients)
@@ -206,9 +213,10 @@ def test_a_sampled_evaluation_does_the_same_work_at_any_federation_size(tmp_path
             fn = getattr(method, name)
             setattr(method, name, lambda x, *a, fn=fn: images.append(len(x)) or fn(x, *a))
         server = method.flat["shared"].clone()
+        state = CountingSnapshot(server, method.flat["personal"].clone(), loads=loads)
         # the server validation split is a share of the pool, so it grows with it: one batch holds it
         evaluator = Evaluator(fed, batch_size=1024, clients=4)
-        metrics = evaluator(method, lambda state: loads.append(state) or method.flat["shared"].copy_(server), {}.get)
+        metrics = evaluator(method, state)
         assert metrics["clients_evaluated"] == 4 and metrics["cold_start_clients_evaluated"] == 4
         # the global test and server validation splits and the sampled clients' data, nothing else
         sampled = sum(len(c.test) + len(c.val) for c in evaluator.train_clients) + sum(
@@ -264,7 +272,7 @@ def test_validation_metrics_read_validation_samples_only(indexed_fed, cls):
     method = cls(fed, num_classes=fed.num_classes, in_channels=1, image_size=12)
     method.flatten_parameters()
     assert len(fed.val_y) and all(len(c.val) for c in fed.clients + fed.new_clients), "every split must be non-empty"
-    metrics, _, _ = evaluate(fed, method, method.flat["shared"].clone(), {}.get, None, finetune_steps=1)
+    metrics, _, _ = evaluate(fed, method, method.flat["shared"].clone(), None, None, finetune_steps=1)
     for name in ("personal_acc", "cold_start_acc", "cold_start_ft_acc"):
         assert metrics[f"val_{name}"] == 1.0 and metrics[name] == 0.0, name
     assert metrics["val_global_acc"] == 1.0
@@ -277,7 +285,7 @@ def test_clients_without_validation_data_are_left_out_of_the_validation_means(in
     method.flatten_parameters()
     empty = fed.clients[0]
     empty.bounds = (empty.bounds[0], empty.bounds[1], empty.bounds[1], empty.bounds[3])  # its val split: none
-    metrics, _, _ = evaluate(fed, method, method.flat["shared"].clone(), {}.get, None)
+    metrics, _, _ = evaluate(fed, method, method.flat["shared"].clone(), None, None)
     assert metrics["val_personal_acc"] == 1.0  # an empty split counted as 0 would pull the mean down
     assert metrics["val_personal_acc_weighted"] == 1.0
 

@@ -8,7 +8,7 @@ import torch
 
 from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.fedcoe import FedCoE
-from fedcoe_bench.method import ClientUpdate
+from fedcoe_bench.method import ClientContext, ClientUpdate, RoundContext
 
 
 def tiny(**kw) -> FedCoE:
@@ -16,6 +16,15 @@ def tiny(**kw) -> FedCoE:
     m = FedCoE(num_experts=3, num_classes=4, in_channels=1, image_size=8, **kw)
     m.flatten_parameters()
     return m
+
+
+def ctx(clients: int = 2) -> RoundContext:
+    """Round 1 of a 10-client federation, ``clients`` of them sampled."""
+    return RoundContext(1, 10, clients)
+
+
+def client_ctx() -> ClientContext:
+    return ClientContext(1, 10, 2, 1)
 
 
 def updates_for(m: FedCoE, routing):
@@ -29,7 +38,7 @@ def test_coordinated_aggregation_matches_hand_computation():
     m = tiny(local_level=False)
     server = torch.randn(m.flat["shared"].numel())
     ups = updates_for(m, [(2.0, [0.5, 0.5, 0.0]), (1.0, [0.2, 0.8, 0.0])])
-    new = m.aggregate(server, ups)
+    new, scalars = m.aggregate(server, ups, ctx())
     a, b = ups[0].shared, ups[1].shared
     for k, (wa, wb) in enumerate([(2 * 0.5, 1 * 0.2), (2 * 0.5, 1 * 0.8)]):
         s = m.span(f"experts.{k}.")
@@ -39,14 +48,14 @@ def test_coordinated_aggregation_matches_hand_computation():
     g = m.span("gate.")
     torch.testing.assert_close(new[g], (2 * a[g] + b[g]) / 3)  # the shared gate: FedAvg
     assert m.routing[1].tolist() == pytest.approx([0.2, 0.8, 0.0])
-    assert m.round_diagnostics()["expert_usage_1"] == pytest.approx(1.3)
+    assert scalars["expert_usage_1"] == pytest.approx(1.3)
 
 
 def test_uncoordinated_is_plain_weighted_average():
     m = tiny(local_level=False, coordinated=False)
     server = torch.randn(m.flat["shared"].numel())
     ups = updates_for(m, [(2.0, [1.0, 0.0, 0.0]), (1.0, [0.0, 1.0, 0.0])])
-    torch.testing.assert_close(m.aggregate(server, ups), (2 * ups[0].shared + ups[1].shared) / 3)
+    torch.testing.assert_close(m.aggregate(server, ups, ctx())[0], (2 * ups[0].shared + ups[1].shared) / 3)
 
 
 def test_softened_aggregation_uses_eps_plus_routing():
@@ -55,7 +64,7 @@ def test_softened_aggregation_uses_eps_plus_routing():
     ups = updates_for(m, [(1.0, [1.0, 0.0, 0.0]), (1.0, [0.0, 1.0, 0.0])])
     s = m.span("experts.1.")
     want = (0.25 * ups[0].shared[s] + 1.25 * ups[1].shared[s]) / 1.5
-    torch.testing.assert_close(m.aggregate(server, ups)[s], want)
+    torch.testing.assert_close(m.aggregate(server, ups, ctx())[0][s], want)
 
 
 def test_personal_parameters_never_shared():
@@ -110,7 +119,7 @@ def test_calibrated_setting_follows_client_scores(tmp_path):
     ups = updates_for(m, [(1.0, [0.3, 0.3, 0.4]), (1.0, [0.3, 0.3, 0.4])])
     for u in ups:
         u.report["calibration"], u.report["calibration_weight"] = scores, torch.tensor(1.0)
-    m.aggregate(torch.zeros(m.flat["shared"].numel()), ups)
+    m.aggregate(torch.zeros(m.flat["shared"].numel()), ups, ctx())
     assert m.cold_start_setting() == (1.0, True)
     # the choice is logged: calibration.csv has every setting's mean score, the served one marked
     import csv
@@ -122,12 +131,12 @@ def test_calibrated_setting_follows_client_scores(tmp_path):
     assert {r["weight"] for r in rows} == {"1.0000"}  # one round of scores behind every setting
 
 
-def report_round(m: FedCoE, per_client_scores: list[torch.Tensor]) -> None:
-    """One aggregation in which each update carries the given calibration scores."""
+def report_round(m: FedCoE, per_client_scores: list[torch.Tensor]) -> dict[str, float]:
+    """One aggregation in which each update carries the given calibration scores; returns its scalars."""
     ups = updates_for(m, [(1.0, [0.3, 0.3, 0.4])] * len(per_client_scores))
     for u, sc in zip(ups, per_client_scores):
         u.report["calibration"], u.report["calibration_weight"] = sc, torch.tensor(1.0)
-    m.aggregate(torch.zeros(m.flat["shared"].numel()), ups)
+    return m.aggregate(torch.zeros(m.flat["shared"].numel()), ups, ctx(len(ups)))[1]
 
 
 def scores_with(entries: dict) -> torch.Tensor:
@@ -161,8 +170,7 @@ def test_recent_rounds_decide_the_served_setting_and_each_round_logs_it():
         m = tiny(local_level=False, calibration_decay=d)
         served[d] = []
         for entries in history:
-            report_round(m, [scores_with(entries)] * 2)
-            diag = m.round_diagnostics()
+            diag = report_round(m, [scores_with(entries)] * 2)
             served[d].append((int(diag["cold_start_beta_index"]), int(diag["cold_start_label_prior"])))
             assert diag["cold_start_self_score"] == pytest.approx(float(m.self_scores()[served[d][-1]]))
         assert m.cold_start_setting() == (FedCoE.beta_grid[served[d][-1][0]], bool(served[d][-1][1]))
@@ -170,7 +178,7 @@ def test_recent_rounds_decide_the_served_setting_and_each_round_logs_it():
     # d = 0.5 (decayed sums; the weights are common): after round 4, A 0.6 * 0.875 + 0.5 = 1.025 vs
     # B 0.3 * 0.875 + 0.7 = 0.9625; after round 5, A 0.6 * 0.4375 + 0.5 * 1.5 = 1.0125 vs B 0.3 * 0.4375 + 0.7 * 1.5 = 1.18125
     assert served[0.5] == [a] * 4 + [b]
-    assert "cold_start_beta_index" not in tiny(local_level=False, beta=1.0).round_diagnostics()
+    assert "cold_start_beta_index" not in report_round(tiny(local_level=False, beta=1.0), [scores_with({a: 0.6})] * 2)
 
 
 def test_bad_calibration_decay_is_refused():
@@ -205,10 +213,10 @@ def test_balanced_routing_moves_the_bias_against_the_load():
     server = torch.zeros(m.flat["shared"].numel())
     bias = m.span("gate.route_bias")
     ups = updates_for(m, [(3.0, [0.9, 0.1, 0.0]), (1.0, [0.6, 0.2, 0.2])])  # u = [0.825, 0.125, 0.05]
-    new = m.aggregate(server, ups)
+    new, _ = m.aggregate(server, ups, ctx())
     load = torch.tensor([0.825, 0.125, 0.05])
     torch.testing.assert_close(new[bias], -0.5 * (3 * load - 1))
-    torch.testing.assert_close(m.aggregate(new, updates_for(m, [(1.0, [1 / 3] * 3)]))[bias], new[bias])
+    torch.testing.assert_close(m.aggregate(new, updates_for(m, [(1.0, [1 / 3] * 3)]), ctx(1))[0][bias], new[bias])
     x = torch.randn(5, 1, 8, 8)
     m.flat["shared"].copy_(new)
     logits = m.gate.net(x) + new[bias]
@@ -237,9 +245,9 @@ def test_calibration_scores_the_validation_split_not_the_training_data():
     y_val = m.predict_global(x_val).argmax(1)  # the server model gets every validation label right
 
     def report(y_train, y_valid, x_valid=x_val):
-        m.on_client_start(x_tr, y_train)
-        m.on_client_validation(x_valid, y_valid)
-        return m.client_report(x_tr)
+        m.on_client_start(x_tr, y_train, client_ctx())
+        m.on_client_validation(x_valid, y_valid, client_ctx())
+        return m.on_client_end(x_tr, client_ctx())
 
     clean = report(y_tr, y_val)
     assert float(clean["calibration_weight"]) == 1.0 and float(clean["calibration"][0, 0]) == 1.0  # beta 0, no prior: G
@@ -251,7 +259,7 @@ def test_calibration_scores_the_validation_split_not_the_training_data():
     ups = updates_for(m, [(1.0, [0.3, 0.3, 0.4]), (1.0, [0.3, 0.3, 0.4])])
     for u, r in zip(ups, (clean, empty)):
         u.report.update(calibration=r["calibration"], calibration_weight=r["calibration_weight"])
-    m.aggregate(torch.zeros(m.flat["shared"].numel()), ups)
+    m.aggregate(torch.zeros(m.flat["shared"].numel()), ups, ctx())
     torch.testing.assert_close(m.self_scores(), clean["calibration"])
 
 

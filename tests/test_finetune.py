@@ -3,14 +3,16 @@ its labelled shots only, from what it is served, deterministically, and nothing 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import decode_indices
 
-from baselines import FedAvg, FedMix, FedPer, Local, PFedMoE
+from fedcoe_bench.baselines import FedAvg, FedMix, FedPer, Local, PFedMoE
 from fedcoe_bench.data import DataError, FederatedData
 from fedcoe_bench.errors import ConfigError
-from fedcoe_bench.evaluation import Evaluator
+from fedcoe_bench.evaluation import Evaluator, Snapshot
 from fedcoe_bench.fedcoe import FedCoE
 from fedcoe_bench.loop import FederatedLoop
 
@@ -18,18 +20,21 @@ KW = {"in_channels": 1, "image_size": 12}
 
 
 def fitted(cls, fed, fabric, steps=3, **kwargs):
+    """``(method, result of a 2-round fit, the trained state as a Snapshot)``."""
     torch.manual_seed(0)
     method = cls(num_classes=fed.num_classes, **KW, **kwargs)
+    start = copy.deepcopy(method)  # the initial personal state, as the loop takes it (default memory format)
+    start.flatten_parameters()
     loop = FederatedLoop(rounds=2, clients_per_round=4, batch_size=16, eval_every=1, checkpoint_every=0,
                          progress=False, channels_last=False, cold_start_steps=steps)
-    loop.fit(fabric, method, fed, seed=0)
-    return method, loop
+    result = loop.fit(fabric, method, fed, seed=0)
+    state = Snapshot(result.server, start.flat["personal"].clone(), result.store, result.trained_ids, loop.rounds)
+    return method, result, state
 
 
-def loader(method, loop):
-    def load(personal=None):
-        method.flat["shared"].copy_(loop.server)
-        method.flat["personal"].copy_(loop.init_personal if personal is None else personal)
+def loader(method, state):
+    def load(client=None):
+        state.load(method, client)
     return load
 
 
@@ -49,20 +54,20 @@ def test_finetuning_reads_the_shots_labels_only(indexed_fed, fabric):
     leaves the fine-tuned predictions bit for bit the same. (Drawing the shots per class reads its
     train labels: the client labels a few of each class it holds.)"""
     fed = indexed_fed
-    method, loop = fitted(FedAvg, fed, fabric)
+    method, _, state = fitted(FedAvg, fed, fabric)
     seen = []
     step = method.training_step
     method.training_step = lambda batch, i: seen.append((decode_indices(fed, batch[0]), batch[1].tolist())) or step(batch, i)
     evaluator = Evaluator(fed, finetune_steps=4, finetune_batch_size=8)
     client = fed.new_clients[0]
     with torch.no_grad():
-        before = evaluator._finetune(method, loader(method, loop), client)
+        before = evaluator._finetune(method, loader(method, state), client, state.round)
     shots = set(fed.shots(client, 0).tolist())
     assert len(seen) == 4 and all(set(ids) <= shots and labels == fed.pool_y[ids].tolist() for ids, labels in seen)
     held_out = torch.cat([client.val, client.test])
     fed.pool_y[held_out] = (fed.pool_y[held_out] + 1) % fed.num_classes
     with torch.no_grad():
-        after = evaluator._finetune(method, loader(method, loop), client)
+        after = evaluator._finetune(method, loader(method, state), client, state.round)
     assert torch.equal(before, after)
 
 
@@ -72,9 +77,9 @@ def test_finetuning_reads_the_shots_labels_only(indexed_fed, fabric):
 ])
 def test_only_the_named_parameters_change_and_training_state_is_untouched(indexed_fed, fabric, cls, kwargs, tuned):
     fed = indexed_fed
-    method, loop = fitted(cls, fed, fabric, **kwargs)
+    method, result, trained = fitted(cls, fed, fabric, **kwargs)
     state = {k: v.clone() for k, v in method.state_dict().items() if isinstance(v, torch.Tensor)}
-    store = {k: v.clone() for k, v in loop.store.states.items()}
+    store = {k: v.clone() for k, v in result.store.states.items()}
     snapshots = {}
     start, predict = method.start_finetune, method.predict_personal
 
@@ -89,33 +94,34 @@ def test_only_the_named_parameters_change_and_training_state_is_untouched(indexe
     method.start_finetune = start_spy
     method.predict_personal = lambda x: snap("scored") or predict(x)
     with torch.no_grad():
-        Evaluator(fed, finetune_steps=3, finetune_batch_size=8)._finetune(method, loader(method, loop), fed.new_clients[0])
+        Evaluator(fed, finetune_steps=3, finetune_batch_size=8)._finetune(method, loader(method, trained), fed.new_clients[0],
+                                                                          trained.round)
     changed = {n for n, p in snapshots["scored"].items() if not torch.equal(p, snapshots["start"][n])}
     assert changed and all(n.startswith(tuned) for n in changed), changed
     # nothing outlives scoring: the method's state (server-only included) and the client store are as before
     for k, v in method.state_dict().items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, state[k]), k
-    assert loop.store.states.keys() == store.keys() and all(torch.equal(loop.store.states[k], v) for k, v in store.items())
+    assert result.store.states.keys() == store.keys() and all(torch.equal(result.store.states[k], v) for k, v in store.items())
     assert all(p.requires_grad == (not n.startswith(("local_ready", "label_counts", "head_weight")))
                for n, p in method.named_parameters()), "fine-tuning left a parameter frozen"
     assert sorted(start()) == sorted(tuned) or cls in (FedAvg, Local)  # (last: it loads the served head)
 
 
 def test_fedper_fine_tunes_from_the_served_head(indexed_fed, fabric):
-    method, loop = fitted(FedPer, indexed_fed, fabric)
-    loader(method, loop)()
+    method, _, state = fitted(FedPer, indexed_fed, fabric)
+    loader(method, state)()
     method.start_finetune()
     torch.testing.assert_close(method.net.head.weight, method.eval_head.weight)
-    assert not torch.equal(loop.init_personal, method.flat["personal"])
+    assert not torch.equal(state.init_personal, method.flat["personal"])
 
 
 @pytest.mark.parametrize("cls", [FedPer, FedCoE])
 def test_training_is_the_same_with_and_without_the_fine_tuned_column(tmp_path, fabric, cls):
     def run(steps):
         fed = FederatedData(source="synthetic", num_clients=10, cache_dir=str(tmp_path), min_size=10).setup(0)
-        method, loop = fitted(cls, fed, fabric, steps=steps)
-        return loop, {k: v for k, v in loop.history[-1].items() if "acc" in k}
+        method, result, _ = fitted(cls, fed, fabric, steps=steps)
+        return result, {k: v for k, v in result.history[-1].items() if "acc" in k}
 
     (off, off_metrics), (on, on_metrics) = run(0), run(3)
     assert torch.equal(off.server, on.server)
@@ -126,14 +132,14 @@ def test_training_is_the_same_with_and_without_the_fine_tuned_column(tmp_path, f
 
 def test_fine_tuning_is_deterministic_per_client(indexed_fed, fabric):
     fed = indexed_fed
-    method, loop = fitted(FedAvg, fed, fabric)
+    method, _, state = fitted(FedAvg, fed, fabric)
     evaluator = Evaluator(fed, finetune_steps=3, finetune_batch_size=8)
     a, b = fed.new_clients[:2]
     with torch.no_grad():
-        alone = evaluator._finetune(method, loader(method, loop), b)
-        evaluator._finetune(method, loader(method, loop), a)
+        alone = evaluator._finetune(method, loader(method, state), b, state.round)
+        evaluator._finetune(method, loader(method, state), a, state.round)
         torch.manual_seed(123)  # whatever ran before, the client's own seed decides
-        again = evaluator._finetune(method, loader(method, loop), b)
+        again = evaluator._finetune(method, loader(method, state), b, state.round)
     assert torch.equal(alone, again)
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from helpers import decode_indices
 
-from baselines.fedavg import FedAvg
-from fedcoe_bench.evaluation import Evaluator
+from fedcoe_bench.baselines.fedavg import FedAvg
+from fedcoe_bench.evaluation import Evaluator, Snapshot
 from fedcoe_bench.loop import FederatedLoop
 
 
@@ -25,14 +25,14 @@ class TrainSpy(FedAvg):
         self.seen_start: list[int] = []
         self.seen_report: list[int] = []
 
-    def on_client_start(self, x, y):
+    def on_client_start(self, x, y, ctx):
         self.seen_start += decode_indices(self.fed, x)
 
     def training_step(self, batch, batch_idx):
         self.seen_training += decode_indices(self.fed, batch[0])
         return super().training_step(batch, batch_idx)
 
-    def client_report(self, x):
+    def on_client_end(self, x, ctx):
         self.seen_report += decode_indices(self.fed, x)
         return {}
 
@@ -44,9 +44,9 @@ def test_cold_start_clients_are_never_trained(indexed_fed, fabric, monkeypatch):
     trained: list[tuple[int, int]] = []  # (round, client id)
     original = FederatedLoop._train_client
 
-    def spy(self, fabric, method, optimizer, fed, client, seed, rnd, server):
-        trained.append((rnd, client.id))
-        return original(self, fabric, method, optimizer, fed, client, seed, rnd, server)
+    def spy(self, fabric, run, optimizer, client, round_ctx):
+        trained.append((round_ctx.round, client.id))
+        return original(self, fabric, run, optimizer, client, round_ctx)
 
     monkeypatch.setattr(FederatedLoop, "_train_client", spy)
     method = TrainSpy(fed, num_classes=fed.num_classes, in_channels=1, image_size=12)
@@ -92,30 +92,31 @@ class ColdStartSpy(FedAvg):
 def test_cold_start_predictor_sees_inputs_only_and_changes_nothing(indexed_fed, fabric):
     fed = indexed_fed
     method = build(ColdStartSpy, fed)
+    initial = {n: t.detach().clone() for n, t in method.named_state("personal")}
     loop = FederatedLoop(rounds=2, clients_per_round=4, batch_size=16, eval_every=10, progress=False)
-    loop.fit(fabric, method, fed, seed=0)
-    assert loop.store.states, "training clients should hold personal heads that differ from the initial one"
+    result = loop.fit(fabric, method, fed, seed=0)
+    assert result.store.states, "training clients should hold personal heads that differ from the initial one"
     assert method.calls, "the cold-start predictor was never called"
 
-    # evaluate again, on a known state, and check the state after
-    def load(personal):
-        method.flat["shared"].copy_(loop.server)
-        method.flat["personal"].copy_(loop.init_personal if personal is None else personal)
-
-    load(None)
+    # evaluate again, on a known state, and check the state after; fit leaves the method holding the
+    # server state and the initial personal state (checked against the values before training)
+    init_personal = method.flat["personal"].clone()
+    assert all(torch.equal(method.view_like(init_personal, n, "personal"), t) for n, t in initial.items())
+    state = Snapshot(result.server, init_personal, result.store)
+    state.load(method)
     method.zero_grad(set_to_none=True)
     method.calls.clear()
     state_before = {k: v.clone() for k, v in method.state_dict().items()}
-    server_before = loop.server.clone()
-    personal_before = {k: v.clone() for k, v in loop.store.states.items()}
-    metrics = Evaluator(fed, batch_size=64)(method, load, loop.store.get)
+    server_before = result.server.clone()
+    personal_before = {k: v.clone() for k, v in result.store.states.items()}
+    metrics = Evaluator(fed, batch_size=64)(method, state)
 
     assert 0.0 <= metrics["cold_start_acc"] <= 1.0
     assert all(torch.equal(v, state_before[k]) for k, v in method.state_dict().items()), "evaluation changed a parameter"
     assert all(p.grad is None for p in method.parameters()), "evaluation computed a gradient"
-    assert torch.equal(loop.server, server_before)
-    assert loop.store.states.keys() == personal_before.keys()
-    assert all(torch.equal(loop.store.states[k], v) for k, v in personal_before.items())
+    assert torch.equal(result.server, server_before)
+    assert result.store.states.keys() == personal_before.keys()
+    assert all(torch.equal(result.store.states[k], v) for k, v in personal_before.items())
 
     new_labels = [fed.pool_y[getattr(c, part)] for c in fed.new_clients for part in ("train", "val", "test")]
     unlabeled_seen = set()
@@ -123,8 +124,8 @@ def test_cold_start_predictor_sees_inputs_only_and_changes_nothing(indexed_fed, 
         assert call["grad_enabled"] is False, "the cold-start predictor runs with gradients enabled"
         assert call["training"] is False, "the cold-start predictor runs in train mode"
         # the server state and the *initial* personal state are loaded, never a trained client's
-        assert torch.equal(call["shared"], loop.server)
-        assert torch.equal(call["personal"], loop.init_personal)
+        assert torch.equal(call["shared"], result.server)
+        assert torch.equal(call["personal"], init_personal)
         for arg in call["args"]:
             assert isinstance(arg, torch.Tensor) and arg.is_floating_point(), "a non-input argument was passed"
             assert not any(arg.shape == y.shape and torch.equal(arg.long(), y) for y in new_labels)
@@ -177,7 +178,7 @@ class ValidationSpy(FedAvg):
         super().__init__(**kwargs)
         self.fed, self.calls = fed, []
 
-    def on_client_validation(self, x, y):
+    def on_client_validation(self, x, y, ctx):
         self.calls.append((decode_indices(self.fed, x) if len(x) else [], y.tolist(), self.training,
                            torch.is_grad_enabled()))
 

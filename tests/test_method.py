@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from baselines.fedavg import FedAvg
-from fedcoe_bench.method import ClientUpdate, FederatedMethod, weighted_mean
+from fedcoe_bench.baselines.fedavg import FedAvg
+from fedcoe_bench.method import ClientUpdate, FederatedMethod, RoundContext, weighted_mean
 
 
 def tiny(cls=FedAvg, **kwargs):
     return cls(num_classes=3, in_channels=1, image_size=8, **kwargs)
+
+
+def agg(method, server, updates):
+    """The new server state of ``method.aggregate`` (a round of a 10-client federation)."""
+    new, _ = method.aggregate(server, updates, RoundContext(1, 10, len(updates)))
+    return new
 
 
 class HeadPersonal(FedAvg):
@@ -29,10 +35,10 @@ def test_fedavg_aggregate_is_the_sample_weighted_mean():
     # by hand: (2*[1,2,3] + 3*[4,5,6] + 5*[-1,0,10]) / 10 = [9, 19, 74] / 10
     expected = torch.tensor([0.9, 1.9, 7.4])
     for method in (tiny(), FederatedMethod()):
-        out = method.aggregate(server, ups)
+        out = agg(method, server, ups)
         torch.testing.assert_close(out, expected)
         # the order in which the updates arrive does not matter
-        torch.testing.assert_close(method.aggregate(server, ups[::-1]), expected)
+        torch.testing.assert_close(agg(method, server, ups[::-1]), expected)
     # an unweighted mean would give [4/3, 7/3, 19/3]; make sure weights really matter
     assert not torch.allclose(out, torch.stack([u.shared for u in ups]).mean(0))
 
@@ -40,15 +46,15 @@ def test_fedavg_aggregate_is_the_sample_weighted_mean():
 def test_fedavg_aggregate_ignores_zero_weight_clients_and_keeps_a_single_update():
     server = torch.zeros(2)
     one = ClientUpdate(1, 4.0, torch.tensor([3.0, -2.0]))
-    torch.testing.assert_close(tiny().aggregate(server, [one]), one.shared)
+    torch.testing.assert_close(agg(tiny(), server, [one]), one.shared)
     empty_client = ClientUpdate(2, 0.0, torch.tensor([1e6, 1e6]))
-    torch.testing.assert_close(tiny().aggregate(server, [one, empty_client]), one.shared)
+    torch.testing.assert_close(agg(tiny(), server, [one, empty_client]), one.shared)
 
 
 def test_zero_total_weight_returns_the_server_state_unchanged():
     server = torch.tensor([0.5, -1.5, 2.0])
     ups = [ClientUpdate(0, 0.0, torch.tensor([9.0, 9.0, 9.0])), ClientUpdate(1, 0.0, torch.tensor([-9.0, 1.0, 3.0]))]
-    out = tiny().aggregate(server, ups)
+    out = agg(tiny(), server, ups)
     assert torch.equal(out, server)
     assert torch.equal(server, torch.tensor([0.5, -1.5, 2.0]))  # the input is not modified either
     # weighted_mean itself: weights summing to 0 fall back, positive ones do not

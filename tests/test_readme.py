@@ -27,7 +27,7 @@ def bash_command(program: str) -> list[str]:
 
 
 @pytest.mark.parametrize("filename,args,used", [
-    ("my_method.py", [*bash_command("my_method.FedAvgM"), "--data.source", "synthetic"], "method.class_path"),
+    ("my_method.py", [*bash_command("my_method.FedDyn"), "--data.source", "synthetic"], "method.class_path"),
     ("my_source.py", bash_command("my_source.MySource"), "data.source.class_path"),
     ("my_backbone.py", [*bash_command("my_backbone.SmallBN"), "--data.source", "synthetic"], "method.init_args.backbone"),
 ])

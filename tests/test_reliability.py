@@ -87,7 +87,7 @@ class NaNAtRound2:
 
     code = '''
 import torch
-from baselines import FedAvg
+from fedcoe_bench.baselines import FedAvg
 
 class NaNFedAvg(FedAvg):
     calls = 0

@@ -39,10 +39,10 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, fit_argv, run_
 
     original = FederatedLoop._train_client
 
-    def crash_in_round_3(self, fabric, method, optimizer, fed, client, seed, rnd, server):
-        if rnd == 2:
+    def crash_in_round_3(self, fabric, run, optimizer, client, round_ctx):
+        if round_ctx.round == 3:  # rounds count from 1
             raise RuntimeError("simulated crash")
-        return original(self, fabric, method, optimizer, fed, client, seed, rnd, server)
+        return original(self, fabric, run, optimizer, client, round_ctx)
 
     monkeypatch.setattr(FederatedLoop, "_train_client", crash_in_round_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -204,7 +204,7 @@ def test_a_method_argument_a_config_predates_counts_at_its_default():
     assert config_diff(old, new) == [] and config_diff(new, old) == []
     on = {"seed": 0, "method": {"class_path": "fedcoe_bench.fedcoe.FedCoE", "init_args": {"lr": 0.01, "balance_rate": 0.1}}}
     assert config_diff(old, on) == ["method.init_args.balance_rate: None there, 0.1 here"]
-    other = {"seed": 0, "method": {"class_path": "baselines.fedavg.FedAvg", "init_args": {"lr": 0.01, "balance_rate": 0.0}}}
+    other = {"seed": 0, "method": {"class_path": "fedcoe_bench.baselines.fedavg.FedAvg", "init_args": {"lr": 0.01, "balance_rate": 0.0}}}
     assert config_diff(old, other)  # another class: nothing is filled in
 
 

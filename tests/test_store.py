@@ -173,7 +173,7 @@ DDP = """
 import json, sys
 import torch
 from lightning.fabric import Fabric
-from baselines import FedAvg, FedMix, FedPer, FedProx, Local, PFedMoE
+from fedcoe_bench.baselines import FedAvg, FedMix, FedPer, FedProx, Local, PFedMoE
 from fedcoe_bench import store
 from fedcoe_bench.data import FederatedData, Synthetic
 from fedcoe_bench.fedcoe import FedCoE
@@ -188,7 +188,7 @@ fed = FederatedData(source=Synthetic(samples=240, test_samples=40, image_size=8)
 log = {"trained": [], "puts": [], "gathered": []}
 put, train = store.DiskStore.put, FederatedLoop._train_client
 store.DiskStore.put = lambda self, c, s: (log["puts"].append(c), put(self, c, s))[1]
-FederatedLoop._train_client = lambda self, *a: (log["trained"].append(a[4].id), train(self, *a))[1]
+FederatedLoop._train_client = lambda self, *a: (log["trained"].append(a[3].id), train(self, *a))[1]  # (fabric, run, optimizer, client, ctx)
 gather = fabric.all_gather
 fabric.all_gather = lambda d: (log["gathered"].append(sum(v.numel() for v in d.values())), gather(d))[1]
 results = {}
@@ -199,11 +199,11 @@ for cls in (FedAvg, FedProx, FedPer, FedMix, PFedMoE, Local, FedCoE):
     method = cls(num_classes=10, in_channels=1, image_size=8)
     loop = FederatedLoop(rounds=2, clients_per_round=4, batch_size=16, eval_every=2, progress=False,
                          client_store="disk", client_store_dir=f"{out}/{name}-{devices}")
-    metrics = loop.fit(fabric, method, fed, seed=0)
-    results[name] = {**{k: list(v) for k, v in log.items()}, "metrics": metrics,
-                     "personal_numel": int(loop.init_personal.numel())}
+    result = loop.fit(fabric, method, fed, seed=0)
+    results[name] = {**{k: list(v) for k, v in log.items()}, "metrics": result.metrics,
+                     "personal_numel": int(method.flat["personal"].numel())}
     if fabric.global_rank == 0:
-        torch.save(loop.server.cpu(), f"{out}/{name}-{devices}.pt")
+        torch.save(result.server.cpu(), f"{out}/{name}-{devices}.pt")
 with open(f"{out}/log-{devices}-{fabric.global_rank}.json", "w") as f:
     json.dump(results, f)
 """

@@ -53,7 +53,7 @@ def test_grid_expands_to_every_combination_with_exact_args(small_sweep, tmp_path
     last = runs[-1]
     assert (last.params, last.config["seed"], last.config["data"]["alpha"], last.config["loop"]["rounds"]) == (
         {"method": "fedper", "seed": 1, "data.alpha": 0.5, "loop.rounds": 2}, 1, 0.5, 2)
-    assert last.config["method"]["class_path"] == "baselines.fedper.FedPer"
+    assert last.config["method"]["class_path"] == "fedcoe_bench.baselines.fedper.FedPer"
 
 
 def test_dry_run_prints_the_commands_and_runs_nothing(small_sweep, tmp_path, run_cli):
@@ -427,10 +427,10 @@ def test_selection_on_real_runs_summaries(small_sweep, tmp_path, monkeypatch, ru
     """End to end: a tuning sweep of two learning rates runs `fedbench fit` twice, and the selection
     reads the val_personal_acc those runs wrote and prints the chosen run's test numbers."""
     files = []
-    for lr in (0.0, 0.05):
+    for lr in (1e-4, 0.05):  # a near-zero lr barely trains: the two runs differ
         files.append(tmp_path / f"fedavg-lr{lr}.yaml")
         files[-1].write_text(yaml.safe_dump({"name": f"fedavg-lr{lr}", "method": {
-            "class_path": "baselines.fedavg.FedAvg", "init_args": {"lr": lr}}}))
+            "class_path": "fedcoe_bench.baselines.fedavg.FedAvg", "init_args": {"lr": lr}}}))
     spec = yaml.safe_load(small_sweep.read_text())
     spec["metric"] = {"name": "val_personal_acc", "goal": "maximize"}
     spec["parameters"] = {"config": {"values": [str(f) for f in files]}, "seed": {"value": 0},

@@ -153,7 +153,7 @@ def test_missing_wandb_package_is_one_line_too(capsys):
 
 
 def test_wandb_sees_the_sweep_keys():
-    config = {"seed": 1, "name": None, "method": {"class_path": "baselines.fedper.FedPer", "init_args": {"lr": 0.01}},
+    config = {"seed": 1, "name": None, "method": {"class_path": "fedcoe_bench.baselines.fedper.FedPer", "init_args": {"lr": 0.01}},
               "data": {"source": "mnist10k", "scheme": "dirichlet", "alpha": 0.1}, "loop": {"rounds": 100}}
     flat = wandb_config(config)
     # the keys a sweep file sets (method, seed, data.alpha, loop.rounds) hold the same values here

@@ -30,6 +30,7 @@ from typing import Callable, Literal, Optional
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from fedcoe_bench.errors import TrainingDiverged, UserError
+from fedcoe_bench.registry import METHODS, current_path, short_name
 from fedcoe_bench.runs import CHECKPOINT_NEUTRAL_KEYS, RunDir, config_diff
 
 # The method's input and output shape: taken from the data source (a link), never given by hand.
@@ -56,7 +57,7 @@ def fit_parser() -> ArgumentParser:
                    help="output directory (default runs/<dataset>/<scheme><alpha>/<name or method>/seed<seed>)")
     p.add_argument("--name", type=str | None, default=None,
                    help="label of this setting (e.g. an ablation) in run directories, tables and W&B (default: the method)")
-    p.add_subclass_arguments(FederatedMethod, "method", default={"class_path": "baselines.fedavg.FedAvg"},
+    p.add_subclass_arguments(FederatedMethod, "method", default={"class_path": "fedcoe_bench.baselines.fedavg.FedAvg"},
                              required=False, help="the federated method: a short name (fedavg, fedcoe, ...), a class "
                              "path, or a YAML file such as configs/method/fedcoe.yaml")
     p.add_class_arguments(FederatedData, "data")
@@ -147,22 +148,23 @@ def build_parser(parsers: dict[str, ArgumentParser] | None = None) -> ArgumentPa
 
 
 # ---------------------------------------------------------------------- names and paths
-def _known(base: type) -> dict[str, type]:
-    """Short names (lower-cased class names) of the imported subclasses of ``base``."""
-    importlib.import_module("baselines")
-    importlib.import_module("fedcoe_bench.fedcoe")
-    out, todo = {}, list(base.__subclasses__())
+def _known_sources() -> dict[str, str]:
+    """Short names (lower-cased class names) of the imported data sources."""
+    from fedcoe_bench.data import DataSource
+
+    out, todo = {}, list(DataSource.__subclasses__())
     while todo:
         cls = todo.pop()
         out.setdefault(cls.__name__.lower(), cls)
         todo += cls.__subclasses__()
-    return out
+    return {name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in out.items()}
 
 
 def expand_short_names(argv: list[str]) -> list[str]:
-    """``--method fedavg`` -> ``--method baselines.fedavg.FedAvg`` (likewise ``--data.source`` and their ``.help``)."""
-    method, source = ("fedcoe_bench.method", "FederatedMethod"), ("fedcoe_bench.data", "DataSource")
-    targets = {"--method": method, "--method.help": method, "--data.source": source, "--data.source.help": source}
+    """``--method fedavg`` -> ``--method fedcoe_bench.baselines.fedavg.FedAvg`` (likewise ``--data.source`` and
+    their ``.help``); a built-in method's class path from before it moved into the package is rewritten."""
+    targets = {"--method": "method", "--method.help": "method", "--data.source": "data.source",
+               "--data.source.help": "data.source", "--method.class_path": "method"}
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]
@@ -171,22 +173,16 @@ def expand_short_names(argv: list[str]) -> list[str]:
             if not eq:
                 i += 1
                 value = argv[i]
-            module, base = targets[key]
-            known = _known(getattr(importlib.import_module(module), base))
-            cls = known.get(value.lower())
-            if cls is None and "." not in value and not value.startswith("{"):
-                raise UsageError(f"unknown {key[2:]} '{value}'; choose one of {', '.join(sorted(known))} "
+            known = {n: path for n, (path, _) in METHODS.items()} if targets[key] == "method" else _known_sources()
+            path = known.get(value.lower())
+            if path is None and "." not in value and not value.startswith("{"):
+                raise UsageError(f"unknown {targets[key]} '{value}'; choose one of {', '.join(sorted(known))} "
                                  f"or give a class path (module.Class)")
-            out.append(f"{key}={cls.__module__}.{cls.__qualname__}" if cls else f"{key}={value}")
+            out.append(f"{key}={path or current_path(value)}")
         else:
             out.append(arg)
         i += 1
     return out
-
-
-def short_name(class_path: str) -> str:
-    """``baselines.fedper.FedPer`` -> ``fedper``: how tables, run directories and W&B name a class."""
-    return class_path.rsplit(".", 1)[-1].lower()
 
 
 def stored_config(parser: ArgumentParser, cfg: Namespace) -> dict:
@@ -300,7 +296,7 @@ class Fit:
         return loggers
 
     def run(self) -> dict:
-        """Train (from the checkpoint, if any) and return the final metrics; with ``trained``, evaluate its state."""
+        """Train (from the checkpoint, if any) and return the result; with ``trained``, evaluate its state."""
         if self.trained is not None:
             return self.loop.evaluate(self.fabric, self.method, self.fed, self.trained_state, self.cfg.seed,
                                       RunDir(self.trained))
@@ -312,14 +308,14 @@ class Fit:
                 self.run_dir.diverged_path.write_text(f"{err}\n")
             raise
 
-    def report(self, metrics: dict) -> dict:
+    def report(self, result) -> dict:
         """Write the method's artefacts, ``clients.csv`` and ``summary.json`` (rank 0), close the loggers,
         and return the summary."""
         import torch
 
         from fedcoe_bench.results import METRICS
 
-        fabric, cfg = self.fabric, self.cfg
+        fabric, cfg, metrics = self.fabric, self.cfg, result.metrics
         summary = {
             "status": "finished",
             "method": short_name(cfg.method.class_path),
@@ -331,7 +327,8 @@ class Fit:
             "rounds": self.loop.rounds,
             **{k: metrics.get(k) for k in METRICS},
             "metrics": metrics,
-            "wall_time_s": self.loop.wall_time_s,
+            "wall_time_s": result.wall_time_s,
+            "cost": result.cost,
             "resumed_from_round": self.resume_state["round"] if self.resume_state else None,
             "evaluated_from": str(self.trained) if self.trained else None,
             "clients": {"training": len(self.fed.clients), "cold_start": len(self.fed.new_clients)},
@@ -350,8 +347,8 @@ class Fit:
                 from fedcoe_bench.routing import write_routing
 
                 write_routing(self.method.routing_profiles(), self.fed, self.run_dir.path / "routing.csv")
-            if self.loop.evaluator.per_client:  # the final evaluation, client by client
-                write_per_client(self.loop.evaluator.per_client, self.run_dir.path / "clients.csv")
+            if result.per_client:  # the final evaluation, client by client
+                write_per_client(result.per_client, self.run_dir.path / "clients.csv")
             for logger in fabric.loggers:
                 if hasattr(logger, "log_summary"):  # W&B: the final numbers and the files above
                     logger.log_summary(summary, self.run_dir.path)

@@ -20,3 +20,7 @@ class RunError(UserError):
 
 class TrainingDiverged(UserError):
     """A client's loss became NaN or infinite."""
+
+
+class MethodError(ConfigError):
+    """A method that breaks the method contract (``fedcoe_bench.method``): the message names the rule and the fix."""

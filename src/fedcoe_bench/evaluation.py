@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Collection
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,7 +14,8 @@ from lightning.fabric.plugins import Precision
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from fedcoe_bench.data import Client, Federation
-from fedcoe_bench.method import FederatedMethod, overrides
+from fedcoe_bench.method import ClientContext, FederatedMethod, overrides
+from fedcoe_bench.store import ClientStore
 
 
 def em_label_prior(probs: torch.Tensor, train_prior: torch.Tensor, iters: int = 50, tol: float = 1e-6,
@@ -104,13 +106,39 @@ ACC, LP_ACC, FT_ACC, N, VAL_ACC, VAL_LP_ACC, VAL_FT_ACC, VAL_N = range(len(ROWS)
 COUNTS = ("clients_evaluated", "clients_trained", "clients_never_trained", "cold_start_clients_evaluated")
 
 
+@dataclass
+class Snapshot:
+    """A trained state as an evaluation reads it: the server's shared state, the initial personal
+    state (every client's starting point, and what a new client is served), the store of the
+    trained clients' personal states, the ids of the clients that have trained (None: all) and the
+    number of rounds behind it."""
+
+    server: torch.Tensor
+    init_personal: torch.Tensor
+    store: ClientStore | None = None
+    trained_ids: Collection[int] | None = None
+    round: int = 0
+
+    def load(self, method: FederatedMethod, client: int | None = None) -> None:
+        """Put the server state and ``client``'s personal state (None: the initial one) into ``method``."""
+        personal = None if client is None or self.store is None else self.store.get(client)
+        method.flat["shared"].copy_(self.server)
+        method.flat["personal"].copy_(self.init_personal if personal is None else personal)
+
+
 class Evaluator:
     """Runs the three predictors of a method over a federation.
 
-    ``load(personal)`` puts the server state and a client's personal state (None: the initial one)
-    into the method; the evaluator never gives a predictor a label, and wraps every call in
-    ``no_grad``. ``precision`` (the Fabric run's precision plugin) converts the inputs and runs each
-    predictor in its context, as training does; probabilities come back in the default dtype.
+    It reads a trained state through one :class:`Snapshot`; the evaluator never gives a predictor
+    a label, and wraps every call in ``no_grad``. ``precision`` (the Fabric run's precision plugin)
+    converts the inputs and runs each predictor in its context, as training does; probabilities
+    come back in the default dtype.
+
+    Adapters are columns, one code path for every method, never inside a method: ``personal_lp_acc``
+    reweights each training client's personal predictions by its own label prior
+    (:meth:`client_prior`), ``cold_start_lp_acc`` a new client's by the prior EM estimates from its
+    unlabeled inputs (:func:`em_label_prior`); both against the pooled training label distribution
+    (:func:`prior_adjust`). The plain columns are every method's own predictions.
 
     Work is shared where the method's contract makes predictions equal, never by the method's
     name: without personal parameters every client is served the same model, so the personal
@@ -140,13 +168,15 @@ class Evaluator:
             trained (all, when the caller passes no ``trained``).
         seed: seeds the sample.
         precision: the run's Fabric precision plugin (default: 32-bit).
+        memory_format: the model's memory format, which its inputs take.
         finetune_steps: local steps of the fine-tuned cold start (0: no ``cold_start_ft_acc``).
         finetune_batch_size: its mini-batch size.
     """
 
     def __init__(self, fed: Federation, batch_size: int = 256, clients: int | None = None, seed: int = 0,
-                 precision: Precision | None = None, finetune_steps: int = 0, finetune_batch_size: int = 32):
-        self.fed, self.batch_size, self.seed = fed, batch_size, seed
+                 precision: Precision | None = None, memory_format: torch.memory_format = torch.contiguous_format,
+                 finetune_steps: int = 0, finetune_batch_size: int = 32):
+        self.fed, self.batch_size, self.seed, self.memory_format = fed, batch_size, seed, memory_format
         self.finetune_steps, self.finetune_batch_size = finetune_steps, finetune_batch_size
         self.precision = precision or Precision()
         self.train_clients = [fed.clients[i] for i in eval_sample(seed, len(fed.clients), clients, 0)]
@@ -155,10 +185,16 @@ class Evaluator:
         counts = torch.bincount(fed.pool_y[torch.cat([c.train for c in fed.clients])], minlength=fed.num_classes)
         self.train_prior = (counts.double() / counts.sum()).float()
 
+    def client_prior(self, client: Client) -> torch.Tensor:
+        """A training client's own label prior, the add-one-smoothed label frequencies of its local train
+        split: what the personal label-prior adapter (``personal_lp_acc``) reweights its predictions by."""
+        counts = torch.bincount(self.fed.pool_y[client.train], minlength=self.fed.num_classes).double() + 1
+        return (counts / counts.sum()).float()
+
     def _batched(self, fn, x_uint8: torch.Tensor) -> torch.Tensor:
         out = []
         for i in range(0, len(x_uint8), self.batch_size):
-            x = self.precision.convert_input(self.fed.prepare(x_uint8[i : i + self.batch_size]))
+            x = self.precision.convert_input(self.fed.prepare(x_uint8[i : i + self.batch_size], memory_format=self.memory_format))
             with self.precision.forward_context():
                 probs = fn(x)
             out.append(self.precision.convert_output(probs))  # outside the context: its default dtype may be half
@@ -171,12 +207,14 @@ class Evaluator:
         return list(self._batched(fn, self.fed.pool_x[torch.cat(parts)]).split([len(p) for p in parts]))
 
     @torch.no_grad()
-    def __call__(self, method: FederatedMethod, load, personal_of, rank: int = 0, world: int = 1,
-                 all_reduce=None, trained: Collection[int] | None = None, finetune: bool = True) -> dict[str, float]:
-        """The accuracies (and :data:`COUNTS`) of the state ``load`` puts in ``method``; ``trained``: the
-        ids of the clients that have trained (None: all); ``finetune``: also ``cold_start_ft_acc`` (when
+    def __call__(self, method: FederatedMethod, state: Snapshot, fabric=None, finetune: bool = True) -> dict[str, float]:
+        """The accuracies (and :data:`COUNTS`) of ``state`` served by ``method``; with ``fabric``, each of its
+        processes evaluates its share of the clients; ``finetune``: also ``cold_start_ft_acc`` (when
         ``finetune_steps`` > 0)."""
         fed, c = self.fed, self.fed.num_classes
+        rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+        trained = state.trained_ids
+        load = lambda client=None: state.load(method, client)  # noqa: E731
         tune = bool(self.finetune_steps and finetune)
         was_training = method.training
         method.eval()
@@ -204,7 +242,7 @@ class Evaluator:
         else:
             pers_probs = []
             for j, idx in zip(my_pers, tests):
-                load(personal_of(pers[j].id))
+                load(pers[j].id)
                 pers_probs.append(self._batched(method.predict_personal, fed.pool_x[idx]))
             load(None)
 
@@ -213,9 +251,12 @@ class Evaluator:
         for j, probs in zip(my_pers, pers_probs):
             n, v = len(pers[j].test), len(pers[j].val)
             y = fed.pool_y[torch.cat([pers[j].test, pers[j].val])]
+            adjusted = prior_adjust(probs, self.client_prior(pers[j]).to(probs), self.train_prior.to(probs))
             table[ACC, j], table[N, j] = _accuracy(probs[:n], y[:n], c)
+            table[LP_ACC, j] = _accuracy(adjusted[:n], y[:n], c)[0]
             if v:
                 table[VAL_ACC, j], table[VAL_N, j] = _accuracy(probs[n:], y[n:], c)
+                table[VAL_LP_ACC, j] = _accuracy(adjusted[n:], y[n:], c)[0]
         if my_cold:
             clients = [self.cold_clients[j] for j in my_cold]
             labelled = [len(cl.test) + len(cl.val) for cl in clients]
@@ -234,16 +275,16 @@ class Evaluator:
                     table[VAL_ACC, col], table[VAL_N, col] = _accuracy(probs[n:m], y[n:], c)
                     table[VAL_LP_ACC, col] = _accuracy(adjusted[n:], y[n:], c)[0]
                 if tune:
-                    tuned = self._finetune(method, load, cl)
+                    tuned = self._finetune(method, load, cl, state.round)
                     table[FT_ACC, col] = _accuracy(tuned[:n], y[:n], c)[0]
                     if m > n:
                         table[VAL_FT_ACC, col] = _accuracy(tuned[n:], y[n:], c)[0]
-        if all_reduce is not None and world > 1:
-            table = all_reduce(table.to(fed.device)).cpu()
+        if world > 1:
+            table = fabric.all_reduce(table.to(fed.device), reduce_op="sum").cpu()
         sizes = table[N].long().tolist()
         n_pers = len(pers)
         self.per_client = ([{"client": cl.id, "kind": "train", "cluster": cl.cluster, "samples": sizes[j],
-                             "acc": float(table[ACC, j]), "lp_acc": None} for j, cl in enumerate(pers)]
+                             "acc": float(table[ACC, j]), "lp_acc": float(table[LP_ACC, j])} for j, cl in enumerate(pers)]
                            + [{"client": cl.id, "kind": "cold_start", "cluster": cl.cluster, "samples": sizes[n_pers + j],
                                "acc": float(table[ACC, n_pers + j]), "lp_acc": float(table[LP_ACC, n_pers + j])}
                               for j, cl in enumerate(self.cold_clients)])
@@ -254,6 +295,7 @@ class Evaluator:
             if has(trained_cols):
                 out.update(summarize_clients(table[acc, has(trained_cols)].tolist(), table[n, has(trained_cols)].tolist(),
                                              f"{prefix}personal_acc"))
+                out[f"{prefix}personal_lp_acc"] = float(table[acc + 1, has(trained_cols)].mean())
             cold = has(cold_cols)
             if cold:
                 out.update(summarize_clients(table[acc, cold].tolist(), table[n, cold].tolist(), f"{prefix}cold_start_acc"))
@@ -281,11 +323,11 @@ class Evaluator:
         """Cold-start probabilities of a client's local test split, then validation split, then local
         train split (the label-prior adapter's unlabeled inputs)."""
         fed = self.fed
-        unlabeled = self.precision.convert_input(fed.prepare(fed.pool_x[client.train]))  # inputs only: no labels
+        unlabeled = self.precision.convert_input(fed.prepare(fed.pool_x[client.train], memory_format=self.memory_format))  # inputs only
         x = fed.pool_x[torch.cat([client.test, client.val, client.train])]
         return self._batched(lambda x: method.predict_cold_start(x, unlabeled), x)
 
-    def _finetune(self, method: FederatedMethod, load, client: Client) -> torch.Tensor:
+    def _finetune(self, method: FederatedMethod, load, client: Client, rnd: int) -> torch.Tensor:
         """Personal probabilities of a cold-start client's local test, then validation split, after it
         fine-tuned on its labelled shots from the state it is served; leaves the server state loaded.
 
@@ -303,8 +345,9 @@ class Evaluator:
         frozen = []
         try:
             with torch.enable_grad():
+                ctx = ClientContext(rnd, len(fed.clients), 1, self.finetune_steps, finetune=True)
                 with self.precision.forward_context():
-                    method.on_client_start(convert(fed.prepare(x_all)), y_all)
+                    method.on_client_start(convert(fed.prepare(x_all, memory_format=self.memory_format)), y_all, ctx)
                 prefixes = tuple(method.start_finetune())
                 tuned = {id(p) for kind in ("shared", "personal") for n, p in method.named_group(kind)
                          if n.startswith(prefixes)}
@@ -314,7 +357,9 @@ class Evaluator:
                     p.requires_grad_(False)
                 if any(p.requires_grad for p in method.parameters()):
                     optimizer = method.configure_optimizers()  # the method's local settings, fresh state
-                    for step, batch in enumerate(fed.batches(x_all, y_all, self.finetune_batch_size, self.finetune_steps, g)):
+                    batches = fed.batches(x_all, y_all, self.finetune_batch_size, self.finetune_steps, g,
+                                          memory_format=self.memory_format)
+                    for step, batch in enumerate(batches):
                         with self.precision.forward_context():
                             loss = method.training_step(convert(batch), step)
                         optimizer.zero_grad(set_to_none=True)
@@ -333,10 +378,10 @@ def write_per_client(rows: list[dict], path) -> None:
     """``clients.csv``, one row per client the latest evaluation scored (the trained training clients
     and the cold-start clients of its sample): client, kind (train / cold_start), cluster (feature
     shift; 0 without), samples (local test), acc (personal for training clients, cold-start for new
-    ones), lp_acc (cold-start with the label-prior adapter)."""
+    ones), lp_acc (the same predictions after the label-prior adapter: the client's own label frequencies
+    for a training client, the EM estimate from its unlabeled inputs for a cold-start one)."""
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["client", "kind", "cluster", "samples", "acc", "lp_acc"])
         for r in rows:
-            out.writerow([r["client"], r["kind"], r["cluster"], r["samples"], f"{r['acc']:.6f}",
-                          "" if r["lp_acc"] is None else f"{r['lp_acc']:.6f}"])
+            out.writerow([r["client"], r["kind"], r["cluster"], r["samples"], f"{r['acc']:.6f}", f"{r['lp_acc']:.6f}"])

@@ -20,7 +20,7 @@ from torch import nn
 
 from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.evaluation import em_label_prior, prior_adjust
-from fedcoe_bench.method import ClientUpdate, FederatedMethod, weighted_mean
+from fedcoe_bench.method import ClientContext, ClientUpdate, FederatedMethod, RoundContext, weighted_mean
 from fedcoe_bench.models import Experts, Gate, entropy, mixture
 from fedcoe_bench.routing import RoutingTable
 
@@ -72,7 +72,7 @@ class FedCoE(RoutingTable, FederatedMethod):
     they are now, more than early ones, scored on experts still poor; :math:`d = 1`, the default, is
     the average over all
     rounds. Clients with an empty validation split :math:`V_i` report no score; a round where none
-    has one leaves :math:`\\bar s` as it was. The served setting is logged every round (:meth:`round_diagnostics`).
+    has one leaves :math:`\\bar s` as it was. The served setting is logged every round (:meth:`aggregate`).
 
     Args:
         num_experts: K.
@@ -169,7 +169,6 @@ class FedCoE(RoutingTable, FederatedMethod):
         # server-side statistics, filled by aggregate() from client reports (never sent to clients)
         self.register_buffer("calibration", torch.zeros(2, len(self.beta_grid), 2))  # [decayed sum, weight] x beta x lp
         self._calibration: torch.Tensor | None = None  # this client's self-scores, set from its validation split
-        self._diag: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the two levels
     def log_global(self, x: torch.Tensor, log_w: torch.Tensor | None = None, logits: torch.Tensor | None = None):
@@ -205,7 +204,7 @@ class FedCoE(RoutingTable, FederatedMethod):
 
     # ------------------------------------------------------------------ client side
     @torch.no_grad()
-    def on_client_start(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def on_client_start(self, x: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> None:
         self._calibration = None  # a client reports its own scores or none
         if self.local_level:
             self.label_counts.copy_(torch.bincount(y, minlength=self.num_classes))
@@ -215,7 +214,7 @@ class FedCoE(RoutingTable, FederatedMethod):
             self.local_ready.fill_(1.0)
 
     @torch.no_grad()
-    def on_client_validation(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def on_client_validation(self, x: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> None:
         """Pretend to be a new client: score every cold-start setting (server model) on up to
         ``calibration_samples`` of the validation split; under every beta, so that beta changes
         predictions only (``fedbench eval`` can switch it). Only the scores are reported."""
@@ -223,7 +222,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         self._calibration = self._self_score(x, y) if len(y) else None
 
     @torch.no_grad()
-    def client_report(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def on_client_end(self, x: torch.Tensor, ctx: ClientContext) -> dict[str, torch.Tensor]:
         w = self.gate(x)
         report = {"routing": w.mean(0), "gate_entropy": entropy(w).mean()}
         if self.local_level:
@@ -248,7 +247,12 @@ class FedCoE(RoutingTable, FederatedMethod):
         return scores
 
     # ------------------------------------------------------------------ server side
-    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate],
+                  ctx: RoundContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """The coordinated aggregation above. Logs gate entropy, expert usage (R's column sums), the mean
+        fusion weight and, when the cold-start setting is calibrated, the setting served after this
+        round: ``cold_start_beta_index`` (its position in ``beta_grid``, the last being ``adaptive``),
+        ``cold_start_label_prior`` (0/1) and ``cold_start_self_score`` (its calibrated score)."""
         n = torch.tensor([u.weight for u in updates], dtype=server.dtype, device=server.device)
         new = weighted_mean([u.shared for u in updates], n, server)  # gate (and everything else) by FedAvg
         profiles = torch.stack([u.report["routing"] for u in updates]).to(server.dtype)
@@ -270,26 +274,19 @@ class FedCoE(RoutingTable, FederatedMethod):
             self.calibration.mul_(self.calibration_decay)  # the sum and its weight alike
             self.calibration[0] += round_mean
             self.calibration[1] += 1
-        self._diag = {
+        scalars = {
             "gate_entropy": float(torch.stack([u.report["gate_entropy"] for u in updates]).mean()),
             **{f"expert_usage_{k}": float(v) for k, v in enumerate(profiles.sum(0))},
             **self._served_diagnostics(),
         }
         if self.local_level:
-            self._diag["fusion_h"] = float(torch.stack([u.report["fusion_h"] for u in updates]).mean())
-        return new
+            scalars["fusion_h"] = float(torch.stack([u.report["fusion_h"] for u in updates]).mean())
+        return new, scalars
 
     def start_finetune(self) -> tuple[str, ...]:
         """A new client fine-tunes its local level (local expert, warm-started by
         :meth:`on_client_start`, and fusion gate); without one, the gate."""
         return ("local.", "fusion.") if self.local_level else ("gate.",)
-
-    def round_diagnostics(self) -> dict[str, float]:
-        """Gate entropy, expert usage, mean fusion weight and, when the cold-start setting is
-        calibrated, the setting served after this round: ``cold_start_beta_index`` (its position in
-        ``beta_grid``, the last being ``adaptive``), ``cold_start_label_prior`` (0/1) and
-        ``cold_start_self_score`` (its calibrated score)."""
-        return self._diag
 
     def _served_diagnostics(self) -> dict[str, float]:
         if not (self.cold_start_prior and self.beta == "calibrated") or self.calibration[1].max() == 0:

@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
+from fedcoe_bench.cost import method_cost, report_bytes
 from fedcoe_bench.data import Client, Federation
 from fedcoe_bench.errors import ConfigError, RunError, TrainingDiverged
-from fedcoe_bench.evaluation import COUNTS, Evaluator
-from fedcoe_bench.method import ClientUpdate, FederatedMethod, overrides
+from fedcoe_bench.evaluation import COUNTS, Evaluator, Snapshot
+from fedcoe_bench.method import ClientContext, ClientUpdate, FederatedMethod, RoundContext, check_reports, overrides
 from fedcoe_bench.routing import routing_diagnostics
 from fedcoe_bench.runs import RunDir
 from fedcoe_bench.store import DTYPES, ClientStore, open_store
@@ -51,6 +52,43 @@ def sample_clients(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
 def trained_clients(seed: int, rounds: int, clients: list[Client], k: int) -> set[int]:
     """Ids of the clients sampled in the first ``rounds`` rounds: the ones that have trained."""
     return {clients[i].id for rnd in range(rounds) for i in sample_clients(seed, rnd, len(clients), k)}
+
+
+@dataclass
+class FitResult:
+    """What a fit (or an evaluation of a trained state) leaves: the final metrics, one log row per
+    round, the final server state, the ids of the clients that have trained, the final
+    evaluation's per-client rows and the wall time (over every resumed part)."""
+
+    metrics: dict
+    history: list[dict]
+    server: torch.Tensor
+    trained_ids: set[int]
+    per_client: list[dict]
+    wall_time_s: float
+    store: ClientStore
+    cost: dict = field(default_factory=dict)  # fedcoe_bench.cost.method_cost
+
+
+@dataclass
+class _Run:
+    """The state of one fit while it runs (the loop itself is configuration)."""
+
+    method: FederatedMethod
+    fed: Federation
+    seed: int
+    server: torch.Tensor
+    init_personal: torch.Tensor
+    store: ClientStore
+    evaluator: Evaluator
+    precision: str
+    memory_format: torch.memory_format
+    trained_ids: set[int] = field(default_factory=set)
+    history: list[dict] = field(default_factory=list)
+    report_bytes: int = 0
+
+    def snapshot(self, rnd: int) -> Snapshot:
+        return Snapshot(self.server, self.init_personal, self.store, self.trained_ids, rnd)
 
 
 @dataclass
@@ -119,47 +157,46 @@ class FederatedLoop:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, fabric: Fabric, method: FederatedMethod, fed: Federation, seed: int,
-            run: RunDir | None = None, resume_state: dict | None = None) -> dict:
-        """Train ``method`` on ``fed`` and return the final metrics (and the history in ``self.history``)."""
+            run_dir: RunDir | None = None, resume_state: dict | None = None) -> FitResult:
+        """Train ``method`` on ``fed`` (from ``resume_state``, a checkpoint, if given), checkpointing into
+        ``run_dir``, and return the result."""
         self._check(fabric, fed)
-        method, server = self._setup(fabric, method, fed, seed, resume_state)
+        run = self._setup(fabric, method, fed, seed, run_dir, resume_state)
+        method = run.method
         optimizer = fabric.setup_optimizers(method.configure_optimizers())
-        self.store = self._open_store(fabric, run, self.init_personal.numel())
-        self.history: list[dict] = []
         start, t_start, prior_time = 0, time.perf_counter(), 0.0
         if resume_state is not None:
-            server = self._restore(method, resume_state)
-            self.history = resume_state["history"]
-            start = resume_state["round"]
-            prior_time = resume_state.get("wall_time_s", 0.0)
-            for row in self.history:  # the CSV log is rewritten whole, so it matches an uninterrupted run
+            start, prior_time = resume_state["round"], resume_state.get("wall_time_s", 0.0)
+            run.history = resume_state["history"]
+            for row in run.history:  # the CSV log is rewritten whole, so it matches an uninterrupted run
                 fabric.log_dict(row, step=row["round"])
-        self.trained = trained_clients(seed, start, fed.clients, self.clients_per_round)
-
-        load = lambda personal=None: self._load(method, server, personal)  # reads the current server
+        run.trained_ids = trained_clients(seed, start, fed.clients, self.clients_per_round)
 
         metrics: dict = {}
         bar = tqdm(range(start, self.rounds), desc=type(method).__name__, initial=start, total=self.rounds,
                    disable=not (self.progress and fabric.is_global_zero), dynamic_ncols=True)
         for rnd in bar:
-            server, row = self._round(fabric, method, optimizer, fed, seed, rnd, server)
+            run.server, row = self._round(fabric, run, optimizer, rnd)
             if (rnd + 1) % self.eval_every == 0 or rnd + 1 == self.rounds:
                 t1 = time.perf_counter()
-                metrics = self._measure(fabric, method, load, finetune=rnd + 1 == self.rounds)
+                metrics = self._measure(fabric, run, rnd + 1, finetune=rnd + 1 == self.rounds)
                 row.update(metrics, eval_time=time.perf_counter() - t1)
                 bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("global_acc", "personal_acc", "cold_start_acc") if k in metrics})
-            self.history.append(row)
+            run.history.append(row)
             fabric.log_dict(row, step=rnd + 1)
-            if run is not None and self.checkpoint_every and ((rnd + 1) % self.checkpoint_every == 0 or rnd + 1 == self.rounds):
-                load(None)
-                self._checkpoint(fabric, method, fed, run, rnd, server, prior_time + time.perf_counter() - t_start)
-        load(None)  # leave the method holding the server state
-        self.server = server
-        self.wall_time_s = prior_time + time.perf_counter() - t_start
+            if run_dir is not None and self.checkpoint_every and ((rnd + 1) % self.checkpoint_every == 0 or rnd + 1 == self.rounds):
+                self._checkpoint(fabric, run, run_dir, rnd + 1, prior_time + time.perf_counter() - t_start)
+        _load(method, run.server, run.init_personal)  # leave the method holding the server state
         if not metrics:  # resumed from the final checkpoint: the last evaluation is in the history
-            metrics = {k: v for row in self.history for k, v in row.items()
+            metrics = {k: v for row in run.history for k, v in row.items()
                        if k.endswith("_acc") or "_acc_" in k or k in COUNTS}
-        return metrics
+        return FitResult(metrics, run.history, run.server, run.trained_ids, run.evaluator.per_client,
+                         prior_time + time.perf_counter() - t_start, run.store, self._cost(fabric, run))
+
+    def _cost(self, fabric: Fabric, run: _Run) -> dict:
+        """The method's cost (:func:`~fedcoe_bench.cost.method_cost`), the server state loaded."""
+        x = fabric.strategy.precision.convert_input(run.fed.prepare(run.fed.test_x[:1], memory_format=run.memory_format))
+        return method_cost(run.method, x, run.report_bytes)
 
     def _check(self, fabric: Fabric, fed: Federation) -> None:
         if self.clients_per_round > len(fed.clients):
@@ -173,24 +210,27 @@ class FederatedLoop:
                 f"trains its share of the round's clients, so use at most {self.clients_per_round} devices"
             )
 
-    def _round(self, fabric: Fabric, method: FederatedMethod, optimizer, fed: Federation, seed: int, rnd: int,
-               server: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def _round(self, fabric: Fabric, run: _Run, optimizer, rnd: int) -> tuple[torch.Tensor, dict]:
         """One round: sample, train this rank's clients, gather, aggregate; returns the new server state
         and the round's log row."""
         t0 = time.perf_counter()
-        sampled = [fed.clients[i] for i in sample_clients(seed, rnd, len(fed.clients), self.clients_per_round)]
-        self.trained.update(c.id for c in sampled)
+        fed, method = run.fed, run.method
+        sampled = [fed.clients[i] for i in sample_clients(run.seed, rnd, len(fed.clients), self.clients_per_round)]
+        run.trained_ids.update(c.id for c in sampled)
+        ctx = RoundContext(rnd + 1, len(fed.clients), len(sampled))
         mine = sampled[fabric.global_rank :: fabric.world_size]
-        updates = [self._train_client(fabric, method, optimizer, fed, c, seed, rnd, server) for c in mine]
-        updates = self._gather(fabric, updates, server)
+        updates = [self._train_client(fabric, run, optimizer, c, ctx) for c in mine]
+        updates = self._gather(fabric, run, updates)
         for u in updates:
             if not math.isfinite(u.loss):
                 raise TrainingDiverged(
                     f"round {rnd}, client {u.client}: local loss is {u.loss}; lower method.init_args.lr "
                     f"(the last good checkpoint is kept)"
                 )
-        self._load(method, server)
-        server = method.aggregate(server, updates)
+        check_reports(method, updates)
+        run.report_bytes = run.report_bytes or report_bytes(updates)
+        _load(method, run.server, run.init_personal)
+        server, scalars = method.aggregate(run.server, updates, ctx)
         train_time = time.perf_counter() - t0
         samples = sum(u.samples for u in updates)
         return server, {
@@ -198,57 +238,58 @@ class FederatedLoop:
             "train_loss": sum(u.loss * u.samples for u in updates) / max(samples, 1),
             "round_time": train_time,
             "samples_per_s": samples / train_time,
-            **method.round_diagnostics(),
+            **scalars,
             **routing_diagnostics(method.routing_profiles(), fed),  # the loop knows the clusters, no method does
         }
 
-    def _checkpoint(self, fabric: Fabric, method: FederatedMethod, fed: Federation, run: RunDir, rnd: int,
-                    server: torch.Tensor, wall_time_s: float) -> None:
-        """Save the state after round ``rnd`` as one dict, once every rank's client states are durable."""
-        state = {"round": rnd + 1, "server": server, "store": self.store.flush(),
-                 "method": method.state_dict(), "history": self.history, "precision": self.precision,
-                 "channels_last": fed.memory_format == torch.channels_last, "wall_time_s": wall_time_s}
+    def _checkpoint(self, fabric: Fabric, run: _Run, run_dir: RunDir, rounds_done: int, wall_time_s: float) -> None:
+        """Save the state after ``rounds_done`` rounds as one dict, once every rank's client states are durable."""
+        _load(run.method, run.server, run.init_personal)
+        state = {"round": rounds_done, "server": run.server, "store": run.store.flush(),
+                 "method": run.method.state_dict(), "history": run.history, "precision": run.precision,
+                 "channels_last": run.memory_format == torch.channels_last, "wall_time_s": wall_time_s}
         fabric.barrier()  # every rank's client states are durable before the checkpoint names them
-        run.save_checkpoint(fabric, state)
+        run_dir.save_checkpoint(fabric, state)
 
     def evaluate(self, fabric: Fabric, method: FederatedMethod, fed: Federation, state: dict, seed: int,
-                 trained: RunDir | None = None) -> dict:
-        """The metrics of a trained ``state`` (a finished run's final checkpoint, from ``trained``, trained
-        with ``seed``), without training.
+                 trained_run: RunDir | None = None) -> FitResult:
+        """The metrics of a trained ``state`` (a finished run's final checkpoint, from ``trained_run``,
+        trained with ``seed``), without training.
 
         ``fedbench eval`` serves a trained run under other prediction-time settings this way; the
         result is what training again with those settings would give, when training never reads them.
         """
-        method, _ = self._setup(fabric, method, fed, seed, state)
-        self.store = self._open_store(fabric, trained, self.init_personal.numel())
-        server = self._restore(method, state)
-        self.trained = trained_clients(seed, state["round"], fed.clients, self.clients_per_round)
+        run = self._setup(fabric, method, fed, seed, trained_run, state)
+        run.trained_ids = trained_clients(seed, state["round"], fed.clients, self.clients_per_round)
         t0 = time.perf_counter()
-        metrics = self._measure(fabric, method, lambda personal=None: self._load(method, server, personal))
-        self._load(method, server)
-        self.server, self.wall_time_s = server, state.get("wall_time_s", 0.0)
-        self.history = [{"round": state["round"], **metrics, "eval_time": time.perf_counter() - t0}]
-        fabric.log_dict(self.history[0], step=state["round"])
-        return metrics
+        metrics = self._measure(fabric, run, state["round"])
+        _load(run.method, run.server, run.init_personal)
+        history = [{"round": state["round"], **metrics, "eval_time": time.perf_counter() - t0}]
+        fabric.log_dict(history[0], step=state["round"])
+        return FitResult(metrics, history, run.server, run.trained_ids, run.evaluator.per_client,
+                         state.get("wall_time_s", 0.0), run.store, self._cost(fabric, run))
 
-    def _setup(self, fabric: Fabric, method: FederatedMethod, fed: Federation, seed: int,
-               state: dict | None) -> tuple[FederatedMethod, torch.Tensor]:
+    def _setup(self, fabric: Fabric, method: FederatedMethod, fed: Federation, seed: int, run_dir: RunDir | None,
+               state: dict | None) -> _Run:
         """Cast and place ``method`` through Fabric, choose its memory format, make its flat vectors, take
-        the initial personal state and let the method size its server state, all before any checkpoint
-        (``state``) is restored; returns the method and the initial server state."""
+        the initial personal state and let the method size its server state, all before ``state`` (a
+        checkpoint) is restored; then open the client store and restore."""
         precision = fabric.strategy.precision
         method = fabric.to_device(precision.convert_module(method))
-        self._format(method, fed, state)
+        memory_format = self._format(method, state)
+        method.to(memory_format=memory_format)
         method.flatten_parameters()
         server = method.flat["shared"].clone()
-        self.init_personal = method.flat["personal"].clone()
+        init_personal = method.flat["personal"].clone()
         method.setup_server(server)
         method.check_state()
-        self.precision = precision.precision
-        # per-client accuracies of the latest evaluation: evaluator.per_client
-        self.evaluator = Evaluator(fed, self.eval_batch_size, self.eval_clients, seed, precision,
-                                   finetune_steps=self.cold_start_steps, finetune_batch_size=self.batch_size)
-        return method, server
+        evaluator = Evaluator(fed, self.eval_batch_size, self.eval_clients, seed, precision, memory_format,
+                              finetune_steps=self.cold_start_steps, finetune_batch_size=self.batch_size)
+        store = self._open_store(fabric, run_dir, init_personal.numel())
+        run = _Run(method, fed, seed, server, init_personal, store, evaluator, precision.precision, memory_format)
+        if state is not None:
+            self._restore(run, state)
+        return run
 
     def _open_store(self, fabric: Fabric, run: RunDir | None, numel: int) -> ClientStore:
         """The client-state store of ``client_store``, for states of ``numel`` values."""
@@ -257,85 +298,81 @@ class FederatedLoop:
             raise ConfigError("loop.client_store=disk needs a run directory or loop.client_store_dir")
         return open_store(self.client_store, directory, numel, self.client_state_dtype, fabric.world_size)
 
-    def _format(self, method: FederatedMethod, fed: Federation, state: dict | None) -> None:
-        """Put the model and the batches in channels-last format or not (a checkpoint's own choice,
-        else ``channels_last``, else channels-last for a convolutional model on CPU)."""
+    def _format(self, method: FederatedMethod, state: dict | None) -> torch.memory_format:
+        """The memory format of the model and its batches: a checkpoint's own choice, else
+        ``channels_last``, else channels-last for a convolutional model on CPU."""
         if state is not None:  # checkpoints from before the choice existed were all in the default format
             channels_last = state.get("channels_last", False)
         elif self.channels_last is not None:
             channels_last = self.channels_last
-        else:  # a bare CPU training loop measured 1.15x-1.3x faster (perf row 1c); not measured on GPUs
+        else:  # measured faster on CPU only (benchmarks/perf/RESULTS.md row 1c)
             channels_last = method.device.type == "cpu" and any(p.dim() == 4 for p in method.parameters())
-        fed.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        method.to(memory_format=fed.memory_format)
+        return torch.channels_last if channels_last else torch.contiguous_format
 
-    def _restore(self, method: FederatedMethod, state: dict) -> torch.Tensor:
-        """Load a checkpoint's method state and its store position; returns the server state."""
-        if state.get("precision", self.precision) != self.precision:
+    def _restore(self, run: _Run, state: dict) -> None:
+        """Load a checkpoint's method state, server state and store position into ``run``."""
+        if state.get("precision", run.precision) != run.precision:
             raise RunError(f"the checkpoint was trained with --fabric.precision {state['precision']}, not "
-                           f"{self.precision}; pass --fabric.precision {state['precision']}, or train a new run "
+                           f"{run.precision}; pass --fabric.precision {state['precision']}, or train a new run "
                            f"(another --run_dir) to change it")
-        method.load_state_dict(state["method"])
-        server = state["server"].to(method.flat["shared"].device)
-        self.store.restore(state["store"])
-        return server
+        run.method.load_state_dict(state["method"])
+        run.server = state["server"].to(run.method.flat["shared"].device)
+        run.store.restore(state["store"])
 
-    def _measure(self, fabric: Fabric, method: FederatedMethod, load, finetune: bool = True) -> dict:
-        """The three accuracies, each rank evaluating its share of the clients (``finetune``: also the
-        fine-tuned cold start)."""
-        return self.evaluator(method, load, self.store.get, fabric.global_rank, fabric.world_size,
-                              lambda t: fabric.all_reduce(t, reduce_op="sum"), self.trained, finetune)
-
-    def _load(self, method: FederatedMethod, server: torch.Tensor, personal: torch.Tensor | None = None) -> None:
-        """Put the server's shared state and one client's personal state (None: the initial one) in the model."""
-        method.flat["shared"].copy_(server)
-        method.flat["personal"].copy_(self.init_personal if personal is None else personal)
+    def _measure(self, fabric: Fabric, run: _Run, rnd: int, finetune: bool = True) -> dict:
+        """The three accuracies after round ``rnd``, each rank evaluating its share of the clients
+        (``finetune``: also the fine-tuned cold start)."""
+        return run.evaluator(run.method, run.snapshot(rnd), fabric, finetune)
 
     # ------------------------------------------------------------------ one client
-    def _train_client(self, fabric: Fabric, method: FederatedMethod, optimizer, fed: Federation, client: Client,
-                      seed: int, rnd: int, server: torch.Tensor) -> ClientUpdate:
-        self._load(method, server, self.store.get(client.id))
+    def _train_client(self, fabric: Fabric, run: _Run, optimizer, client: Client, round_ctx: RoundContext) -> ClientUpdate:
+        method, fed = run.method, run.fed
+        _load(method, run.server, run.init_personal, run.store.get(client.id))
         optimizer.state.clear()  # a fresh local optimizer every round, as in FedAvg
-        s = client_seed(seed, rnd, client.id)
+        s = client_seed(run.seed, round_ctx.round - 1, client.id)
         torch.manual_seed(s)  # module-level randomness (dropout) follows the client too
         g = torch.Generator(device=fed.device).manual_seed(s)
         x_all, y_all = fed.pool_x[client.train], fed.pool_y[client.train]
         n = len(y_all)
-        method.train()
-        convert = fabric.strategy.precision.convert_input
-        inputs = convert(fed.prepare(x_all))  # un-augmented, for the hooks before and after training
-        with fabric.autocast():
-            method.on_client_start(inputs, y_all)
-        if overrides(method, "on_client_validation"):  # preparing the inputs is wasted work otherwise
-            method.eval()  # scoring, not training: BatchNorm statistics must not see the validation inputs
-            with fabric.autocast(), torch.no_grad():
-                method.on_client_validation(convert(fed.prepare(fed.pool_x[client.val])), fed.pool_y[client.val])
-            method.train()
-        loss_sum = torch.zeros((), device=fed.device)
         steps = self.local_epochs * math.ceil(n / self.batch_size)
-        for step, batch in enumerate(fed.batches(x_all, y_all, self.batch_size, steps, g)):
+        ctx = ClientContext(round_ctx.round, round_ctx.num_clients, round_ctx.clients, steps)
+        method.train()
+        convert, fmt = fabric.strategy.precision.convert_input, run.memory_format
+        inputs = convert(fed.prepare(x_all, memory_format=fmt))  # un-augmented, for the hooks before and after training
+        loss_sum = torch.zeros((), device=fed.device)
+        with method.server_state_hidden():
             with fabric.autocast():
-                loss = method.training_step(convert(batch), step)
-            optimizer.zero_grad(set_to_none=True)
-            fabric.backward(loss)
-            optimizer.step()
-            loss_sum += loss.detach().float()
-        method.eval()
-        with fabric.autocast():
-            report = method.client_report(inputs)
+                method.on_client_start(inputs, y_all, ctx)
+            if overrides(method, "on_client_validation"):  # preparing the inputs is wasted work otherwise
+                method.eval()  # scoring, not training: BatchNorm statistics must not see the validation inputs
+                with fabric.autocast(), torch.no_grad():
+                    val_x = convert(fed.prepare(fed.pool_x[client.val], memory_format=fmt))
+                    method.on_client_validation(val_x, fed.pool_y[client.val], ctx)
+                method.train()
+            for step, batch in enumerate(fed.batches(x_all, y_all, self.batch_size, steps, g, memory_format=fmt)):
+                with fabric.autocast():
+                    loss = method.training_step(convert(batch), step)
+                optimizer.zero_grad(set_to_none=True)
+                fabric.backward(loss)
+                optimizer.step()
+                loss_sum += loss.detach().float()
+            method.eval()
+            with fabric.autocast():
+                report = method.on_client_end(inputs, ctx)
         if method.flat["personal"].numel():
-            self.store.put(client.id, method.flat["personal"])
+            run.store.put(client.id, method.flat["personal"])
         return ClientUpdate(client.id, float(n), method.flat["shared"].clone(), report,
                             loss=float(loss_sum) / max(steps, 1), samples=n * self.local_epochs)
 
     # ------------------------------------------------------------------ ranks meet
-    def _gather(self, fabric: Fabric, updates: list[ClientUpdate], server: torch.Tensor) -> list[ClientUpdate]:
+    def _gather(self, fabric: Fabric, run: _Run, updates: list[ClientUpdate]) -> list[ClientUpdate]:
         """All ranks get every update (in client order); personal states stay in the store, where the
         rank that trained a client wrote it."""
         if fabric.world_size == 1:
             return updates
         m = math.ceil(self.clients_per_round / fabric.world_size)
         pad = m - len(updates)
+        server = run.server
         dev = server.device
         ids = torch.tensor([u.client for u in updates] + [-1] * pad, device=dev)
         scalars = torch.tensor([[u.weight, u.loss, u.samples] for u in updates] + [[0.0, 0.0, 0.0]] * pad,
@@ -353,6 +390,13 @@ class FederatedLoop:
                 continue
             w, loss, samples = g["scalars"][j].tolist()
             out.append(ClientUpdate(cid, w, g["shared"][j], {k: g[k][j] for k in keys}, loss=loss, samples=int(samples)))
-        if self.init_personal.numel():
-            self.store.mark_put([u.client for u in out])
+        if run.init_personal.numel():
+            run.store.mark_put([u.client for u in out])
         return out
+
+
+def _load(method: FederatedMethod, server: torch.Tensor, init_personal: torch.Tensor,
+          personal: torch.Tensor | None = None) -> None:
+    """Put the server's shared state and one client's personal state (None: the initial one) in the model."""
+    method.flat["shared"].copy_(server)
+    method.flat["personal"].copy_(init_personal if personal is None else personal)

@@ -1,7 +1,72 @@
-"""The contract every federated method fulfils. The loop knows nothing else about a method."""
+"""The method contract: everything a federated method's author must know, in one place.
+
+A method is a :class:`lightning.LightningModule` subclass of :class:`FederatedMethod`. The loop
+(:mod:`fedcoe_bench.loop`) never branches on a method's name: it calls the hooks below, in this
+order, and nothing else. A method overrides what differs from FedAvg.
+
+**State.** Every parameter and floating-point buffer is one of three kinds, by name prefix:
+
+- *shared* (the default): the server sends it to every sampled client and aggregates what comes
+  back. A buffer that clients must receive but never train (e.g. SCAFFOLD's server control
+  variate) is shared: :meth:`FederatedMethod.aggregate` writes it into the new server state.
+- *personal* (prefixes in ``personal``): stays with one client, kept in the client-state store
+  between the rounds it trains in; every client starts from the initial value.
+- *server-only* (prefixes in ``server_only``): lives on the server only (evaluation heads,
+  statistics, server optimizer state). **It is hidden during a client's local training**: from
+  :meth:`~FederatedMethod.on_client_start` to :meth:`~FederatedMethod.on_client_end` each such
+  parameter or buffer reads as ``None``, and a hook that reads it fails with a
+  :class:`~fedcoe_bench.errors.MethodError` naming the state. Only :meth:`~FederatedMethod.aggregate`,
+  :meth:`~FederatedMethod.setup_server` and the predictors (and :meth:`~FederatedMethod.start_finetune`,
+  which prepares what a new client is *served*) see it.
+
+All state a client must receive is registered in ``__init__``: the loop turns the shared and the
+personal state into one flat vector each (:meth:`~FederatedMethod.flatten_parameters`) before
+training, and state added later would silently stay behind (refused by
+:meth:`~FederatedMethod.check_state`). :meth:`~FederatedMethod.setup_server` may add server-only
+state only.
+
+**Flat vectors carry no gradient.** ``self.flat["shared"]`` and ``self.flat["personal"]`` are the
+storage the parameters are views of; arithmetic on them is outside autograd, so a loss term built
+on them is silently constant. Build loss terms from the parameters
+(:meth:`~FederatedMethod.named_group`, and :meth:`~FederatedMethod.view_like` for the matching part
+of a flat vector), as FedProx's proximal term and SCAFFOLD's correction do.
+
+**Context.** Hooks that need to know where they are get a :class:`ClientContext` (round, number of
+training clients, clients this round, local steps this client takes, training or cold-start
+fine-tuning) or, on the server, a :class:`RoundContext`. ``training_step`` keeps Lightning's
+signature: a method that needs the context there keeps it from ``on_client_start``.
+
+**Hooks**, in the order the loop calls them:
+
+1. ``__init__``: the modules (:meth:`~FederatedMethod.make_backbone`) and every state clients receive.
+2. :meth:`~FederatedMethod.setup_server` ``(server)``: server-only state sized from the initial server state.
+3. Per sampled client, its shared and personal state loaded:
+   :meth:`~FederatedMethod.on_client_start` ``(x, y, ctx)`` with its local training data;
+   :meth:`~FederatedMethod.on_client_validation` ``(x, y, ctx)`` with its local validation split
+   (eval mode, no gradients, must not change the model); ``ctx.steps`` calls of
+   :meth:`~FederatedMethod.training_step` with :meth:`~FederatedMethod.configure_optimizers`'
+   optimizer (fresh every client and round); :meth:`~FederatedMethod.on_client_end` ``(x, ctx)``,
+   which **returns the client's report** (tensors, label-free unless the method's docstring says
+   which label-derived scalars it sends, with the same keys and shapes on every client: several
+   processes stack them; checked); **the personal state as it stands when it returns is what the
+   client keeps**, and the shared state is its update.
+4. :meth:`~FederatedMethod.aggregate` ``(server, updates, ctx) -> (new server state, scalars)``:
+   the new flat shared vector and the scalars to log this round (nothing is stashed on ``self``
+   for a later hook; server-only state is the method's own and may be updated here).
+5. Evaluation: :meth:`~FederatedMethod.predict_global` (server state loaded),
+   :meth:`~FederatedMethod.predict_personal` (a client's personal state loaded),
+   :meth:`~FederatedMethod.predict_cold_start` (a new client: may read its unlabeled inputs,
+   never labels, no gradient steps); :meth:`~FederatedMethod.start_finetune` for the fine-tuned
+   cold start, whose local steps call ``on_client_start`` with ``ctx.finetune = True``.
+6. :meth:`~FederatedMethod.routing_profiles` and :meth:`~FederatedMethod.save_artifacts` at the end.
+
+A new method is one file in ``baselines/`` (the package ``fedcoe_bench.baselines``) with its short
+name in :mod:`fedcoe_bench.registry`, or any importable class given by class path.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 
@@ -9,8 +74,28 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from fedcoe_bench.errors import ConfigError
+from fedcoe_bench.errors import ConfigError, MethodError
 from fedcoe_bench.models import Backbone, build_backbone
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """Where the server is: round ``round`` (1 for the first) of a federation of ``num_clients``
+    training clients, ``clients`` of them sampled this round."""
+
+    round: int
+    num_clients: int
+    clients: int
+
+
+@dataclass(frozen=True)
+class ClientContext(RoundContext):
+    """Where a client is: the round's context plus the ``steps`` local steps (mini-batches) this
+    client takes, and ``finetune``: a new client fine-tuning on its labelled shots (the
+    ``cold_start_ft_acc`` column) rather than a training client."""
+
+    steps: int = 0
+    finetune: bool = False
 
 
 @dataclass
@@ -26,49 +111,21 @@ class ClientUpdate:
 
 
 class FederatedMethod(L.LightningModule):
-    """Base class of federated methods: a LightningModule that also says what is shared and how the
-    server aggregates.
-
-    Parameters and buffers whose names start with one of ``personal`` never leave their client;
-    those starting with one of ``server_only`` live on the server and are never sent to clients
-    (evaluation heads, statistics, server optimizer state); all others are *shared*: the server
-    sends them to every sampled client and aggregates what comes back. A BatchNorm's running
-    statistics thus follow its weights: averaged when it is shared, kept per client when it is
-    personal. The loop moves shared and personal state as flat vectors (see
-    :meth:`flatten_parameters`).
-
-    The method contract, in one place: a method overrides what differs from FedAvg, and the loop
-    calls nothing else (it never branches on a method's name).
+    """Base class of federated methods (the contract: this module's docstring).
 
     Class attributes:
 
     - ``personal``: name prefixes of the state that never leaves its client.
-    - ``server_only``: name prefixes of the state that lives on the server, never sent to a client.
+    - ``server_only``: name prefixes of the state that lives on the server only.
     - ``serving``: init args that training never reads (``fedbench eval`` may change them).
     - ``global_model``: what the global and cold-start columns measure: ``trained``,
       ``convention`` or ``none`` (tables print n/a).
 
-    Hooks (in the order the loop calls them):
-
-    - ``__init__``: its modules, built with :meth:`make_backbone`.
-    - :meth:`setup_server`: server-side state sized from the initial server state (e.g. a momentum buffer).
-    - :meth:`configure_optimizers`: the local optimizer (fresh state for every client and round).
-    - :meth:`on_client_start`: a client, its state loaded, sees its local training data before training.
-    - :meth:`on_client_validation`: then its local validation split, for label-free scores to report.
-    - :meth:`training_step`: the local objective of one mini-batch.
-    - :meth:`client_report`: label-free statistics sent with the update after training.
-    - :meth:`aggregate`: the server update from the sampled clients' :class:`ClientUpdate` s.
-    - :meth:`round_diagnostics`: scalars logged after each aggregation.
-    - :meth:`predict_global`, :meth:`predict_personal`, :meth:`predict_cold_start`: class
-      probabilities for the global, personalized and cold-start columns.
-    - :meth:`start_finetune`: the parameters a new client fine-tunes on its few labelled shots
-      (the ``cold_start_ft_acc`` column), and the served model they start from.
-    - :meth:`routing_profiles`: each trained client's latest routing profile (methods with experts).
-    - :meth:`save_artifacts`: method-specific files written into the run directory at the end.
-
-    To read one tensor's part of a flat vector (a :class:`ClientUpdate`'s ``shared``, a server
-    state) use :meth:`span` and :meth:`view_like`, never ``view_as``: a flat vector holds each tensor
-    in its memory order, which channels-last changes.
+    A BatchNorm's running statistics follow its weights: averaged when it is shared, kept per
+    client when it is personal. To read one tensor's part of a flat vector (a
+    :class:`ClientUpdate`'s ``shared``, a server state) use :meth:`span` and :meth:`view_like`,
+    never ``view_as``: a flat vector holds each tensor in its memory order, which channels-last
+    changes.
 
     Args:
         backbone: ``cnn`` (McMahan et al., 2017), ``resnet18``, or the class path of a user's
@@ -89,6 +146,8 @@ class FederatedMethod(L.LightningModule):
     def __init__(self, backbone: str = "cnn", lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
                  num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
         super().__init__()
+        if not lr > 0:
+            raise ConfigError(f"method.init_args.lr must be > 0 (got {lr})")
         self.backbone, self.lr, self.momentum, self.weight_decay = backbone, lr, momentum, weight_decay
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
 
@@ -177,8 +236,36 @@ class FederatedMethod(L.LightningModule):
         for kind in ("shared", "personal"):
             extra = [n for n, _ in self.named_state(kind) if n not in self.layout[kind]]
             if extra:
-                raise ConfigError(f"{type(self).__name__}.{extra[0]} was added after flatten_parameters, so it would "
-                                  f"not move as {kind} state; list it in server_only if it is server state")
+                raise MethodError(f"{type(self).__name__}.{extra[0]} was registered after flatten_parameters (e.g. in "
+                                  f"setup_server), so it would not move as {kind} state: register it in __init__ if "
+                                  f"clients need it, or list its prefix in server_only if only the server does")
+
+    @contextlib.contextmanager
+    def server_state_hidden(self):
+        """Hide the server-only state (each such parameter or buffer reads as ``None``) for the
+        duration of a client's local work, so that client code cannot use what clients never
+        receive; a hook that tries fails with a :class:`~fedcoe_bench.errors.MethodError`."""
+        hidden = []
+        for prefix, module in self.named_modules():
+            for kind, own in (("parameter", module.named_parameters(prefix, recurse=False)),
+                              ("buffer", module.named_buffers(prefix, recurse=False))):
+                for name, t in list(own):
+                    if self._kind(name) == "server":
+                        hidden.append((module, name.rpartition(".")[2], kind, t))
+        for module, attr, kind, _ in hidden:
+            getattr(module, f"register_{kind}")(attr, None)
+        try:
+            yield
+        except (TypeError, AttributeError) as err:
+            if hidden and "NoneType" in str(err):
+                names = ", ".join(sorted({n for n, _ in self.named_state("server")} or self.server_only))
+                raise MethodError(f"{type(self).__name__} read server-only state during a client's local training "
+                                  f"({err}); clients never receive {names}: drop its prefix from server_only (then it "
+                                  f"is shared and sent to clients) or use it only in aggregate and the predictors") from err
+            raise
+        finally:
+            for module, attr, kind, t in hidden:
+                getattr(module, f"register_{kind}")(attr, t)
 
     def view_like(self, flat: torch.Tensor, name: str, kind: str = "shared") -> torch.Tensor:
         """State ``name``'s part of a flat ``kind`` vector, shaped and strided like that parameter or buffer.
@@ -192,6 +279,22 @@ class FederatedMethod(L.LightningModule):
         """
         t = dict(self.named_state(kind))[name]
         return flat[self.layout[kind][name]].as_strided(t.shape, t.stride())
+
+    def parameters_with(self, flat: torch.Tensor, kind: str = "shared"):
+        """``(parameter, its part of flat)`` for each parameter of ``kind``: the way to build a loss term
+        that compares the parameters with a flat vector (an anchor, a control variate) and keeps
+        their gradient, since the flat vectors themselves carry none.
+
+        Example:
+            >>> m = FederatedMethod()
+            >>> m.lin = torch.nn.Linear(2, 1)
+            >>> m.flatten_parameters()
+            >>> anchor = m.flat["shared"].clone()
+            >>> term = sum((p - a).pow(2).sum() for p, a in m.parameters_with(anchor + 1))
+            >>> term.item(), term.requires_grad
+            (3.0, True)
+        """
+        return [(p, self.view_like(flat, name, kind)) for name, p in self.named_group(kind)]
 
     def span(self, prefix: str, kind: str = "shared") -> slice:
         """The contiguous range of the flat ``kind`` vector held by the state under ``prefix``."""
@@ -212,18 +315,21 @@ class FederatedMethod(L.LightningModule):
         params = [p for n, p in self.named_parameters() if p.requires_grad and self._kind(n) != "server"]
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
-    def on_client_start(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def on_client_start(self, x: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> None:
         """Called with the client's local training data after its state is loaded, before training
-        (and with a new client's labelled shots before it fine-tunes, see :meth:`start_finetune`)."""
+        (and with a new client's labelled shots before it fine-tunes, ``ctx.finetune``; see
+        :meth:`start_finetune`)."""
 
-    def on_client_validation(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def on_client_validation(self, x: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> None:
         """Called with the client's local validation split (inputs and labels; possibly empty) after
         :meth:`on_client_start`, in eval mode and without gradients, before training. What the method
-        learns here may reach the server only as label-free scores in :meth:`client_report`, and
+        learns here may reach the server only as scores in :meth:`on_client_end`'s report, and
         must not change the model (validation samples are not training data)."""
 
-    def client_report(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Label-free statistics the client sends with its update, computed on its local train inputs."""
+    def on_client_end(self, x: torch.Tensor, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        """Called in eval mode after local training with the client's local train inputs; returns the
+        report sent with its update (same keys and shapes on every client). The personal state as
+        it stands when this returns is what the client keeps; the shared state is its update."""
         return {}
 
     # ------------------------------------------------------------------ server
@@ -236,16 +342,18 @@ class FederatedMethod(L.LightningModule):
         ``self.register_buffer("velocity", torch.zeros_like(server))``.
         """
 
-    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
-        """FedAvg: :math:`w \\leftarrow \\sum_{i \\in S} n_i w_i / \\sum_{i \\in S} n_i`.
+    def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate],
+                  ctx: RoundContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """The new server state and the scalars to log; FedAvg:
+        :math:`w \\leftarrow \\sum_{i \\in S} n_i w_i / \\sum_{i \\in S} n_i`.
 
         Example:
             >>> m = FederatedMethod()
             >>> ups = [ClientUpdate(0, 1.0, torch.tensor([0.0, 4.0])), ClientUpdate(1, 3.0, torch.tensor([4.0, 0.0]))]
-            >>> m.aggregate(torch.zeros(2), ups)
-            tensor([3., 1.])
+            >>> m.aggregate(torch.zeros(2), ups, RoundContext(1, 2, 2))
+            (tensor([3., 1.]), {})
         """
-        return weighted_mean([u.shared for u in updates], [u.weight for u in updates], server)
+        return weighted_mean([u.shared for u in updates], [u.weight for u in updates], server), {}
 
     # ------------------------------------------------------------------ evaluation (class probabilities)
     @torch.no_grad()
@@ -278,10 +386,6 @@ class FederatedMethod(L.LightningModule):
         """
         return ("",)
 
-    def round_diagnostics(self) -> dict[str, float]:
-        """Scalars logged after each aggregation (routing entropy, expert usage, ...)."""
-        return {}
-
     def routing_profiles(self) -> dict[int, torch.Tensor]:
         """Client id -> the latest label-free routing profile the client reported (its mean gate
         weights over its local inputs, ``[experts]``), for every client trained so far; empty for
@@ -299,15 +403,30 @@ def _memory_order(t: torch.Tensor) -> torch.Tensor:
     return t.permute(dims).flatten()
 
 
+def check_reports(method: FederatedMethod, updates: list[ClientUpdate]) -> None:
+    """Every client's report has the first one's keys, shapes and dtypes (several processes stack
+    them; one process would otherwise hide a mismatch until it runs on two)."""
+    if not updates:
+        return
+    want = {k: (tuple(v.shape), v.dtype) for k, v in updates[0].report.items()}
+    for u in updates[1:]:
+        got = {k: (tuple(v.shape), v.dtype) for k, v in u.report.items()}
+        if got != want:
+            diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+            raise MethodError(f"{type(method).__name__}.on_client_end reported {', '.join(diff)} differently for client "
+                              f"{u.client} than for client {updates[0].client}; every client must report the same keys "
+                              f"with the same shapes and dtypes (send a zero and a weight of 0 where a client has nothing)")
+
+
 def overrides(method: FederatedMethod, hook: str) -> bool:
     """Whether ``method``'s class overrides the base class's ``hook``: where it does not, the loop and
     the evaluator may skip the hook's inputs or share its predictions between clients.
 
     Example:
         >>> class Quiet(FederatedMethod):
-        ...     def client_report(self, x):
+        ...     def on_client_end(self, x, ctx):
         ...         return {}
-        >>> overrides(Quiet(), "client_report"), overrides(Quiet(), "on_client_validation")
+        >>> overrides(Quiet(), "on_client_end"), overrides(Quiet(), "on_client_validation")
         (True, False)
     """
     return getattr(type(method), hook) is not getattr(FederatedMethod, hook)

@@ -79,8 +79,8 @@ def _loop_run(fed, rounds: int, channels_last: bool) -> tuple[float, list[int]]:
     loop = FederatedLoop(rounds=rounds, eval_every=10**6, checkpoint_every=0, progress=False,
                          channels_last=channels_last)
     torch.manual_seed(0)
-    loop.fit(_fabric(), FedAvg(), fed, seed=0)
-    rows = loop.history[1:]
+    result = loop.fit(_fabric(), FedAvg(), fed, seed=0)
+    rows = result.history[1:]
     sps = sum(r["samples_per_s"] * r["round_time"] for r in rows) / sum(r["round_time"] for r in rows)
     batches = [min(32, c.num_train - i) for r in range(1, rounds)
                for c in (fed.clients[j] for j in sample_clients(0, r, len(fed.clients), loop.clients_per_round))
@@ -162,11 +162,11 @@ def eval_cost(repeats: int) -> dict:
     images = eval_images(fed)
     loop = FederatedLoop(rounds=2 * repeats + 1, eval_every=2, checkpoint_every=0, progress=False,
                          cold_start_steps=0)  # the fine-tuned cold start runs at the last evaluation only
-    loop.fit(_fabric(), FedAvg(), fed, seed=0)
+    result = loop.fit(_fabric(), FedAvg(), fed, seed=0)
     bare = statistics.median(_inference(fed, images) for _ in range(repeats))
-    train = statistics.median(r["round_time"] for r in loop.history[1:])
-    train_samples = statistics.median(r["samples_per_s"] * r["round_time"] for r in loop.history[1:])
-    ev = statistics.median(r["eval_time"] for r in loop.history if "eval_time" in r)
+    train = statistics.median(r["round_time"] for r in result.history[1:])
+    train_samples = statistics.median(r["samples_per_s"] * r["round_time"] for r in result.history[1:])
+    ev = statistics.median(r["eval_time"] for r in result.history if "eval_time" in r)
     return {"train_round_s": train, "eval_s": ev, "ratio": ev / train, "images_per_eval": images,
             "train_samples_per_round": train_samples, "eval_images_per_s": images / ev,
             "bare_inference_images_per_s": bare, "eval_vs_bare_inference": images / ev / bare,
@@ -186,8 +186,8 @@ def client_scaling(counts: list[int], per_client: int, rounds: int) -> dict:
     for n in counts:
         fed = _scaled_fed(n, per_client)
         loop = FederatedLoop(rounds=rounds, clients_per_round=10, eval_every=10**6, checkpoint_every=0, progress=False)
-        loop.fit(_fabric(), FedPer(in_channels=1, image_size=12), fed, seed=0)
-        out[n] = statistics.median(r["round_time"] for r in loop.history[1:])
+        result = loop.fit(_fabric(), FedPer(in_channels=1, image_size=12), fed, seed=0)
+        out[n] = statistics.median(r["round_time"] for r in result.history[1:])
     base = out[counts[0]]
     return {"round_s": out, "ratio_to_first": {n: t / base for n, t in out.items()}}
 
@@ -201,8 +201,8 @@ def sampled_eval_scaling(counts: list[int], per_client: int, rounds: int, sample
         fed = _scaled_fed(n, per_client, cold_start_fraction=0.2)
         loop = FederatedLoop(rounds=rounds, clients_per_round=10, eval_every=1, checkpoint_every=0,
                              progress=False, eval_clients=sample)
-        loop.fit(_fabric(), FedPer(in_channels=1, image_size=12), fed, seed=0)
-        out[n] = statistics.median(r["eval_time"] for r in loop.history[1:])
+        result = loop.fit(_fabric(), FedPer(in_channels=1, image_size=12), fed, seed=0)
+        out[n] = statistics.median(r["eval_time"] for r in result.history[1:])
     base = out[min(out)] if out else float("nan")
     return {"eval_s": out, "ratio_to_first": {n: t / base for n, t in out.items()}}
 
@@ -214,8 +214,8 @@ def state_bytes(rounds: int) -> dict:
     out = {}
     for name, method in (("fedper", FedPer()), ("fedcoe", FedCoE())):
         loop = FederatedLoop(rounds=rounds, eval_every=10**6, checkpoint_every=0, progress=False)
-        loop.fit(_fabric(), method, fed, seed=0)
-        sizes = [t.numel() * t.element_size() for t in loop.store.states.values()]
+        result = loop.fit(_fabric(), method, fed, seed=0)
+        sizes = [t.numel() * t.element_size() for t in result.store.states.values()]
         out[name] = {"clients_stored": len(sizes), "bytes_per_client": statistics.mean(sizes),
                      "for_10000_clients_MiB": statistics.mean(sizes) * 10_000 / 2**20}
     return out
@@ -326,14 +326,14 @@ def scale_point(method: str, clients: int, rounds: int, workdir: str) -> dict:
     os.sync()  # the partition cache and the filled store are written back now, not during a timed fsync
     before, setup_peak = _rss_kib("VmRSS"), _rss_kib("VmHWM")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (ru_maxrss follows it): the peak from here on
-    loop.fit(_fabric(), model, fed, seed=0, run=run, resume_state=resume)
-    rows = loop.history[1:]
+    result = loop.fit(_fabric(), model, fed, seed=0, run_dir=run, resume_state=resume)
+    rows = result.history[1:]
     return {"clients": clients, "stored_states": stored,
             "peak_rss_MiB": max(setup_peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024,
             "rss_before_fit_MiB": before / 1024, "fit_peak_rss_MiB": _rss_kib("VmHWM") / 1024,
             "round_s": statistics.median(r["round_time"] for r in rows),
             "checkpoint_s": statistics.median(f + w for f, w in list(zip(flushes, run.times))[1:]),
-            "eval_s": loop.history[-1]["eval_time"],
+            "eval_s": result.history[-1]["eval_time"],
             "checkpoint_bytes": run.checkpoint_path.stat().st_size,
             "store_bytes": DiskStore(run.path / "clients", 0).disk_bytes()}
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from fedcoe_bench.errors import UserError
+from fedcoe_bench.registry import family_order, short_name
 from fedcoe_bench.runs import NO_DEFAULT, RunDir, argument_default
 
 # The table columns; the fine-tuned cold start sits next to the zero-shot one.
@@ -26,11 +27,10 @@ METRICS = ("global_acc", "personal_acc", "cold_start_acc", "cold_start_ft_acc", 
 # The columns that measure the server-side model, which a method may lack or serve by a convention
 # (its ``global_model``: trained | convention | none, recorded in summary.json).
 SERVER_METRICS = ("global_acc", "cold_start_acc", "cold_start_lp_acc", "cold_start_acc_new_domain")
-# Columns a table shows only where a run has them: cold start on held-out clusters (feature shift) and
-# the expert-cluster agreement of the routing (methods with experts, on federations with clusters).
-EXTRA_METRICS = ("cold_start_acc_new_domain", "expert_cluster_nmi", "expert_cluster_purity")
-# Methods in the order of the paper's tables; other names follow alphabetically.
-METHOD_ORDER = ("fedavg", "fedprox", "fedper", "fedmix", "pfedmoe", "local", "fedcoe")
+# Columns a table shows only where a run has them: personal accuracy after the label-prior adapter
+# (runs from before it existed lack it), cold start on held-out clusters (feature shift) and the
+# expert-cluster agreement of the routing (methods with experts, on federations with clusters).
+EXTRA_METRICS = ("personal_lp_acc", "cold_start_acc_new_domain", "expert_cluster_nmi", "expert_cluster_purity")
 
 
 class ResultsError(UserError):
@@ -68,10 +68,6 @@ class Run:
         alpha = self.alpha if self.scheme in (None, "dirichlet") else None
         dataset = self.dataset or "?"
         return (f"{dataset} {self.shift}" if self.shift else dataset, self.scheme or "?", alpha, self.rounds)
-
-
-def short_name(class_path: str) -> str:
-    return str(class_path).rsplit(".", 1)[-1].lower()
 
 
 def _source_name(source) -> str | None:
@@ -285,8 +281,8 @@ def assign_labels(runs: list[Run]) -> list[Run]:
 
 
 def method_sort_key(label: str) -> tuple:
-    base = label.split(" ")[0].split("-")[0]
-    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), label)
+    """Rows by family, then registry order (:mod:`fedcoe_bench.registry`), then label."""
+    return (*family_order(label.split(" ")[0].split("-")[0]), label)
 
 
 def fmt_alpha(alpha) -> str:

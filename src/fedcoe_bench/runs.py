@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from fedcoe_bench.errors import RunError
+from fedcoe_bench.registry import current_path
 
 # Keys that change neither what a run computes nor what it reports: where it is written, logged and
 # cached, how it is shown, how often it is checkpointed, and the devices and memory format it runs in
@@ -49,6 +50,8 @@ def comparable(config: dict, neutral: tuple[str, ...] = NEUTRAL_KEYS) -> dict:
         {'seed': 1, 'fabric.precision': '32-true'}
     """
     flat = flatten(json.loads(json.dumps(config, default=str)))  # tuples and paths as a summary.json holds them
+    if "method.class_path" in flat:  # a run recorded before the built-in methods moved is the same run
+        flat["method.class_path"] = current_path(flat["method.class_path"])
     return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in neutral)}
 
 

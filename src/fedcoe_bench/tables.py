@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from fedcoe_bench.results import EXTRA_METRICS, METRICS, SERVER_METRICS, Run, group_title, method_sort_key
 
 HEADERS = {"global_acc": "global", "personal_acc": "personal", "cold_start_acc": "cold-start",
-           "cold_start_ft_acc": "cold-start + ft", "cold_start_lp_acc": "cold-start + prior",
+           "cold_start_ft_acc": "cold-start + ft", "cold_start_lp_acc": "cold-start + prior", "personal_lp_acc": "personal + prior",
            "cold_start_acc_new_domain": "cold-start new domain", "expert_cluster_nmi": "expert-cluster NMI",
            "expert_cluster_purity": "expert-cluster purity"}
 # Agreement scores, printed as they are (0 to 1, two decimals); every other column is an accuracy in %.
