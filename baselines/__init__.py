@@ -7,5 +7,6 @@ from fedcoe_bench.baselines.fedper import FedPer
 from fedcoe_bench.baselines.fedprox import FedProx
 from fedcoe_bench.baselines.local import Local
 from fedcoe_bench.baselines.pfedmoe import PFedMoE
+from fedcoe_bench.baselines.scaffold import SCAFFOLD
 
-__all__ = ["FedAvg", "FedMix", "FedPer", "FedProx", "Local", "PFedMoE"]
+__all__ = ["FedAvg", "FedMix", "FedPer", "FedProx", "Local", "PFedMoE", "SCAFFOLD"]
