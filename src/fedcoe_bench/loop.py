@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -119,8 +120,10 @@ class FederatedLoop:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, fabric: Fabric, method: FederatedMethod, fed: Federation, seed: int,
-            run: RunDir | None = None, resume_state: dict | None = None) -> dict:
-        """Train ``method`` on ``fed`` and return the final metrics (and the history in ``self.history``)."""
+            run: RunDir | None = None, resume_state: dict | None = None,
+            stop_requested: Callable[[], bool] | None = None) -> dict:
+        """Train ``method`` on ``fed`` and return the final metrics (and the history in ``self.history``).
+        ``stop_requested`` is asked after each round: True ends the run there, checkpointed (an interrupt)."""
         self._check(fabric, fed)
         method, server = self._setup(fabric, method, fed, seed, resume_state)
         optimizer = fabric.setup_optimizers(method.configure_optimizers())
@@ -150,9 +153,12 @@ class FederatedLoop:
                 bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("global_acc", "personal_acc", "cold_start_acc") if k in metrics})
             self.history.append(row)
             fabric.log_dict(row, step=rnd + 1)
-            if run is not None and self.checkpoint_every and ((rnd + 1) % self.checkpoint_every == 0 or rnd + 1 == self.rounds):
+            stop = stop_requested is not None and stop_requested() and rnd + 1 < self.rounds
+            if run is not None and (stop or self.checkpoint_every and ((rnd + 1) % self.checkpoint_every == 0 or rnd + 1 == self.rounds)):
                 load(None)
                 self._checkpoint(fabric, method, fed, run, rnd, server, prior_time + time.perf_counter() - t_start)
+            if stop:
+                break
         load(None)  # leave the method holding the server state
         self.server = server
         self.wall_time_s = prior_time + time.perf_counter() - t_start
@@ -186,8 +192,7 @@ class FederatedLoop:
         for u in updates:
             if not math.isfinite(u.loss):
                 raise TrainingDiverged(
-                    f"round {rnd}, client {u.client}: local loss is {u.loss}; lower method.init_args.lr "
-                    f"(the last good checkpoint is kept)"
+                    f"round {rnd + 1}, client {u.client}: local loss is {u.loss}; lower method.init_args.lr"
                 )
         self._load(method, server)
         server = method.aggregate(server, updates)
