@@ -131,15 +131,31 @@ def test_a_user_data_source_plugs_in_by_class_path(tmp_path, monkeypatch, fit_ar
      ["cifar-10-batches-py", "download=True"]),
     (["--run_dir", "UNWRITABLE"], ["not writable"]),
     (["--method", "os.path.join"], ["os.path.join", "FederatedMethod"]),
+    (["--fabric.accelerator", "gpu"], ["--fabric.accelerator gpu", "--fabric.accelerator cpu"]),
+    (["--fabric.accelerator", "cuda"], ["--fabric.accelerator cuda", "--fabric.accelerator cpu"]),
+    (["--method.init_args.lr", "-0.1"], ["method.init_args.lr", "-0.1"]),
+    (["--method.init_args.lr", "0"], ["method.init_args.lr", "> 0"]),
+    (["--method", "fedcoe", "--method.init_args.num_experts", "0"], ["method.init_args.num_experts", ">= 1"]),
+    (["--run_dir", "USER_DIR"], ["USER_DIR", "not a fedbench run directory", "--run_dir"]),
+    (["--run_dir", "USER_DIR", "--overwrite"], ["USER_DIR", "not a fedbench run directory", "--run_dir"]),
+    (["--overwrite", "maybe"], ["overwrite"]),
 ], ids=["unknown-method", "unknown-dataset", "alpha-zero", "alpha-negative", "clients-gt-samples",
         "clients-per-round-gt-clients", "misspelled-key", "missing-config", "config-not-yaml", "unknown-model",
         "no-clients", "cold-start-fraction-1", "min-size-unmeetable", "dataset-offline", "unwritable-run-dir",
-        "not-a-method"])
+        "not-a-method", "no-gpu", "no-cuda", "lr-negative", "lr-zero", "no-experts", "not-a-run-dir",
+        "overwrite-not-a-run-dir", "overwrite-not-a-bool"])
 def test_bad_input_ends_in_one_readable_line(tmp_path, fit_argv, run_cli, extra, names):
+    import torch
+
+    if "--fabric.accelerator" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     (tmp_path / "bad.yaml").write_text("loop: [rounds: 3\n")
     (tmp_path / "file").write_text("")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.yaml").write_text("my: own\n")
     subst = {"MISSING": str(tmp_path / "missing.yaml"), "NOT_YAML": str(tmp_path / "bad.yaml"),
-             "NO_DATA": str(tmp_path / "nodata"), "UNWRITABLE": str(tmp_path / "file" / "run")}
+             "NO_DATA": str(tmp_path / "nodata"), "UNWRITABLE": str(tmp_path / "file" / "run"),
+             "USER_DIR": str(tmp_path / "mine")}
     extra = [subst.get(a, a) for a in extra]
     rc, _, err = run_cli(fit_argv("run", *extra))
     assert rc != 0
@@ -148,8 +164,10 @@ def test_bad_input_ends_in_one_readable_line(tmp_path, fit_argv, run_cli, extra,
     assert len(lines) == 1, err
     assert lines[0].startswith("fedbench: error:")
     for name in names:
+        name = subst.get(name, name)
         assert name in lines[0], f"{name!r} not named in: {lines[0]}"
-    assert not (tmp_path / "run" / "summary.json").exists()
+    assert not (tmp_path / "run").exists(), "a run refused by validation must leave nothing behind"
+    assert (tmp_path / "mine" / "config.yaml").read_text() == "my: own\n" and len(list((tmp_path / "mine").iterdir())) == 1
 
 
 def test_an_unimportable_user_source_says_the_import_failed(fit_argv, run_cli):
@@ -187,7 +205,8 @@ def test_every_help_is_readable(capsys):
             main([*command, "--help"])
         out = capsys.readouterr().out
         assert done.value.code == 0 and out.startswith("usage: fedbench")
-        for unreadable in (" at 0x", "<function", "<lambda>", "<locals>"):
+        for unreadable in (" at 0x", "<function", "<lambda>", "<locals>", "attrgetter", "accelerates your PyTorch",
+                           "how the:"):
             assert unreadable not in out, f"fedbench {' '.join(command)} --help shows {unreadable!r}"
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
@@ -195,6 +214,58 @@ def test_every_help_is_readable(capsys):
     for flag in ("accelerator", "devices", "strategy", "num_nodes", "precision"):
         assert f"--fabric.{flag}" in out
     assert "bf16-mixed" in out and "Literal['csv', 'wandb']" in out  # typed from Fabric's signature, and ours
+    assert "fedcoe_bench.fedcoe.FedCoE" in " ".join(out.split()), "FedCoE is not among the known methods"
+    assert "fedbench fit --method.help fedcoe" in " ".join(out.split()), "no line on how to list a method's settings"
+
+
+@pytest.mark.parametrize("name", ["fedcoe", "fedcoe_bench.fedcoe.FedCoE", "fedprox"])
+def test_method_help_lists_the_settings_as_the_readme_spells_them(name, capsys):
+    from fedcoe_bench.cli import main
+
+    assert main(["fit", "--method.help", name]) == 0
+    out = capsys.readouterr().out
+    own = "--method.init_args.num_experts" if "fedcoe" in name.lower() else "--method.init_args.mu"
+    assert own in out and "--method.init_args.lr" in out
+    assert "--method.num_experts" not in out and "--method.lr " not in out
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "--method.init_args." in readme
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    from fedcoe_bench.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"fedbench {version('fedcoe-bench')}"
+
+
+@pytest.mark.parametrize("method", ["fedavg", "local"])
+def test_fit_says_what_it_did_on_stdout_when_not_a_terminal(tmp_path, fit_argv, run_cli, method):
+    """With stdout redirected (capsys is no terminal) fit still names the run directory and the three
+    accuracies, n/a where the method has no such model."""
+    rc, out, err = run_cli(fit_argv("run", "--method", method))
+    assert rc == 0, err
+    summary = read_summary(tmp_path / "run")
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path / "run") in lines[0], out
+    for label, key in (("global", "global_acc"), ("personal", "personal_acc"), ("cold-start", "cold_start_acc")):
+        shown = "n/a" if method == "local" and key != "personal_acc" else f"{100 * summary[key]:.2f}%"
+        assert f"{label} {shown}" in lines[0], lines[0]
+
+
+def test_precision_records_what_ran(tmp_path, fit_argv, run_cli):
+    """16-mixed on CPU trains in bf16-mixed (Lightning's fallback): the records say bf16-mixed."""
+    import torch
+    import yaml
+
+    if torch.cuda.is_available():
+        pytest.skip("16-mixed runs as asked on a GPU")
+    rc, _, err = run_cli(fit_argv("run", "--fabric.precision", "16-mixed"))
+    assert rc == 0, err
+    assert "warning" in err and "bf16-mixed" in err
+    assert read_summary(tmp_path / "run")["config"]["fabric"]["precision"] == "bf16-mixed"
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["fabric"]["precision"] == "bf16-mixed"
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["table", "--help"], ["table", "NO_RUNS"]], ids=["help", "table-help", "table"])

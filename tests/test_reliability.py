@@ -98,16 +98,23 @@ class NaNFedAvg(FedAvg):
 '''
 
 
-def test_nan_loss_stops_the_run_naming_round_and_client(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("every", ["1", "10"])
+def test_nan_loss_stops_the_run_naming_round_and_client(tmp_path, monkeypatch, capsys, every):
     (tmp_path / "nan_method.py").write_text(NaNAtRound2.code)
     monkeypatch.syspath_prepend(str(tmp_path))
-    code = main(argv(tmp_path, "nan", "nan_method.NaNFedAvg"))
+    monkeypatch.delitem(sys.modules, "nan_method", raising=False)  # NaNFedAvg.calls starts at 0
+    code = main(argv(tmp_path, "nan", "nan_method.NaNFedAvg", "--loop.checkpoint_every", every))
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "Traceback" not in err[0]
-    assert "round" in err[0] and "client" in err[0] and "nan" in err[0]
+    assert "round" in err[0] and "client" in err[0] and "nan" in err[0] and "round 0" not in err[0]
     run = tmp_path / "nan"
     assert not (run / "summary.json").exists()
-    assert checkpoint_round(run) >= 1  # the last good checkpoint is kept
+    if every == "1":  # rounds count from 1: the round after the last checkpoint's is the one that failed
+        saved = checkpoint_round(run)
+        assert saved >= 1 and f"round {saved + 1}, client" in err[0]
+        assert f"the last checkpoint, round {saved}, is kept" in err[0]
+    else:
+        assert checkpoint_round(run) == 0 and "no checkpoint yet" in err[0] and "kept" not in err[0]
     # and a table says why it has no numbers (not "unfinished", which a resume would mend)
     from fedcoe_bench.results import load_run
 
@@ -127,3 +134,40 @@ def test_two_gloo_processes_match_one(tmp_path, method):
     for key in METRICS:
         assert two[key] == pytest.approx(one[key], abs=1e-5), key
     torch.testing.assert_close(server_two, server_one, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_after_round_2_keeps_it_and_the_same_command_resumes(tmp_path, signum):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM after round 2 of 4, with no checkpoint due before round 10:
+    one line, exit 128 + signal, round 2 saved; the same command finishes with an uninterrupted run's
+    numbers. metrics.csv gets a row every round: the test waits for its second row."""
+    args = ("--loop.rounds", "4", "--loop.checkpoint_every", "10", "--loop.local_epochs", "3")
+    assert main(argv(tmp_path, "whole", "fedper", *args)) == 0
+    run = tmp_path / "stopped"
+    proc = fedbench(argv(tmp_path, "stopped", "fedper", *args))
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        rows = (run / "metrics.csv").read_text().splitlines() if (run / "metrics.csv").exists() else []
+        if len(rows) >= 1 + 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=240)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal (machine too fast to interrupt)")
+    lines = err.strip().splitlines()
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err and len(lines) == 2, err
+    assert lines[0].startswith("fedbench: stopping after round ") and "no checkpoint yet" in lines[0]
+    stopped_at = checkpoint_round(run)
+    assert 2 <= stopped_at < 4, err
+    assert lines[1] == (f"fedbench: interrupted after round {stopped_at} of 4; saved to {run}; run the same "
+                        f"command to resume")
+    assert not (run / "summary.json").exists()
+
+    assert main(argv(tmp_path, "stopped", "fedper", *args)) == 0
+    (whole, server_whole), (resumed, server_resumed) = finished(tmp_path / "whole"), finished(run)
+    assert resumed["resumed_from_round"] == stopped_at
+    for key in METRICS:
+        assert resumed[key] == whole[key], key
+    assert torch.equal(server_whole, server_resumed)

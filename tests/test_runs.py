@@ -28,7 +28,7 @@ def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path, fit_argv, run_
         assert str(run) in lines[0] and "finished run" in lines[0] and "--overwrite" in lines[0]
         assert (run / "summary.json").read_text() == first, "the finished run was touched"
 
-    rc, _, err = run_cli(fit_argv("run", "--seed", "1", "--overwrite", "true"))
+    rc, _, err = run_cli(fit_argv("run", "--seed", "1", "--overwrite"))  # as the error says: a bare flag
     assert rc == 0, err
     assert read_summary(run)["seed"] == 1
 
@@ -127,7 +127,7 @@ def test_partition_accepts_a_benchmark_config(tmp_path, run_cli):
     assert len(out.strip().splitlines()) == 2 + 50
 
 
-def test_overwrite_empties_the_run_directory_and_refuses_one_that_holds_no_run(tmp_path, fit_argv, run_cli):
+def test_overwrite_removes_what_fedbench_wrote_and_refuses_a_directory_that_is_no_run(tmp_path, fit_argv, run_cli):
     from fedcoe_bench.runs import LOCK
 
     run = tmp_path / "run"
@@ -146,7 +146,7 @@ def test_overwrite_empties_the_run_directory_and_refuses_one_that_holds_no_run(t
     rc, _, err = run_cli(fit_argv("notes", "--overwrite", "true"))
     lines = err.strip().splitlines()
     assert rc == 1 and len(lines) == 1 and "Traceback" not in err
-    assert str(notes) in lines[0] and "holds no run" in lines[0] and "--run_dir" in lines[0]
+    assert str(notes) in lines[0] and "not a fedbench run directory" in lines[0] and "--run_dir" in lines[0]
     assert [p.name for p in notes.iterdir()] == ["thesis.tex"] and (notes / "thesis.tex").read_text() == "months of work"
 
 
@@ -225,3 +225,90 @@ def test_a_table_row_keeps_runs_that_predate_an_argument_at_its_default(tmp_path
     write(2, {"lr": 0.01, "balance_rate": 0.1})  # the switch on, without a name of its own: a row of its own
     labels = {r.label: r.seeds for r in build_tables(load_runs(tmp_path))[0].rows}
     assert labels == {"fedcoe": [0, 1], "fedcoe (balance_rate=0.1)": [2]}
+
+
+# ---------------------------------------------------------------------- what is a run directory
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` (hidden ones too) with its content."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_error_line(result: tuple[int, str, str]) -> str:
+    rc, _, err = result
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("fedbench: error:")
+    return lines[0]
+
+
+@pytest.mark.parametrize("overwrite", [(), ("--overwrite", "true"), ("--overwrite",)],
+                         ids=["fit", "overwrite-true", "bare-overwrite"])
+def test_a_directory_without_the_marker_keeps_every_file(tmp_path, fit_argv, run_cli, overwrite):
+    """A folder holding the user's files under fedbench's names (the issue's ``--run_dir . --overwrite true``
+    emptied one, .git and all; a plain fit overwrote its config.yaml): refused, every file as it was."""
+    folder = tmp_path / "folder"
+    (folder / "src").mkdir(parents=True)
+    (folder / "config.yaml").write_text("my: own config\n")
+    (folder / "summary.json").write_text("{}")
+    (folder / "checkpoint.pt").write_bytes(b"mine")
+    (folder / "src" / "model.py").write_text("print('hi')\n")
+    before = tree(folder)
+    line = one_error_line(run_cli(fit_argv("folder", *overwrite)))
+    assert str(folder) in line and "not a fedbench run directory" in line and "--run_dir" in line
+    assert tree(folder) == before
+
+
+def test_overwrite_keeps_a_user_file_inside_a_run_directory(tmp_path, fit_argv, run_cli):
+    from fedcoe_bench.runs import MARKER
+
+    run = tmp_path / "run"
+    assert run_cli(fit_argv("run", "--loop.client_store", "disk"))[0] == 0
+    first_id = json.loads((run / MARKER).read_text())["run_id"]
+    (run / "notes.txt").write_text("what I saw")
+    (run / "clients" / "README").write_text("mine too")
+    rc, _, err = run_cli(fit_argv("run", "--seed", "1", "--overwrite"))
+    assert rc == 0, err
+    assert (run / "notes.txt").read_text() == "what I saw" and (run / "clients" / "README").read_text() == "mine too"
+    assert read_summary(run)["seed"] == 1 and not list((run / "clients").glob("*.*")), "the old store survived"
+    assert json.loads((run / MARKER).read_text())["run_id"] != first_id, "a new run gets a new id"
+
+
+@pytest.mark.parametrize("where", ["cwd", "home", "git", "project"])
+def test_what_is_never_a_run_directory_is_refused_untouched(tmp_path, fit_argv, run_cli, monkeypatch, where):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    if where == "cwd":
+        monkeypatch.chdir(folder)
+    elif where == "home":
+        monkeypatch.setenv("HOME", str(folder))
+    elif where == "git":
+        (folder / ".git").mkdir()
+        (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    else:
+        (folder / "pyproject.toml").write_text("[project]\n")
+    before = tree(folder)
+    for run_dir in (str(folder), "." if where == "cwd" else str(folder)):
+        for overwrite in ((), ("--overwrite",)):
+            line = one_error_line(run_cli([*fit_argv("x"), "--run_dir", run_dir, *overwrite]))
+            assert "never a run directory" in line and "--run_dir" in line
+    assert tree(folder) == before and not (folder / "config.yaml").exists()
+
+
+def test_a_run_from_before_the_marker_resumes_but_is_not_emptied(tmp_path, fit_argv, run_cli):
+    from fedcoe_bench.runs import MARKER
+
+    run = tmp_path / "run"
+    args = ("--loop.rounds", "3", "--loop.checkpoint_every", "1")
+    assert run_cli(fit_argv("run", *args, "--loop.rounds", "2"))[0] == 0
+    (run / MARKER).unlink()  # as an older fedbench left it
+    before = tree(run)
+    line = one_error_line(run_cli(fit_argv("run", *args, "--overwrite")))
+    assert "older fedbench" in line and "by hand" in line and str(run) in line
+    assert tree(run) == before
+
+    (run / "summary.json").unlink()  # unfinished: resuming it is allowed, and marks it
+    rc, _, err = run_cli(fit_argv("run", *args))
+    assert rc == 0, err
+    assert read_summary(run)["resumed_from_round"] == 2 and (run / MARKER).exists()
+    assert "resuming" in err and "from round 2 of 3" in err and "extended from 2 to 3 rounds" in err

@@ -174,11 +174,31 @@ def test_parallel_sweep_processes_share_the_grid_through_lock_files(small_sweep,
     assert not any((r.run_dir / sweep.LOCK).exists() for r in runs[1:])
 
 
-def test_each_run_is_its_own_process(monkeypatch):
-    seen = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv: seen.append(argv) or 0)
-    assert sweep.run_fit(["--seed=1"]) == 0
-    assert seen == [[sys.executable, "-m", "fedcoe_bench.cli", "fit", "--seed=1"]]
+def test_each_run_is_its_own_process_and_gets_each_signal_once(monkeypatch):
+    """A run is its own process, in its own process group (a terminal's Ctrl-C reaches only the sweep),
+    and each signal the sweep gets is passed on to it once; the sweep's handlers are restored after."""
+    import os
+    import signal
+
+    seen, forwarded = [], []
+
+    class FakeProcess:
+        def __init__(self, argv, **kw):
+            seen.append((argv, kw))
+
+        def wait(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's notice arrives while the run trains
+            return 143
+
+        def send_signal(self, signum):
+            forwarded.append(signum)
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", FakeProcess)
+    before = signal.getsignal(signal.SIGTERM)
+    assert sweep.run_fit(["--seed=1"]) == 143
+    assert seen == [([sys.executable, "-m", "fedcoe_bench.cli", "fit", "--seed=1"], {"process_group": 0})]
+    assert forwarded == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_sweep_file_errors_are_one_line(tmp_path, small_sweep, run_cli):
@@ -427,7 +447,7 @@ def test_selection_on_real_runs_summaries(small_sweep, tmp_path, monkeypatch, ru
     """End to end: a tuning sweep of two learning rates runs `fedbench fit` twice, and the selection
     reads the val_personal_acc those runs wrote and prints the chosen run's test numbers."""
     files = []
-    for lr in (1e-4, 0.05):  # a near-zero lr barely trains: the two runs differ
+    for lr in (0.001, 0.05):  # lr 0 is refused (it trains nothing)
         files.append(tmp_path / f"fedavg-lr{lr}.yaml")
         files[-1].write_text(yaml.safe_dump({"name": f"fedavg-lr{lr}", "method": {
             "class_path": "fedcoe_bench.baselines.fedavg.FedAvg", "init_args": {"lr": lr}}}))
@@ -551,3 +571,31 @@ def test_export_writes_each_chosen_setting_as_a_config_that_pins_its_row(tuning_
     tuning_sweep.write_text(yaml.safe_dump(spec))
     code, _, err = run_cli(["sweep", str(tuning_sweep), "--sweep_dir", str(tmp_path / "out"), "--dry-run", "--export", str(tmp_path / "x")])
     assert code != 0 and "--export needs a tuning sweep" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_sweep_reports_each_run_with_an_eta_and_stops_with_an_interrupted_run(small_sweep, tmp_path, capsys):
+    """Each finished run: its result, its time and the time left; a run stopped by a signal (exit 130 or
+    143, having said what it kept) ends the sweep in one line with the same code, the rest not started."""
+    runs = sweep.plan(small_sweep, tmp_path / "out")
+    called = []
+
+    def runner(args):
+        called.append(args)
+        if len(called) == 3:
+            return 130
+        run_dir = Path(next(a for a in args if a.startswith("--run_dir=")).split("=", 1)[1])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text(json.dumps({
+            "method": "fedavg", "global_model": "trained", "rounds": 2, "global_acc": 0.5, "personal_acc": 0.25,
+            "cold_start_acc": 0.125, "wall_time_s": 1.0, "run_dir": str(run_dir), "config": {}}))
+        return 0
+
+    assert sweep.run_sweep(runs, runner=runner) == 130
+    out, err = capsys.readouterr()
+    done = [line for line in out.splitlines() if "global 50.00%" in line]
+    assert len(done) == 2 and len(called) == 3
+    assert str(runs[0].run_dir) in done[0] and "personal 25.00%" in done[0] and "cold-start 12.50%" in done[0]
+    assert "so far" in done[0] and "left for 7 more" in done[0] and "left for 6 more" in done[1]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted in run 3 of 8" in lines[0] and "resume" in lines[0], err
+    assert not any((r.run_dir / sweep.LOCK).exists() for r in runs)

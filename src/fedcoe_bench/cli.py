@@ -17,11 +17,13 @@ import difflib
 import errno
 import importlib
 import json
-import operator
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +31,9 @@ from typing import Callable, Literal, Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from fedcoe_bench.errors import TrainingDiverged, UserError
+from fedcoe_bench.errors import ConfigError, Interrupted, TrainingDiverged, UserError
 from fedcoe_bench.registry import METHODS, current_path, short_name
-from fedcoe_bench.runs import CHECKPOINT_NEUTRAL_KEYS, RunDir, config_diff
+from fedcoe_bench.runs import CHECKPOINT_NEUTRAL_KEYS, RunDir, config_diff, result_line
 
 # The method's input and output shape: taken from the data source (a link), never given by hand.
 DATA_SHAPE = ("num_classes", "in_channels", "image_size")
@@ -50,6 +52,8 @@ def fit_parser() -> ArgumentParser:
     from fedcoe_bench.loop import FederatedLoop
     from fedcoe_bench.method import FederatedMethod
 
+    method_classes()  # every method this package ships is a known subclass in --help
+
     p = ArgumentParser(description="Train one federated method on one setting.", exit_on_error=False, allow_abbrev=False)
     p.add_argument("--config", action=ActionConfigFile, help="YAML config file (later flags override it)")
     p.add_argument("--seed", type=int, default=0, help="seeds the partition, the client sampling and every client")
@@ -60,20 +64,26 @@ def fit_parser() -> ArgumentParser:
     p.add_subclass_arguments(FederatedMethod, "method", default={"class_path": "fedcoe_bench.baselines.fedavg.FedAvg"},
                              required=False, help="the federated method: a short name (fedavg, fedcoe, ...), a class "
                              "path, or a YAML file such as configs/method/fedcoe.yaml")
+    # the group's title would be the first line of the base class's docstring, cut mid-sentence
+    p.groups["method"].title = "The federated method"
+    p.groups["method"].description = ("its settings: `fedbench fit --method.help fedcoe` (a short name or class path) "
+                                      "lists them as --method.init_args.X")
     p.add_class_arguments(FederatedData, "data")
     for key in DATA_SHAPE:
-        p.link_arguments("data", f"method.init_args.{key}", compute_fn=operator.attrgetter(f"source.{key}"),
-                         apply_on="instantiate")
+        p.link_arguments("data", f"method.init_args.{key}", compute_fn=_source_attribute(key), apply_on="instantiate")
     p.add_class_arguments(FederatedLoop, "loop")
     # Fabric's own arguments, typed and documented by its signature; built by `fit` with the run's loggers
-    p.add_class_arguments(Fabric, "fabric", skip={"plugins", "callbacks", "loggers"}, instantiate=False)
+    p.add_class_arguments(Fabric, "fabric", skip={"plugins", "callbacks", "loggers"}, instantiate=False,
+                          help="Lightning Fabric: device, processes and precision")
     p.set_defaults({"fabric.devices": 1, "fabric.precision": "32-true"})
     p.add_argument("--logger", type=Literal["csv", "wandb"], default="csv",
                    help="csv: metrics.csv only; wandb: also Weights & Biases (WANDB_MODE=offline works without account)")
     p.add_argument("--wandb_project", type=str, default="fedcoe-bench")
-    p.add_argument("--resume", type=bool, default=True, help="continue an unfinished run found in run_dir")
-    p.add_argument("--overwrite", type=bool, default=False,
-                   help="empty run_dir (it must hold a run or nothing) and start over")
+    # a bare --overwrite means true, as the error that asks for it says
+    p.add_argument("--resume", type=bool, nargs="?", const=True, default=True,
+                   help="continue an unfinished run found in run_dir")
+    p.add_argument("--overwrite", type=bool, nargs="?", const=True, default=False,
+                   help="remove what fedbench wrote in run_dir (a run directory: it holds .fedbench-run) and start over")
     p.add_argument("--debug", type=bool, default=False, help="show tracebacks")
     return p
 
@@ -147,7 +157,45 @@ def build_parser(parsers: dict[str, ArgumentParser] | None = None) -> ArgumentPa
     return parser
 
 
+def _source_attribute(key: str) -> Callable:
+    """``data -> data.source.<key>``, named so that --help shows the link readably."""
+    def attribute(data):
+        return getattr(data.source, key)
+
+    attribute.__name__ = f"source.{key}"
+    return attribute
+
+
+def method_help(name: str) -> str:
+    """The settings of the method ``name`` (a short name or class path) as ``--method.init_args.X``, the
+    spelling of the README and of config files; the data shape is left out (the data source sets it)."""
+    from fedcoe_bench.method import FederatedMethod
+
+    cls = method_classes().get(name.lower())
+    if cls is None:
+        module, _, attr = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attr) if module else None
+        except ImportError:
+            cls = None
+        if not (isinstance(cls, type) and issubclass(cls, FederatedMethod)):
+            raise UsageError(f"unknown method '{name}' for --method.help; choose one of "
+                             f"{', '.join(METHODS)} or give a class path (module.Class)")
+    p = ArgumentParser(prog=f"fedbench fit --method {short_name(cls.__name__)}", exit_on_error=False)
+    p.add_class_arguments(cls, "method.init_args", skip=set(DATA_SHAPE), help=f"{cls.__module__}.{cls.__qualname__}")
+    return p.format_help()
+
+
 # ---------------------------------------------------------------------- names and paths
+def method_classes() -> dict[str, type]:
+    """The registry's methods by short name, imported."""
+    out = {}
+    for name, (path, _) in METHODS.items():
+        module, _, attr = path.rpartition(".")
+        out[name] = getattr(importlib.import_module(module), attr)
+    return out
+
+
 def _known_sources() -> dict[str, str]:
     """Short names (lower-cased class names) of the imported data sources."""
     from fedcoe_bench.data import DataSource
@@ -251,6 +299,8 @@ class Fit:
     def __init__(self, parser: ArgumentParser, cfg: Namespace, trained: str | None = None):
         self.parser, self.cfg, self.trained = parser, cfg, trained
         self.config = stored_config(parser, cfg)
+        self.started = time.perf_counter()
+        self.resume_state = None
 
     def build(self) -> None:
         """Method, data and loop from the config (bad values fail here, before any file is touched), the
@@ -266,21 +316,71 @@ class Fit:
 
         self.run_dir = RunDir(cfg.run_dir or default_run_dir(cfg), self.config)
         self.trained_state = None
+        self.check_fabric()  # a device this machine lacks is refused before any file is touched
         if self.trained is not None:
             self.trained_state = load_trained(self.trained, self.config, type(self.method).serving, self.run_dir)
-        self.run_dir.prepare(overwrite=cfg.overwrite)
+        created = self.run_dir.prepare(overwrite=cfg.overwrite)
+        try:
+            self.setup(Fabric)
+        except UserError:  # refused after all: a directory made for nothing is not left behind
+            if created:
+                self.run_dir.discard()
+            raise
+
+    def setup(self, Fabric) -> None:
+        """The checkpoint to resume, Fabric, the data and ``config.yaml``, in a prepared run directory."""
+        cfg = self.cfg
         resume = cfg.resume and not cfg.overwrite and self.trained is None
         self.resume_state = self.run_dir.load_checkpoint() if resume else None
+        if self.resume_state is not None:
+            print(f"fedbench: {self.resumed()}", file=sys.stderr, flush=True)
 
-        self.fabric = Fabric(**cfg.fabric.as_dict(), loggers=self.loggers())
+        loggers = self.loggers()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is not supported on CPU.*")  # said by check_fabric
+            self.fabric = Fabric(**cfg.fabric.as_dict(), loggers=loggers)
         self.fabric.launch()
         if self.fabric.device.type == "cpu" and self.fabric.world_size > 1:
             import torch
 
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.fabric.world_size))
+        self.fed = self.data.setup(cfg.seed, self.fabric.device)
+        self.loop._check(self.fabric, self.fed)  # before config.yaml: a run refused here leaves nothing
         if self.fabric.is_global_zero:
             (self.run_dir.path / "config.yaml").write_text(self.parser.dump(cfg))
-        self.fed = self.data.setup(cfg.seed, self.fabric.device)
+
+    def check_fabric(self) -> None:
+        """Refuse in one line Fabric settings this machine cannot run; where Lightning falls back to another
+        precision (16-mixed on CPU trains in bf16-mixed), record the one used and say so."""
+        from lightning.fabric import Fabric
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        given = self.cfg.fabric.as_dict()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                used = Fabric(**given).strategy.precision.precision
+        except (RuntimeError, ValueError, ImportError, MisconfigurationException) as err:
+            settings = ", ".join(f"--fabric.{k} {given.get(k)}" for k in ("accelerator", "devices", "precision"))
+            raise ConfigError(f"this machine cannot run {settings}: {' '.join(str(err).split())}; change them, "
+                              f"e.g. --fabric.accelerator cpu") from None
+        if str(given.get("precision")).split("-")[0] != str(used).split("-")[0]:
+            print(f"fedbench: warning: --fabric.precision {given.get('precision')} is not available here; training "
+                  f"in {used}, which config.yaml and summary.json record", file=sys.stderr)
+            self.cfg.fabric.precision = self.config["fabric"]["precision"] = used
+
+    def resumed(self) -> str:
+        """What a resume continues: ``resuming DIR from round k of R`` and any change of ``loop.rounds``."""
+        state, rounds = self.resume_state, self.loop.rounds
+        line = f"resuming {self.run_dir.path} from round {state['round']} of {rounds}"
+        if self.extended_from() is not None:
+            line += f", extended from {self.extended_from()} to {rounds} rounds"
+        return line
+
+    def extended_from(self) -> int | None:
+        """The rounds of the run a resume continues, where they differ from this config's, else None."""
+        before = (self.resume_state or {}).get("rounds")
+        return before if before is not None and before != self.loop.rounds else None
 
     def loggers(self) -> list:
         """``metrics.csv`` in the run directory, and W&B with ``--logger wandb``."""
@@ -288,25 +388,48 @@ class Fit:
 
         # config.yaml and checkpoints share the folder; resumed rows are replayed into the CSV by the loop
         warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
-        loggers = [CSVLogger(self.run_dir.path, name="", version="", flush_logs_every_n_steps=10)]
+        # a row every round, so that a long run can be followed (appending a row costs microseconds)
+        loggers = [CSVLogger(self.run_dir.path, name="", version="", flush_logs_every_n_steps=1)]
         if self.cfg.logger == "wandb":
             from fedcoe_bench.wandb_logging import wandb_logger
 
             loggers += wandb_logger(self.run_dir.path, self.cfg.wandb_project, self.config)
         return loggers
 
-    def run(self) -> dict:
-        """Train (from the checkpoint, if any) and return the result; with ``trained``, evaluate its state."""
+    def run(self):
+        """Train (from the checkpoint, if any) and return the :class:`~fedcoe_bench.loop.FitResult`; with
+        ``trained``, evaluate its state."""
         if self.trained is not None:
             return self.loop.evaluate(self.fabric, self.method, self.fed, self.trained_state, self.cfg.seed,
                                       RunDir(self.trained))
         self.run_dir.diverged_path.unlink(missing_ok=True)
+        self.stop = stop = StopOnSignal(self)
         try:
-            return self.loop.fit(self.fabric, self.method, self.fed, self.cfg.seed, self.run_dir, self.resume_state)
+            with stop:
+                result = self.loop.fit(self.fabric, self.method, self.fed, self.cfg.seed, self.run_dir,
+                                       self.resume_state, stop_requested=stop.requested)
         except TrainingDiverged as err:  # on disk, so that a table says why this run has no summary
+            err = TrainingDiverged(f"{err} ({self.kept()})")
             if self.fabric.is_global_zero:
                 self.run_dir.diverged_path.write_text(f"{err}\n")
-            raise
+            raise err from None
+        except KeyboardInterrupt:  # a second signal: stopped in the middle of a round
+            raise Interrupted(f"stopped in round {self.round_in_progress()} of {self.loop.rounds}; {self.kept()}; "
+                              f"run the same command to resume", stop.code) from None
+        if stop.signum is not None and len(result.history) < self.loop.rounds:
+            raise Interrupted(f"interrupted after round {len(result.history)} of {self.loop.rounds}; saved to "
+                              f"{self.run_dir.path}; run the same command to resume", stop.code)
+        return result
+
+    def round_in_progress(self) -> int:
+        """The round being trained (counted from 1)."""
+        start = self.resume_state["round"] if self.resume_state else 0
+        return start + (self.stop.finished if getattr(self, "stop", None) else 0) + 1
+
+    def kept(self) -> str:
+        """Which checkpoint a run stopped now keeps."""
+        saved = self.run_dir.saved_round or (self.resume_state or {}).get("round")
+        return f"the last checkpoint, round {saved}, is kept" if saved else "no checkpoint yet"
 
     def report(self, result) -> dict:
         """Write the method's artefacts, ``clients.csv`` and ``summary.json`` (rank 0), close the loggers,
@@ -330,7 +453,9 @@ class Fit:
             "wall_time_s": result.wall_time_s,
             "cost": result.cost,
             "resumed_from_round": self.resume_state["round"] if self.resume_state else None,
+            "extended_from_rounds": self.extended_from(),
             "evaluated_from": str(self.trained) if self.trained else None,
+            "run_dir": str(self.run_dir.path),
             "clients": {"training": len(self.fed.clients), "cold_start": len(self.fed.new_clients)},
             "config": self.config,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -364,7 +489,48 @@ def fit(parser: ArgumentParser, cfg: Namespace, trained: str | None = None) -> d
     run's directory) its final state is evaluated under this config instead of training."""
     job = Fit(parser, cfg, trained)
     job.build()
-    return job.report(job.run())
+    summary = job.report(job.run())
+    if job.fabric.is_global_zero:  # stdout, terminal or not: what ran, its numbers and where they are
+        print(result_line(summary, time.perf_counter() - job.started), flush=True)
+    return summary
+
+
+class StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) during training: the first asks the loop to stop
+    after the round in progress, checkpointed; a second stops at once (KeyboardInterrupt), keeping the
+    last checkpoint. The handlers live only inside ``with`` and only in the main thread (where Python
+    delivers signals)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, job: Fit):
+        self.job, self.signum, self.previous = job, None, {}
+        self.finished = 0  # rounds finished in this process: the loop asks after each
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"fedbench: stopping after round {self.job.round_in_progress()} (press Ctrl-C again to stop now; "
+              f"{self.job.kept()})", file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        self.finished += 1
+        return self.signum is not None
+
+    @property
+    def code(self) -> int:
+        """The shell's exit code of a process killed by the signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + (self.signum or signal.SIGINT)
 
 
 def partition(parser: ArgumentParser, cfg: Namespace) -> None:
@@ -467,12 +633,20 @@ def main(argv: list[str] | None = None) -> int:
     """``fedbench``: parse ``argv`` and run its subcommand. Returns the exit code: 1 for a user error
     (one line on stderr, no traceback unless ``--debug``), 2 for a parse error."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv in (["--version"], ["-V"]):
+        from fedcoe_bench import version
+
+        print(f"fedbench {version()}")
+        return 0
     if os.getcwd() not in sys.path:  # user methods and sources next to the config, as with `python -m`
         sys.path.insert(0, os.getcwd())
     debug = "--debug" in argv or "--debug=true" in argv
     name = argv[0] if argv and argv[0] in COMMANDS else None
     own = None
     try:
+        if name in ("fit", "eval") and "--method.help" in argv[:-1]:
+            print(method_help(argv[argv.index("--method.help") + 1]), end="")
+            return 0
         own = COMMANDS[name].parser() if name else None  # only the parser this call needs
         parser = build_parser({name: own} if name else {})
         cfg = parser.parse_args(expand_short_names(_eval_base_config(argv)))
@@ -482,6 +656,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fedbench: error: {one_line(err)}", file=sys.stderr)
         return 1
+    except Interrupted as err:
+        print(f"fedbench: {err}", file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:  # before training began, or in a command that does not train
+        if debug:
+            raise
+        print("fedbench: interrupted; a run keeps its last checkpoint: run the same command to resume",
+              file=sys.stderr)
+        return 130
     except OSError as err:
         if debug or err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

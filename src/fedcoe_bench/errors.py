@@ -24,3 +24,12 @@ class TrainingDiverged(UserError):
 
 class MethodError(ConfigError):
     """A method that breaks the method contract (``fedcoe_bench.method``): the message names the rule and the fix."""
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM; the message says what was kept. Not a mistake: the CLI
+    prints it as one line and exits with ``code``, the shell's code for the signal (130, 143)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code

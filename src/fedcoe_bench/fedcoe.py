@@ -144,6 +144,8 @@ class FedCoE(RoutingTable, FederatedMethod):
                  cold_start_prior: bool = True, beta: float | str = "calibrated", calibration_decay: float = 1.0,
                  balance_rate: float = 0.0, **kwargs):
         super().__init__(**kwargs)
+        if num_experts < 1:
+            raise ConfigError(f"method.init_args.num_experts must be >= 1 (got {num_experts})")
         if not (isinstance(beta, (int, float)) or beta in ("adaptive", "calibrated")):
             raise ConfigError(f"method.init_args.beta must be a number, 'adaptive' or 'calibrated' (got {beta!r})")
         if not 0 < calibration_decay <= 1:

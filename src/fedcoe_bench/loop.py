@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -157,9 +158,11 @@ class FederatedLoop:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, fabric: Fabric, method: FederatedMethod, fed: Federation, seed: int,
-            run_dir: RunDir | None = None, resume_state: dict | None = None) -> FitResult:
+            run_dir: RunDir | None = None, resume_state: dict | None = None,
+            stop_requested: Callable[[], bool] | None = None) -> FitResult:
         """Train ``method`` on ``fed`` (from ``resume_state``, a checkpoint, if given), checkpointing into
-        ``run_dir``, and return the result."""
+        ``run_dir``, and return the result. ``stop_requested`` is asked after each round: True ends the
+        run there, checkpointed (an interrupt)."""
         self._check(fabric, fed)
         run = self._setup(fabric, method, fed, seed, run_dir, resume_state)
         method = run.method
@@ -184,8 +187,11 @@ class FederatedLoop:
                 bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("global_acc", "personal_acc", "cold_start_acc") if k in metrics})
             run.history.append(row)
             fabric.log_dict(row, step=rnd + 1)
-            if run_dir is not None and self.checkpoint_every and ((rnd + 1) % self.checkpoint_every == 0 or rnd + 1 == self.rounds):
+            stop = stop_requested is not None and stop_requested() and rnd + 1 < self.rounds
+            if run_dir is not None and (stop or self.checkpoint_every and ((rnd + 1) % self.checkpoint_every == 0 or rnd + 1 == self.rounds)):
                 self._checkpoint(fabric, run, run_dir, rnd + 1, prior_time + time.perf_counter() - t_start)
+            if stop:
+                break
         _load(method, run.server, run.init_personal)  # leave the method holding the server state
         if not metrics:  # resumed from the final checkpoint: the last evaluation is in the history
             metrics = {k: v for row in run.history for k, v in row.items()
@@ -196,7 +202,8 @@ class FederatedLoop:
     def _cost(self, fabric: Fabric, run: _Run) -> dict:
         """The method's cost (:func:`~fedcoe_bench.cost.method_cost`), the server state loaded."""
         x = fabric.strategy.precision.convert_input(run.fed.prepare(run.fed.test_x[:1], memory_format=run.memory_format))
-        return method_cost(run.method, x, run.report_bytes)
+        with fabric.autocast():  # predictions run in the precision's context, as in evaluation
+            return method_cost(run.method, x, run.report_bytes)
 
     def _check(self, fabric: Fabric, fed: Federation) -> None:
         if self.clients_per_round > len(fed.clients):
@@ -224,8 +231,7 @@ class FederatedLoop:
         for u in updates:
             if not math.isfinite(u.loss):
                 raise TrainingDiverged(
-                    f"round {rnd}, client {u.client}: local loss is {u.loss}; lower method.init_args.lr "
-                    f"(the last good checkpoint is kept)"
+                    f"round {rnd + 1}, client {u.client}: local loss is {u.loss}; lower method.init_args.lr"
                 )
         check_reports(method, updates)
         run.report_bytes = run.report_bytes or report_bytes(updates)

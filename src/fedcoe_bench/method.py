@@ -146,8 +146,8 @@ class FederatedMethod(L.LightningModule):
     def __init__(self, backbone: str = "cnn", lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
                  num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
         super().__init__()
-        if not lr > 0:
-            raise ConfigError(f"method.init_args.lr must be > 0 (got {lr})")
+        if not lr > 0:  # also NaN
+            raise ConfigError(f"method.init_args.lr must be > 0 (got {lr}); e.g. 0.01")
         self.backbone, self.lr, self.momentum, self.weight_decay = backbone, lr, momentum, weight_decay
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
 

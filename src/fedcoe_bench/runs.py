@@ -4,7 +4,9 @@ Layout of ``RUN_DIR``: ``config.yaml`` (the full config), ``metrics.csv`` (one r
 ``checkpoint.pt`` (the latest checkpoint), ``clients/`` (the ``disk`` client-state store, whose
 versions the checkpoint names), ``summary.json`` (written once, when the run finishes; its absence
 marks an unfinished run), method artefacts (e.g. FedCoE's ``calibration.csv``), ``routing.csv`` for
-methods with experts and, with W&B, ``wandb_run.json`` (the W&B run a resumed run continues).
+methods with experts and, with W&B, ``wandb_run.json`` (the W&B run a resumed run continues), and
+first of all the marker ``.fedbench-run``: only a directory holding it is a run directory, the only kind
+fedbench writes into or ``--overwrite`` empties (:data:`WRITTEN`, nothing else).
 
 Which config keys may differ between two runs that count as the same is defined once, here:
 :data:`NEUTRAL_KEYS` for a finished run (``fedbench sweep`` skips it), those plus
@@ -18,7 +20,10 @@ import importlib
 import inspect
 import json
 import os
+import re
 import shutil
+import time
+import uuid
 from pathlib import Path
 
 from fedcoe_bench.errors import RunError
@@ -37,9 +42,16 @@ NEUTRAL_KEYS = ("config", "run_dir", "resume", "overwrite", "debug", "logger", "
 SCHEDULE_KEYS = ("loop.rounds", "loop.eval_every")
 CHECKPOINT_NEUTRAL_KEYS = NEUTRAL_KEYS + SCHEDULE_KEYS
 
-# Files only a run directory holds; ``--overwrite`` empties a directory only if it holds one of them.
-RUN_FILES = ("config.yaml", "summary.json", "checkpoint.pt")
+MARKER = ".fedbench-run"  # JSON: run id, fedbench version, created time; what makes a directory a run
 LOCK = ".sweep.lock"  # a sweep process's claim on the directory (see fedcoe_bench.sweep.claim), kept by --overwrite
+# Everything fedbench writes into a run directory (W&B's offline files included, which go there too), each
+# also as the temporary file of an atomic write: all that --overwrite removes, so a user's file survives it.
+WRITTEN = ("config.yaml", "metrics.csv", "checkpoint.pt", "summary.json", "diverged.txt", "clients.csv",
+           "routing.csv", "calibration.csv", "wandb_run.json", "wandb", ".write_test")
+STORE = "clients"  # the disk client-state store: files named <client>.<version>
+STORE_FILE = re.compile(r"\d+\.\d+(\.tmp)?")
+# What a run directory written before the marker existed holds; such a run may resume but not be emptied.
+RUN_FILES = ("summary.json", "checkpoint.pt")
 
 
 def comparable(config: dict, neutral: tuple[str, ...] = NEUTRAL_KEYS) -> dict:
@@ -151,6 +163,7 @@ class RunDir:
     def __init__(self, path: str | os.PathLike, config: dict | None = None):
         self.path = Path(path)
         self.config = config or {}
+        self.saved_round: int | None = None  # the round of the last checkpoint this process saved
 
     summary_path = property(lambda self: self.path / "summary.json")
     checkpoint_path = property(lambda self: self.path / "checkpoint.pt")
@@ -165,27 +178,73 @@ class RunDir:
             return None
         return self.diverged_path.read_text().strip()
 
-    def prepare(self, overwrite: bool = False) -> None:
-        """Make the directory ready for this run. With ``overwrite`` it is emptied first (a sweep's lock
-        aside), which only a directory that holds a run (one of :data:`RUN_FILES`) or nothing allows."""
+    def prepare(self, overwrite: bool = False) -> bool:
+        """Make the directory ready for this run, marker first; returns whether it was created here (so
+        that a run refused afterwards can :meth:`discard` it). Refused: a directory that can never be a run
+        (:func:`never_a_run`), a non-empty one without the marker, a finished run unless ``overwrite``,
+        which removes only :data:`WRITTEN`."""
+        never = never_a_run(self.path)
+        if never:
+            raise RunError(f"{self.path} is {never}, never a run directory; give a new --run_dir (e.g. runs/NAME)")
+        created = not self.path.exists()
+        others = self._entries() - {MARKER, LOCK}
+        legacy = not (self.path / MARKER).exists() and bool(others) and any(name in others for name in RUN_FILES) \
+            and {name.removesuffix(".tmp") for name in others} <= {*WRITTEN, STORE}
+        if others and not (self.path / MARKER).exists() and not legacy:
+            raise RunError(f"{self.path} is not empty and is not a fedbench run directory (it has no {MARKER}); "
+                           f"give a new --run_dir")
         if self.is_finished() and not overwrite:
-            raise RunError(f"{self.path} already holds a finished run; pass --overwrite to replace it or choose another --run_dir")
-        old = [p for p in self.path.iterdir() if p.name != LOCK] if overwrite and self.path.is_dir() else []
-        if old and not any((self.path / name).exists() for name in RUN_FILES):
-            raise RunError(f"--overwrite empties a run directory, and {self.path} holds no run (none of "
-                           f"{', '.join(RUN_FILES)}); choose another --run_dir")
+            raise RunError(f"{self.path} already holds a finished run; pass --overwrite to replace it or choose "
+                           f"another --run_dir")
+        if legacy and overwrite:
+            raise RunError(f"{self.path} holds a run written by an older fedbench, which did not mark what it wrote; "
+                           f"delete it by hand (rm -r {self.path}) or give a new --run_dir")
         try:
-            for entry in old:
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
+            if overwrite:
+                self._remove_written()
             self.path.mkdir(parents=True, exist_ok=True)
+            if overwrite or not (self.path / MARKER).exists():  # a new run gets a new id; a resumed one keeps its own
+                self._write_marker()
             probe = self.path / ".write_test"
             probe.write_text("")
             probe.unlink()
         except OSError as err:
             raise RunError(f"run directory {self.path} is not writable ({err.strerror}); choose another --run_dir") from None
+        return created
+
+    def discard(self) -> None:
+        """Undo a :meth:`prepare` that created the directory: remove what fedbench wrote, the marker and the
+        directory if that leaves it empty."""
+        self._remove_written()
+        (self.path / MARKER).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+
+    def _entries(self) -> set[str]:
+        return {p.name for p in self.path.iterdir()} if self.path.is_dir() else set()
+
+    def _remove_written(self) -> None:
+        for name in self._entries():
+            entry = self.path / name
+            if name.removesuffix(".tmp") in WRITTEN:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        store = self.path / STORE
+        if store.is_dir() and not store.is_symlink():
+            for entry in store.iterdir():
+                if STORE_FILE.fullmatch(entry.name) and entry.is_file():
+                    entry.unlink()
+            with contextlib.suppress(OSError):
+                store.rmdir()  # kept if it holds anything else
+
+    def _write_marker(self) -> None:
+        from fedcoe_bench import version
+
+        marker = {"run_id": uuid.uuid4().hex, "fedbench": version(),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write(self.path / MARKER, (json.dumps(marker) + "\n").encode())
 
     def load_checkpoint(self) -> dict | None:
         """The latest checkpoint, or None. A corrupt one or one from another config is refused."""
@@ -216,8 +275,53 @@ class RunDir:
             import torch
 
             with atomic_open(self.checkpoint_path) as f:
-                torch.save({**state, "run_config": comparable(self.config, CHECKPOINT_NEUTRAL_KEYS)}, f)
+                torch.save({**state, "run_config": comparable(self.config, CHECKPOINT_NEUTRAL_KEYS),
+                            "rounds": self.config.get("loop", {}).get("rounds")}, f)  # so a resume says it extends
         fabric.barrier()
+        self.saved_round = state["round"]  # what an interrupted run keeps, for its message
 
     def write_summary(self, summary: dict) -> None:
         atomic_write(self.summary_path, (json.dumps(summary, indent=2, default=str) + "\n").encode())
+
+
+def never_a_run(path: Path) -> str | None:
+    """Why ``path`` can never be a run directory (what --overwrite empties), or None: the working
+    directory, a home directory, the file system's root, a git checkout or a Python project."""
+    path = path.expanduser().resolve()
+    if path == Path.cwd().resolve():
+        return "the current directory"
+    if path == Path.home().resolve() or path.parent == Path("/home"):
+        return "a home directory"
+    if path == Path(path.anchor):
+        return "the file system's root"
+    if (path / ".git").exists():
+        return "a git checkout (it holds .git)"
+    if (path / "pyproject.toml").exists():
+        return "a Python project (it holds pyproject.toml)"
+    return None
+
+
+def result_line(summary: dict, seconds: float | None = None) -> str:
+    """What a finished ``fit`` or ``eval`` did, in one line: the method, the three accuracies in % (n/a where
+    the method has no such model), the time (``seconds``, else the summary's training time), whether it
+    resumed or extended a run, and the run directory."""
+    from fedcoe_bench.results import SERVER_METRICS
+
+    def pct(key: str) -> str:
+        value = summary.get(key)
+        none = value is None or (key in SERVER_METRICS and summary.get("global_model") == "none")
+        return "n/a" if none else f"{100 * value:.2f}%"
+
+    config = summary.get("config") or {}
+    name = config.get("name") or summary.get("method")
+    seconds = summary.get("wall_time_s") if seconds is None else seconds
+    if summary.get("evaluated_from"):
+        what = f"evaluated {summary['evaluated_from']} as {name}"
+    else:
+        what = f"{name} trained {summary.get('rounds')} rounds"
+        if summary.get("resumed_from_round") is not None:
+            what += f" (resumed from round {summary['resumed_from_round']}"
+            extended = summary.get("extended_from_rounds")
+            what += f", extended from {extended} to {summary.get('rounds')} rounds)" if extended else ")"
+    return (f"fedbench: {what}: global {pct('global_acc')}, personal {pct('personal_acc')}, cold-start "
+            f"{pct('cold_start_acc')} in {seconds or 0:.1f} s; run directory {summary.get('run_dir') or config.get('run_dir')}")

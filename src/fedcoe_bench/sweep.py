@@ -28,16 +28,19 @@ import json
 import math
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from fedcoe_bench.errors import UserError
-from fedcoe_bench.runs import LOCK, RunDir, config_diff, shown
+from fedcoe_bench.runs import LOCK, RunDir, config_diff, result_line, shown
 
 
 class SweepError(UserError):
@@ -204,9 +207,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # the exit codes of a fit stopped by a signal
+
+
 def run_fit(args: list[str]) -> int:
-    """One ``fedbench fit`` in its own process (same interpreter); its output goes to the terminal."""
-    return subprocess.call([sys.executable, "-m", "fedcoe_bench.cli", "fit", *args])
+    """One ``fedbench fit`` in its own process (same interpreter); its output goes to the terminal. It runs
+    in a process group of its own and each SIGINT or SIGTERM the sweep gets is passed on to it once, so
+    that it stops as a fit does: after the round in progress, checkpointed, or at once on a second signal
+    (Ctrl-C in a terminal would otherwise reach it twice, directly and passed on)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fedcoe_bench.cli", "fit", *args], process_group=0)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, lambda signum, frame: proc.send_signal(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def run_sweep(runs: list[SweepRun], dry_run: bool = False, runner=None) -> int:
@@ -231,7 +249,8 @@ def run_sweep(runs: list[SweepRun], dry_run: bool = False, runner=None) -> int:
     for r in diverged:
         _skip_diverged(r)
     failed, ran, elsewhere = [], 0, []
-    for r in todo:
+    started = time.perf_counter()
+    for position, r in enumerate(todo, 1):
         if not claim(r):
             elsewhere.append(r)
             continue
@@ -241,20 +260,45 @@ def run_sweep(runs: list[SweepRun], dry_run: bool = False, runner=None) -> int:
                 (diverged if state.startswith("diverged") else finished).append(r)
                 continue
             print(f"[{r.index}/{n}] {r.command}", flush=True)
+            t0 = time.perf_counter()
             code = runner(r.fit_args)
         finally:
             (r.run_dir / LOCK).unlink(missing_ok=True)
+        if code in INTERRUPTED:  # the run said what it kept; the sweep stops with it
+            print(f"fedbench sweep: interrupted in run {r.index} of {n} ({r.run_dir}); run the same command to "
+                  f"resume the sweep", file=sys.stderr, flush=True)
+            return code
         if code != 0:
             failed.append(r)
             print(f"[{r.index}/{n}] failed (exit code {code}): {r.run_dir}", file=sys.stderr, flush=True)
         else:
             ran += 1
+            elapsed, left = time.perf_counter() - started, len(todo) - position
+            eta = f", about {_duration(elapsed / ran * left)} left for {left} more" if left else ""
+            print(f"[{r.index}/{n}] {_result(r)}; took {_duration(time.perf_counter() - t0)}, sweep "
+                  f"{_duration(elapsed)} so far{eta}", flush=True)
     print(f"sweep: {n} runs: {ran} run now, {len(finished)} already finished, {len(elsewhere)} run by another "
           f"sweep process, {len(failed)} failed, {len(diverged)} diverged (not rerun), {len(conflicts)} in conflict",
           flush=True)
     for r in failed:
         print(f"failed: {r.run_dir} ({r.command})", file=sys.stderr)
     return 1 if failed or conflicts or diverged else 0
+
+
+def _result(run: SweepRun) -> str:
+    """The finished run's result line (as its ``fit`` printed it), or its directory if it has no summary."""
+    try:
+        return result_line(json.loads((run.run_dir / "summary.json").read_text())).removeprefix("fedbench: ")
+    except (OSError, ValueError):
+        return f"finished: {run.run_dir}"
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 5 s``, ``2 h 10 min``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    return f"{s // 60} min {s % 60} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60} min"
 
 
 def _skip_diverged(run: SweepRun) -> None:
