@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fedcoe_bench.data import shift as shifts
+from fedcoe_bench.data.imagefolder import ImageFolder
 from fedcoe_bench.data.partition import (
     SERVER, VAL, Partition, classes, dirichlet, iid, shards, split_local,
 )
@@ -20,7 +21,7 @@ from fedcoe_bench.data.sources import (
 )
 
 __all__ = [
-    "CIFAR10", "CIFAR100", "MNIST10k", "Synthetic", "TinyImageNet", "DataError", "DataSource", "Images",
+    "CIFAR10", "CIFAR100", "ImageFolder", "MNIST10k", "Synthetic", "TinyImageNet", "DataError", "DataSource", "Images",
     "FederatedData", "Federation", "Client",
 ]
 
