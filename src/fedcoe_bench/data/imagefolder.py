@@ -59,6 +59,16 @@ class ImageFolder(DataSource):
     (CIFAR's usual augmentation), wrong for digits or text.
 
     The data set is named after its folder (``root``'s last part) in run summaries and tables.
+
+    Args:
+        root: the folder that holds ``train/`` and ``test/``.
+        image_size: side of the square every image is made (default: the shorter side of the train split's most
+            common size).
+        in_channels: 1 (grayscale) or 3 (RGB) (default: 3 if any image has colour, else 1).
+        mean: per-channel normalisation mean in [0, 1] (default: the train split's).
+        std: per-channel normalisation std (default: the train split's).
+        augment: random crop (pad 4) + horizontal flip during local training.
+        cache_dir: where the decoded images are kept.
     """
 
     def __init__(self, root: str, image_size: int | None = None, in_channels: int | None = None,
@@ -70,7 +80,8 @@ class ImageFolder(DataSource):
             raise DataError(f"data.source.image_size must be >= 1 (got {image_size}), or left out to infer it")
         for key, value in (("mean", mean), ("std", std)):
             if value is not None and in_channels is not None and len(value) != in_channels:
-                raise DataError(f"data.source.{key} has {len(value)} values for {in_channels} channels; give one per channel")
+                raise DataError(f"data.source.{key} has {len(value)} values for {in_channels} channels; "
+                                f"give one per channel")
         if std is not None and min(std) <= 0:
             raise DataError(f"data.source.std must be > 0 (got {list(std)})")
         self.root, self.augment, self.cache_dir = root, augment, cache_dir
@@ -120,8 +131,8 @@ class ImageFolder(DataSource):
                                 f"in {split}/<class>/") from None
         if found["train"] != found["test"]:
             train, test = set(found["train"]), set(found["test"])
-            only = [f"only in {s}: {', '.join(sorted(a - b))}" for s, a, b in (("train", train, test), ("test", test, train))
-                    if a - b]
+            only = [f"only in {s}: {', '.join(sorted(a - b))}"
+                    for s, a, b in (("train", train, test), ("test", test, train)) if a - b]
             raise DataError(f"{self.name}: train and test of {root.resolve()} must have the same class folders "
                             f"({'; '.join(only)}); add or remove folders so that they match")
         return found["train"]
