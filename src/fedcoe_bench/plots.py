@@ -5,7 +5,8 @@
 - ``*_clients.png``: the spread of per-client accuracy (%) per method, all seeds pooled, from each
   run's ``clients.csv`` (written by ``fedbench fit`` at the final evaluation);
 - ``*_partition.png``: how the partition deals classes to clients (the run config's
-  ``FederatedData.setup(seed).label_histogram()``, lowest seed of the group);
+  ``FederatedData.setup(seed).label_histogram()``, lowest seed of the group), with one pool image
+  of each class under its colour (up to 20 classes);
 - with feature-shift clusters, ``*_clusters.png``: a few of the clients' (transformed) images per
   cluster, and ``*_routing.png``: each client's routing profile (``routing.csv``), clients grouped
   by cluster, one panel per method with experts (lowest seed).
@@ -173,8 +174,14 @@ def plot_partition(fed, seed: int, title: str, out: Path) -> bool:
     cold = {c.id for c in fed.new_clients}
     hist = fed.label_histogram().numpy()
     n_clients, n_classes = hist.shape
-    fig = _figure(min(16.0, max(7.0, 0.22 * n_clients + 2.5)), 4.8)
-    ax = fig.subplots()
+    width = min(16.0, max(7.0, 0.22 * n_clients + 2.5))
+    fig = _figure(width, 4.8 + (1.1 if n_classes <= 20 else 0))
+    if n_classes <= 20:  # a strip of one image per class, so that a colour reads as what it shows
+        top, strip = fig.subfigures(2, 1, height_ratios=[4.8, 1.1])
+        _class_samples(fed, strip)
+    else:
+        top = fig
+    ax = top.subplots()
     x = list(range(n_clients))
     if n_classes <= 20:
         from matplotlib import colormaps
@@ -185,11 +192,11 @@ def plot_partition(fed, seed: int, title: str, out: Path) -> bool:
             ax.bar(x, hist[:, c], bottom=bottom, color=cmap(c), width=0.85, label=str(c))
             bottom = [b + v for b, v in zip(bottom, hist[:, c])]
         ax.set_ylabel("training samples (local train split)")
-        fig.legend(title="class", loc="outside right upper", fontsize=8, ncols=1 if n_classes <= 10 else 2)
+        top.legend(title="class", loc="outside right upper", fontsize=8, ncols=1 if n_classes <= 10 else 2)
     else:
         image = ax.imshow(hist.T, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_ylabel("class")
-        fig.colorbar(image, ax=ax, label="training samples")
+        top.colorbar(image, ax=ax, label="training samples")
     n_train = n_clients - len(cold)
     if cold:
         ax.axvspan(n_train - 0.5, n_clients - 0.5, color="0.88", zorder=0)
@@ -202,6 +209,27 @@ def plot_partition(fed, seed: int, title: str, out: Path) -> bool:
     ax.set_title(f"{title}\nclasses per client (partition of seed {seed})", fontsize=11)
     fig.savefig(out)
     return True
+
+
+def _class_samples(fed, fig) -> None:
+    """The first pool image of each class, framed in the class's colour of the partition figure."""
+    from matplotlib import colormaps
+
+    n = fed.num_classes
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for c, ax in enumerate(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_color(cmap(c))
+            side.set_linewidth(3)
+        ax.set_xlabel(str(c), fontsize=8, labelpad=2)
+        where = (fed.pool_y == c).nonzero()
+        if len(where):
+            image = fed.pool_x[int(where[0, 0])].permute(1, 2, 0).cpu().numpy()
+            gray = image.shape[2] == 1
+            ax.imshow(image[:, :, 0] if gray else image, cmap="gray" if gray else None, vmin=0, vmax=255)
 
 
 def plot_cluster_samples(fed, seed: int, title: str, out: Path, per_cluster: int = 8) -> bool:

@@ -89,8 +89,13 @@ def _cached(data: Path, index_files: list[Path], decode) -> list[torch.Tensor]:
     """The tensors ``decode()`` returns, kept in ``<data>.uint8.pt`` next to ``data`` and reused while
     ``index_files`` keep their size and modification time; a damaged or read-only cache only costs
     decoding again."""
-    path = data.with_name(data.name + ".uint8.pt")
     stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in index_files]
+    return cached_tensors(data.with_name(data.name + ".uint8.pt"), stamp, decode)
+
+
+def cached_tensors(path: Path, stamp, decode) -> list:
+    """What ``decode()`` returns (tensors, or lists of them and of strings), kept in ``path`` with
+    ``stamp`` and reused while the stamp is equal; a damaged or unwritable cache only costs decoding again."""
     if path.exists():
         try:
             saved = torch.load(path, weights_only=True)
@@ -101,6 +106,7 @@ def _cached(data: Path, index_files: list[Path], decode) -> list[torch.Tensor]:
     tensors = list(decode())
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"stamp": stamp, "tensors": tensors}, tmp)
         os.replace(tmp, path)
     except OSError:
@@ -140,16 +146,19 @@ class MNIST10k(DataSource):
 
 class FileSource(DataSource):
     """A data set read from files under ``root``: its own ``folder`` in its original format, or a
-    Hugging Face ``datasets`` copy saved with ``save_to_disk`` in ``root/<name>`` (used when both lie there).
+    Hugging Face ``datasets`` copy saved with ``save_to_disk`` in ``root/<name>`` (used when both lie
+    there), or, for a source whose :meth:`_image_folder` gives one, an image folder ``root/train/<class>/``
+    and ``root/test/<class>/`` (used when neither lies there).
 
-    The folder is downloaded from ``url`` when it is missing and ``download`` is true. Subclasses
-    set ``folder``, ``url``, ``mean``, ``std`` and ``label_key`` and implement ``_read_folder`` and
-    ``_fetch_command``.
+    The folder is downloaded from ``url`` when none of them is found and ``download`` is true.
+    Subclasses set ``folder``, ``url``, ``mean``, ``std`` and ``label_key`` and implement
+    ``_read_folder`` and ``_fetch_command``.
     """
 
     folder: str
     url: str
     label_key = "label"
+    reads_image_folders = False  # whether root/train/<class>/, root/test/<class>/ is a layout of this data set
     test_splits = ("test",)  # the Hugging Face split that serves as the global test split, first found
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -159,7 +168,19 @@ class FileSource(DataSource):
         self.download = download
 
     def fingerprint(self) -> dict:
+        images = self._image_folder()
+        if images is not None:  # its own pool order: a partition of the original's does not fit it
+            return {"source": type(self).__name__, "image_folder": images.fingerprint()["files"]}
         return {"source": type(self).__name__}  # the data, not where it lies, defines a partition
+
+    @property
+    def _hf_copy(self) -> Path:
+        return Path(self.root) / type(self).__name__.lower()
+
+    def _image_folder(self):
+        """The :class:`~fedcoe_bench.data.imagefolder.ImageFolder` to read when ``root`` holds neither the
+        original folder nor a Hugging Face copy; None: this source reads no image folder, or there is none."""
+        return None
 
     def _read_folder(self, folder: Path) -> Images:
         raise NotImplementedError
@@ -194,8 +215,11 @@ class FileSource(DataSource):
 
     def load(self) -> Images:
         root = Path(self.root)
-        if (root / self.name / "dataset_dict.json").exists():
-            return self._from_hf(root / self.name)
+        if (self._hf_copy / "dataset_dict.json").exists():
+            return self._from_hf(self._hf_copy)
+        images = self._image_folder()
+        if images is not None:
+            return images.load()
         if not (root / self.folder).is_dir() and self.download:
             from torchvision.datasets.utils import download_and_extract_archive
 
@@ -210,7 +234,9 @@ class FileSource(DataSource):
     def _missing(self, why: str) -> str:
         where = (Path(self.root) / self.folder).resolve()
         return (
-            f"{self.name}: {why} at {where} (or a Hugging Face copy at {Path(self.root).resolve() / self.name}); "
+            f"{self.name}: {why} at {where} (nor a Hugging Face copy at {self._hf_copy.resolve()}"
+            + (f", nor an image folder {Path(self.root).resolve() / 'train'}/<class>/ with test/<class>/"
+               if self.reads_image_folders else "") + "); "
             f"on a machine with network run `{self._fetch_command()}` and copy the folder here, "
             f"or set --data.source.root to where it lies"
         )
@@ -220,11 +246,22 @@ class CIFAR10(FileSource):
     """CIFAR-10 (Krizhevsky, 2009): 50,000 train / 10,000 test 32x32 colour images.
 
     Looks in ``root`` for the torchvision folder ``cifar-10-batches-py`` (the python pickle
-    batches) or a Hugging Face ``datasets`` copy saved with ``save_to_disk`` in ``root/cifar10``;
-    downloads the torchvision archive when ``download`` is true and the machine is online.
+    batches), a Hugging Face ``datasets`` copy saved with ``save_to_disk`` in ``root/cifar10``, or
+    an image folder ``root/train/<class>/*``, ``root/test/<class>/*`` whose class folders are the
+    data set's class names (sorted, they are its label order), read by
+    :class:`~fedcoe_bench.data.imagefolder.ImageFolder` at 32x32 RGB with the original's
+    normalisation and kept decoded in its cache; downloads the torchvision archive when none is
+    there, ``download`` is true and the machine is online.
+
+    Read from an image folder, the data set is named ``cifar10-jpeg`` when its files are JPEGs (a
+    lossy re-encoding: its accuracies are not the original's) and ``cifar10-images`` otherwise, in
+    run summaries and tables; its pool is in class order, so its partitions are its own.
     """
 
     num_classes, in_channels, image_size = 10, 3, 32
+    reads_image_folders = True
+    # label order (torchvision's CIFAR10.classes); sorted, as an image folder's classes are taken
+    classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
     folder = "cifar-10-batches-py"
     url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -248,6 +285,33 @@ class CIFAR10(FileSource):
             self.mean, self.std, augment=True,
         )
 
+    @property
+    def name(self) -> str:
+        images = self._image_folder()
+        if images is None:
+            return super().name
+        return f"{super().name}-{'jpeg' if 'JPEG' in images.formats() else 'images'}"
+
+    def _image_folder(self):
+        root = Path(self.root)
+        original = (root / self.folder).is_dir() or (self._hf_copy / "dataset_dict.json").exists()
+        if original or not (root / "train").is_dir():
+            return None
+        from fedcoe_bench.data.imagefolder import ImageFolder
+
+        images = ImageFolder(str(root), image_size=self.image_size, in_channels=self.in_channels,
+                             mean=list(self.mean), std=list(self.std), augment=True)
+        found = images.classes()
+        if self.classes is not None and found != sorted(self.classes):
+            shown = ", ".join(found[:12]) + (", ..." if len(found) > 12 else "")
+            raise DataError(f"{super().name}: the class folders of {root.resolve() / 'train'} ({shown}) are not "
+                            f"{type(self).__name__}'s classes ({', '.join(self.classes)}); point --data.source.root "
+                            f"at a copy of it, or read your own classes with --data.source imagefolder")
+        if self.classes is None and len(found) != self.num_classes:
+            raise DataError(f"{super().name}: {root.resolve() / 'train'} has {len(found)} class folders, "
+                            f"{type(self).__name__} has {self.num_classes}; point --data.source.root at a copy of it")
+        return images
+
     def _fetch_command(self) -> str:
         return (f"python -c \"import torchvision; torchvision.datasets."
                 f"{type(self).__name__}('{self.root}', download=True)\"")
@@ -257,6 +321,7 @@ class CIFAR100(CIFAR10):
     """CIFAR-100 (Krizhevsky, 2009), fine labels; same folder conventions as :class:`CIFAR10`."""
 
     num_classes = 100
+    classes = None  # its 100 fine-label folders, sorted, are its label order; only their number is checked
     folder = "cifar-100-python"
     url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
     train_files = ("train",)
