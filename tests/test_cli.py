@@ -139,23 +139,32 @@ def test_a_user_data_source_plugs_in_by_class_path(tmp_path, monkeypatch, fit_ar
     (["--run_dir", "USER_DIR"], ["USER_DIR", "not a fedbench run directory", "--run_dir"]),
     (["--run_dir", "USER_DIR", "--overwrite"], ["USER_DIR", "not a fedbench run directory", "--run_dir"]),
     (["--overwrite", "maybe"], ["overwrite"]),
+    (["--config", "OLD_PATH"], ["baselines.fedper.FedPer", "fedcoe_bench.baselines.fedper.FedPer", "fedper"]),
+    (["--method.class_path", "fedcoe_bench.baselines.nosuch.NoSuch"], ["fedcoe_bench.baselines.nosuch.NoSuch"]),
 ], ids=["unknown-method", "unknown-dataset", "alpha-zero", "alpha-negative", "clients-gt-samples",
         "clients-per-round-gt-clients", "misspelled-key", "missing-config", "config-not-yaml", "unknown-model",
         "no-clients", "cold-start-fraction-1", "min-size-unmeetable", "dataset-offline", "unwritable-run-dir",
         "not-a-method", "no-gpu", "no-cuda", "lr-negative", "lr-zero", "no-experts", "not-a-run-dir",
-        "overwrite-not-a-run-dir", "overwrite-not-a-bool"])
-def test_bad_input_ends_in_one_readable_line(tmp_path, fit_argv, run_cli, extra, names):
+        "overwrite-not-a-run-dir", "overwrite-not-a-bool", "old-class-path", "class-path-not-importable"])
+def test_bad_input_ends_in_one_readable_line(tmp_path, fit_argv, run_cli, extra, names, monkeypatch):
     import torch
 
+    # a user's directory, where the repository's baselines/ is no top-level module (`python -m pytest` from
+    # the repository root puts it on sys.path)
+    monkeypatch.chdir(tmp_path)
+    repo = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", repo)])
+    monkeypatch.delitem(sys.modules, "baselines", raising=False)
     if "--fabric.accelerator" in extra and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     (tmp_path / "bad.yaml").write_text("loop: [rounds: 3\n")
+    (tmp_path / "old.yaml").write_text("method:\n  class_path: baselines.fedper.FedPer\n")  # before the move
     (tmp_path / "file").write_text("")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "config.yaml").write_text("my: own\n")
     subst = {"MISSING": str(tmp_path / "missing.yaml"), "NOT_YAML": str(tmp_path / "bad.yaml"),
              "NO_DATA": str(tmp_path / "nodata"), "UNWRITABLE": str(tmp_path / "file" / "run"),
-             "USER_DIR": str(tmp_path / "mine")}
+             "USER_DIR": str(tmp_path / "mine"), "OLD_PATH": str(tmp_path / "old.yaml")}
     extra = [subst.get(a, a) for a in extra]
     rc, _, err = run_cli(fit_argv("run", *extra))
     assert rc != 0

@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -610,6 +611,10 @@ def one_line(err: BaseException, parser: ArgumentParser | None = None) -> str:
     if "does not correspond to a subclass of" in msg:
         path = msg.split("Import path ")[-1].split(" does not")[0]
         return f"{path} is not a subclass of {msg.split('subclass of ')[-1]}; give a class that subclasses it"
+    old = re.search(r"class_path '(baselines\.[\w.]+)'", msg)
+    if old:  # a config written before the built-in methods moved into the package
+        return (f"{old.group(1)} is now {current_path(old.group(1))} (or the short name "
+                f"{short_name(old.group(1))}): the built-in methods moved into the package fedcoe_bench.baselines")
     if "unrecognized arguments:" in msg.lower() and parser is not None:
         keys = [f"--{k}" for k in parser.get_defaults().keys()]
         bad = [a.split("=")[0] for a in msg.lower().split("unrecognized arguments:")[-1].split() if a.startswith("--")]
@@ -678,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, ArgumentError) and not debug:
             print(f"fedbench: error: {one_line(err, own)}", file=sys.stderr)
             return 2
+        if isinstance(err.__cause__, UserError) and not debug:  # jsonargparse wraps what a linked value raised
+            print(f"fedbench: error: {one_line(err.__cause__)}", file=sys.stderr)
+            return 1
         raise
 
 
