@@ -19,6 +19,8 @@ class FedAvg(FederatedMethod):
         (torch.Size([2, 10]), True)
     """
 
+    batchable = True
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.net = self.make_backbone()

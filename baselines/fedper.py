@@ -104,6 +104,7 @@ class FedPer(LatestHeads, FedAvg):
     server_only = ("eval_head",)
     global_model = "convention"
     head_prefix = "net.head."
+    batchable = True  # its hooks read only the loaded head and the data; the batched executor replays them before the report
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

@@ -32,6 +32,8 @@ class FedProx(FedAvg):
         0.25
     """
 
+    batchable = True  # the anchor set in on_client_start is the server state, the same for every batched client
+
     def __init__(self, mu: float = 0.01, **kwargs):
         super().__init__(**kwargs)
         if mu < 0:

@@ -29,6 +29,7 @@ class Local(FedAvg):
 
     personal = ("net.",)
     global_model = "none"
+    batchable = True
 
     def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate],
                   ctx: RoundContext) -> tuple[torch.Tensor, dict[str, float]]:

@@ -28,6 +28,7 @@ import torch
 from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
+from fedcoe_bench import batched
 from fedcoe_bench.cost import method_cost, report_bytes
 from fedcoe_bench.data import Client, Federation
 from fedcoe_bench.errors import ConfigError, RunError, TrainingDiverged
@@ -124,6 +125,10 @@ class FederatedLoop:
             labelled shots (``data.cold_start_shots``) for the ``cold_start_ft_acc`` column, measured at the
             last evaluation only (fine-tuning every new client costs about three FedAvg rounds on CPU); 0: no
             column.
+        client_batch: train this many of a rank's clients at once, side by side on its device
+            (:mod:`fedcoe_bench.batched`; same updates up to float rounding; methods with
+            ``batchable``). 1: one after another, the default (on CPU batching measured slower;
+            unmeasured on GPUs so far).
     """
 
     rounds: int = 30
@@ -140,9 +145,11 @@ class FederatedLoop:
     client_store_dir: str | None = None
     client_state_dtype: str = "float32"
     cold_start_steps: int = 10
+    client_batch: int = 1
 
     def __post_init__(self):
-        for key in ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every", "eval_batch_size"):
+        for key in ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every", "eval_batch_size",
+                    "client_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"loop.{key} must be >= 1 (got {getattr(self, key)})")
         if self.cold_start_steps < 0:
@@ -166,6 +173,8 @@ class FederatedLoop:
         self._check(fabric, fed)
         run = self._setup(fabric, method, fed, seed, run_dir, resume_state)
         method = run.method
+        if self.client_batch > 1:
+            batched.check(method, fabric, self.client_batch)  # one-line ConfigError for what it cannot batch
         optimizer = fabric.setup_optimizers(method.configure_optimizers())
         start, t_start, prior_time = 0, time.perf_counter(), 0.0
         if resume_state is not None:
@@ -226,7 +235,10 @@ class FederatedLoop:
         run.trained_ids.update(c.id for c in sampled)
         ctx = RoundContext(rnd + 1, len(fed.clients), len(sampled))
         mine = sampled[fabric.global_rank :: fabric.world_size]
-        updates = [self._train_client(fabric, run, optimizer, c, ctx) for c in mine]
+        if self.client_batch > 1:  # ---- batched clients (fedcoe_bench.batched): the same updates, side by side
+            updates = self._train_batched(fabric, run, mine, ctx)
+        else:
+            updates = [self._train_client(fabric, run, optimizer, c, ctx) for c in mine]
         updates = self._gather(fabric, run, updates)
         for u in updates:
             if not math.isfinite(u.loss):
@@ -369,6 +381,24 @@ class FederatedLoop:
             run.store.put(client.id, method.flat["personal"])
         return ClientUpdate(client.id, float(n), method.flat["shared"].clone(), report,
                             loss=float(loss_sum) / max(steps, 1), samples=n * self.local_epochs)
+
+    # ------------------------------------------------------------------ batched clients (fedcoe_bench.batched)
+    def _train_batched(self, fabric: Fabric, run: _Run, clients: list[Client], round_ctx: RoundContext) -> list[ClientUpdate]:
+        """:meth:`_train_client`'s updates for ``clients``, trained ``client_batch`` at a time side by side;
+        their personal states written to the store as there."""
+        updates = []
+        for start in range(0, len(clients), self.client_batch):
+            group = clients[start : start + self.client_batch]
+            personal = [run.store.get(c.id) for c in group]
+            personal = [run.init_personal if p is None else p for p in personal]
+            ups, trained = batched.train_clients(fabric, run.method, run.fed, group, run.server, personal,
+                                                 seed=run.seed, round_ctx=round_ctx, local_epochs=self.local_epochs,
+                                                 batch_size=self.batch_size, memory_format=run.memory_format)
+            if trained.shape[1]:
+                for c, state in zip(group, trained):
+                    run.store.put(c.id, state)
+            updates += ups
+        return updates
 
     # ------------------------------------------------------------------ ranks meet
     def _gather(self, fabric: Fabric, run: _Run, updates: list[ClientUpdate]) -> list[ClientUpdate]:

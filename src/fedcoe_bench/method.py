@@ -142,6 +142,10 @@ class FederatedMethod(L.LightningModule):
     # does not define, served by this benchmark's convention (the class docstring says which; tables
     # mark it); "none", no such model at all (tables print n/a).
     global_model: str = "trained"
+    # Trainable side by side with other clients (loop.client_batch > 1, fedcoe_bench.batched): the local step is a plain
+    # training_step (a mean cross-entropy, plus terms of the state) and the client hooks read only the loaded state and data.
+    # Read from the class itself, never inherited: a subclass whose hooks keep per-client state on self would be wrong.
+    batchable: bool = False
 
     def __init__(self, backbone: str = "cnn", lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
                  num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
