@@ -113,20 +113,20 @@ def test_routing_prior_sharpens_with_a_confident_profile():
 
 def test_calibrated_setting_follows_client_scores(tmp_path):
     m = tiny(local_level=False, beta="calibrated")
-    assert m.cold_start_setting() == ("adaptive", False)  # nothing reported yet
-    scores = torch.zeros(len(FedCoE.beta_grid), 2)
-    scores[2, 1] = 0.9  # beta = 1.0 with the label prior is best
+    assert m.cold_start_setting() == "adaptive"  # nothing reported yet
+    scores = torch.zeros(len(FedCoE.beta_grid))
+    scores[2] = 0.9  # beta = 1.0 is best
     ups = updates_for(m, [(1.0, [0.3, 0.3, 0.4]), (1.0, [0.3, 0.3, 0.4])])
     for u in ups:
         u.report["calibration"], u.report["calibration_weight"] = scores, torch.tensor(1.0)
     m.aggregate(torch.zeros(m.flat["shared"].numel()), ups, ctx())
-    assert m.cold_start_setting() == (1.0, True)
+    assert m.cold_start_setting() == 1.0
     # the choice is logged: calibration.csv has every setting's mean score, the served one marked
     import csv
     m.save_artifacts(tmp_path)
     rows = list(csv.DictReader((tmp_path / "calibration.csv").read_text().splitlines()))
-    assert len(rows) == 2 * len(FedCoE.beta_grid)
-    assert [(r["beta"], r["label_prior"]) for r in rows if r["served"] == "1"] == [("1.0", "1")]
+    assert len(rows) == len(FedCoE.beta_grid)
+    assert [r["beta"] for r in rows if r["served"] == "1"] == ["1.0"]
     assert sorted(float(r["mean_self_accuracy"]) for r in rows)[-2:] == [0.0, pytest.approx(0.9)]
     assert {r["weight"] for r in rows} == {"1.0000"}  # one round of scores behind every setting
 
@@ -140,30 +140,32 @@ def report_round(m: FedCoE, per_client_scores: list[torch.Tensor]) -> dict[str, 
 
 
 def scores_with(entries: dict) -> torch.Tensor:
-    out = torch.zeros(len(FedCoE.beta_grid), 2)
-    for (b, lp), v in entries.items():
-        out[b, lp] = v
+    """Self-scores by beta index."""
+    out = torch.zeros(len(FedCoE.beta_grid))
+    for b, v in entries.items():
+        out[b] = v
     return out
 
 
 def test_calibration_is_a_decayed_average_of_per_round_means():
     """Three rounds, two clients each; by hand: m_t is the round's client mean and
     s = (m_3 + d m_2 + d^2 m_1) / (1 + d + d^2)."""
-    rounds = [[0.2, 0.4], [0.5, 0.7], [0.9, 0.9]]  # setting (beta index 1, no prior) per client
+    rounds = [[0.2, 0.4], [0.5, 0.7], [0.9, 0.9]]  # beta index 1's score per client
     means = [0.3, 0.6, 0.9]
     for d in (0.5, 1.0):
         m = tiny(local_level=False, calibration_decay=d)
         for r in rounds:
-            report_round(m, [scores_with({(1, 0): v}) for v in r])
+            report_round(m, [scores_with({1: v}) for v in r])
         want = (means[2] + d * means[1] + d * d * means[0]) / (1 + d + d * d)
-        assert float(m.self_scores()[1, 0]) == pytest.approx(want)
+        assert float(m.self_scores()[1]) == pytest.approx(want)
     assert want == pytest.approx(0.6)  # d = 1: the plain average over rounds
 
 
 def test_recent_rounds_decide_the_served_setting_and_each_round_logs_it():
-    """Setting A (beta 0, no prior) wins the first three rounds by 0.3, setting B (beta 2, prior) the
-    last two by 0.2: the all-rounds average keeps A, a decay of 0.5 follows B; diagnostics show the switch."""
-    a, b = (0, 0), (3, 1)
+    """Setting A (beta 0) wins the first three rounds by 0.3, setting B (beta 2) the last two by 0.2: the
+    all-rounds average keeps A, a decay of 0.5 follows B; diagnostics show the switch. No label-prior
+    correction is ever served (that is the cold_start_lp_acc column, the same for every method)."""
+    a, b = 0, 3
     history = [{a: 0.6, b: 0.3}] * 3 + [{a: 0.5, b: 0.7}] * 2
     served = {}
     for d in (1.0, 0.5):
@@ -171,9 +173,10 @@ def test_recent_rounds_decide_the_served_setting_and_each_round_logs_it():
         served[d] = []
         for entries in history:
             diag = report_round(m, [scores_with(entries)] * 2)
-            served[d].append((int(diag["cold_start_beta_index"]), int(diag["cold_start_label_prior"])))
+            served[d].append(int(diag["cold_start_beta_index"]))
+            assert "cold_start_label_prior" not in diag
             assert diag["cold_start_self_score"] == pytest.approx(float(m.self_scores()[served[d][-1]]))
-        assert m.cold_start_setting() == (FedCoE.beta_grid[served[d][-1][0]], bool(served[d][-1][1]))
+        assert m.cold_start_setting() == FedCoE.beta_grid[served[d][-1]]
     assert served[1.0] == [a] * 5  # (3 * 0.3 + 2 * -0.2) / 5 > 0: A stays
     # d = 0.5 (decayed sums; the weights are common): after round 4, A 0.6 * 0.875 + 0.5 = 1.025 vs
     # B 0.3 * 0.875 + 0.7 = 0.9625; after round 5, A 0.6 * 0.4375 + 0.5 * 1.5 = 1.0125 vs B 0.3 * 0.4375 + 0.7 * 1.5 = 1.18125
@@ -250,7 +253,7 @@ def test_calibration_scores_the_validation_split_not_the_training_data():
         return m.on_client_end(x_tr, client_ctx())
 
     clean = report(y_tr, y_val)
-    assert float(clean["calibration_weight"]) == 1.0 and float(clean["calibration"][0, 0]) == 1.0  # beta 0, no prior: G
+    assert float(clean["calibration_weight"]) == 1.0 and float(clean["calibration"][0]) == 1.0  # beta 0: G alone
     torch.testing.assert_close(report((y_tr + 1) % 4, y_val)["calibration"], clean["calibration"])
     assert not torch.equal(report(y_tr, (y_val + 1) % 4)["calibration"], clean["calibration"])
     empty = report(y_tr, y_val[:0], x_val[:0])

@@ -1,0 +1,110 @@
+"""FedCoE's specialization parts (issue 28): one lr is one step size, assignment by fit, balance across clients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedcoe_bench.fedcoe import FedCoE
+from fedcoe_bench.method import ClientContext, ClientUpdate, RoundContext
+
+DIMS = {"num_classes": 5, "in_channels": 1, "image_size": 8}
+
+
+def tiny(**kwargs) -> FedCoE:
+    torch.manual_seed(0)
+    m = FedCoE(num_experts=4, **DIMS, **kwargs)
+    m.flatten_parameters()
+    return m
+
+
+def set_gate(m: FedCoE, bias: list[float]) -> None:
+    last = m.gate.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor(bias))
+
+
+def expert_multipliers(m: FedCoE, x, y) -> torch.Tensor:
+    """m_k with d loss / d logits_k = m_k * (softmax - onehot) / B, every expert made identical, so that
+    each expert's logit gradient is a multiple of a single model's cross-entropy gradient."""
+    for expert in m.experts[1:]:
+        expert.load_state_dict(m.experts[0].state_dict())
+    outs = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        outs.append(out)
+
+    m.on_client_start(x, y, ClientContext(1, 10, 1, 1))  # (the assignment's own passes are not recorded)
+    hooks = [e.register_forward_hook(keep) for e in m.experts]
+    m.training_step((x, y), 0).backward()
+    for h in hooks:
+        h.remove()
+    base = (outs[0].softmax(-1) - F.one_hot(y, DIMS["num_classes"])) / len(y)
+    return torch.stack([(o.grad * base).sum() / (base * base).sum() for o in outs[:4]])
+
+
+@pytest.mark.parametrize("gate", [[0.0, 0.0, 0.0, 0.0], [30.0, 0.0, 0.0, 0.0]], ids=["uniform", "collapsed"])
+@pytest.mark.parametrize("assignment", ["gate", "hard", "soft"])
+def test_the_experts_gradient_multipliers_sum_to_at_most_one(gate, assignment):
+    x, y = torch.randn(16, 1, 8, 8), torch.arange(16) % 5
+    m = tiny(assignment=assignment, lambda_bal=0.0)
+    set_gate(m, gate)
+    total = float(expert_multipliers(m, x, y).sum())
+    assert 0.2 < total <= 1.05, total
+    if assignment == "gate":  # what the normalization removes: the loss's weights multiplied the step
+        raw = tiny(assignment=assignment, lambda_bal=0.0, normalize_loss=False)
+        set_gate(raw, gate)
+        assert float(expert_multipliers(raw, x, y).sum()) > 4.0
+
+
+def test_hard_assignment_picks_the_expert_of_lowest_loss_and_the_bias_moves_the_choice():
+    m = tiny(assignment="hard")
+    x, y = torch.randn(32, 1, 8, 8), torch.arange(32) % 5
+    losses = torch.stack([F.cross_entropy(e(x), y) for e in m.experts])
+    a = m.assign(x, y)
+    assert a.sum() == 1 and int(a.argmax()) == int(losses.argmin())
+    with torch.no_grad():
+        m.assign_bias[losses.argmin()] = 10.0  # an expert that took too many clients is dearer to choose
+    assert int(m.assign(x, y).argmax()) != int(losses.argmin())
+    soft = tiny(assignment="soft").assign(x, y)
+    torch.testing.assert_close(soft, (-losses).softmax(0))
+
+
+def test_assignment_aggregation_weights_experts_by_assignment_and_balances_across_clients():
+    m = tiny(assignment="hard", assignment_balance=0.5)
+    server = m.flat["shared"].clone()
+    k0, k1, bias = m.span("experts.0."), m.span("experts.1."), m.span("assign_bias")
+
+    def update(cid, n, expert, value):
+        shared = server.clone()
+        shared[m.span(f"experts.{expert}.")] = value
+        report = {"routing": torch.full((4,), 0.25), "gate_entropy": torch.tensor(1.0),
+                  "fusion_h": torch.tensor(0.5), "assignment": F.one_hot(torch.tensor(expert), 4).float(),
+                  "calibration": torch.zeros(len(m.beta_grid)), "calibration_weight": torch.tensor(0.0)}
+        return ClientUpdate(cid, float(n), shared, report)
+
+    new, scalars = m.aggregate(server, [update(0, 1, 0, 1.0), update(1, 3, 0, 5.0), update(2, 2, 1, 7.0)],
+                               RoundContext(1, 10, 3))
+    torch.testing.assert_close(new[k0], torch.full_like(new[k0], (1 * 1.0 + 3 * 5.0) / 4))  # only its own clients
+    torch.testing.assert_close(new[k1], torch.full_like(new[k1], 7.0))
+    torch.testing.assert_close(new[m.span("experts.2.")], server[m.span("experts.2.")])  # nobody chose it
+    load = torch.tensor([4 / 6, 2 / 6, 0.0, 0.0])
+    torch.testing.assert_close(new[bias], server[bias] + 0.5 * (4 * load - 1))
+    assert scalars["gate_assignment_agreement"] == pytest.approx(2 / 3)  # a uniform gate's argmax is expert 0
+
+
+def test_the_route_term_teaches_the_gate_the_assignment():
+    m = tiny(assignment="hard")
+    x, y = torch.randn(32, 1, 8, 8), torch.arange(32) % 5
+    m.on_client_start(x, y, ClientContext(1, 10, 1, 20))
+    target = int(m._assignment.argmax())
+    before = float(m.gate(x)[:, target].mean())
+    opt = torch.optim.SGD(m.gate.parameters(), lr=0.5)
+    for step in range(20):
+        opt.zero_grad()
+        m.training_step((x, y), step).backward()
+        opt.step()
+    assert float(m.gate(x)[:, target].mean()) > max(before, 0.5)
