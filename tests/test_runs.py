@@ -171,7 +171,7 @@ def trained(tmp_path_factory) -> tuple[Path, list[str]]:
 def test_resume_sweep_and_eval_agree_on_which_keys_are_neutral(trained, tmp_path, run_cli, change, neutral):
     import shutil
 
-    from fedcoe_bench import cli, sweep
+    from fedcoe_bench import cli, experiment, sweep
 
     run, argv = trained
     key = change[0][2:]
@@ -181,7 +181,7 @@ def test_resume_sweep_and_eval_agree_on_which_keys_are_neutral(trained, tmp_path
     rc, _, resume_err = run_cli([*argv, *change, "--run_dir", str(tmp_path / "unfinished")])
     # sweep: does the finished run count as done for a grid point with the change?
     cfg = cli.fit_parser().parse_args(cli.expand_short_names([*argv[1:], *change, "--run_dir", str(run)]))
-    state = sweep.check_finished(sweep.SweepRun(1, {}, [], run, cli.stored_config(cli.fit_parser(), cfg)))
+    state = sweep.check_finished(sweep.SweepRun(1, {}, [], run, experiment.stored_config(cli.fit_parser(), cfg)))
     # eval: does it serve the trained state under the change?
     eval_rc, _, eval_err = run_cli(["eval", str(run), "--name", "x", *change, "--run_dir", str(tmp_path / "evaluated")])
     if neutral:

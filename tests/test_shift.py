@@ -239,7 +239,8 @@ def test_a_shifted_fit_logs_agreement_each_round_and_writes_the_cluster_column(s
 
 
 def test_shifted_runs_get_their_own_folder_and_table_group(shifted_runs):
-    from fedcoe_bench.cli import build_parser, default_run_dir
+    from fedcoe_bench.cli import build_parser
+    from fedcoe_bench.experiment import default_run_dir
     from fedcoe_bench.results import load_runs
 
     runs = load_runs(shifted_runs)

@@ -6,6 +6,10 @@ class UserError(ValueError):
     """Base of every error a user can fix by changing the command, the config or the files."""
 
 
+class UsageError(UserError):
+    """A command-line or config mistake."""
+
+
 class ConfigError(UserError):
     """A setting that cannot work."""
 

@@ -115,6 +115,9 @@ class FedCoE(RoutingTable, FederatedMethod):
 
     personal = ("local.", "fusion.", "local_ready", "label_counts")
     server_only = ("calibration",)
+    # What a config written before normalize_loss existed ran with (its default changed the step size):
+    # such a run is not the run of a config that leaves it at its default (fedcoe_bench.runs.argument_default).
+    predating = {"normalize_loss": False}
     serving = ("cold_start_prior", "beta")  # training never reads them (the self-scores are always collected)
     beta_grid = (0.0, 0.5, 1.0, 2.0, "adaptive")
     # Scores are averaged over every sampled client and round, so a few validation samples per client

@@ -88,20 +88,26 @@ NO_DEFAULT = object()
 
 
 def argument_default(class_path: str, name: str):
-    """The default of argument ``name`` of the class at ``class_path`` (searching its bases' ``__init__``,
-    as ``**kwargs`` passes them on), or a sentinel equal to nothing when it has none or cannot be
-    imported. A config written before an argument existed ran the code of its time; that equals the
-    argument's default when, as this project's rule is, a new argument's default keeps the old behaviour.
+    """The value a config that does not name argument ``name`` of the class at ``class_path`` ran with: its
+    default (searching its bases' ``__init__``, as ``**kwargs`` passes them on), or a sentinel equal to
+    nothing when it has none or cannot be imported. A config written before an argument existed ran the
+    code of its time; that equals the argument's default when, as this project's rule is, a new
+    argument's default keeps the old behaviour, and otherwise the value the class names in
+    ``predating`` (a new default that changes what a method computes).
 
     Example:
         >>> argument_default("fedcoe_bench.fedcoe.FedCoE", "balance_rate"), argument_default("fedcoe_bench.fedcoe.FedCoE", "lr")
         (0.0, 0.01)
+        >>> argument_default("fedcoe_bench.fedcoe.FedCoE", "normalize_loss")  # default True, added later
+        False
     """
     module, _, name_ = str(class_path).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name_)
     except (ImportError, AttributeError, ValueError):
         return NO_DEFAULT
+    if name in getattr(cls, "predating", {}):
+        return cls.predating[name]
     for klass in inspect.getmro(cls):
         param = inspect.signature(klass.__init__).parameters.get(name) if "__init__" in vars(klass) else None
         if param is not None and param.default is not inspect.Parameter.empty:

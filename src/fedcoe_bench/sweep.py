@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from fedcoe_bench.errors import UserError
+from fedcoe_bench.errors import UsageError, UserError
 from fedcoe_bench.runs import LOCK, RunDir, config_diff, result_line, shown
 
 
@@ -131,7 +131,7 @@ def plan(path: str | os.PathLike, sweep_dir: str | os.PathLike = "runs", logger:
     """The runs of a sweep file, resolved (configs parsed, run directories chosen), nothing run."""
     from jsonargparse import ArgumentError
 
-    from fedcoe_bench import cli
+    from fedcoe_bench import cli, experiment
 
     config = load_sweep(path)
     fit_parser = cli.fit_parser()
@@ -140,10 +140,10 @@ def plan(path: str | os.PathLike, sweep_dir: str | os.PathLike = "runs", logger:
         args = command_args(config, params)
         try:
             cfg = fit_parser.parse_args(cli.expand_short_names(args))
-        except (ArgumentError, cli.UsageError) as err:
+        except (ArgumentError, UsageError) as err:
             point = ", ".join(f"{k}={v}" for k, v in params.items())
             raise SweepError(f"grid point {i} ({point}): {cli.one_line(err)}") from None
-        default = Path(cli.default_run_dir(cfg))
+        default = Path(experiment.default_run_dir(cfg))
         run_dir = Path(sweep_dir) / default.relative_to(default.parts[0])
         if run_dir in seen:
             raise SweepError(f"grid points {seen[run_dir]} and {i} both write {run_dir}; give each variant its own "
@@ -151,7 +151,7 @@ def plan(path: str | os.PathLike, sweep_dir: str | os.PathLike = "runs", logger:
         seen[run_dir] = i
         cfg.run_dir = str(run_dir)
         runs.append(SweepRun(i, params, [*args, f"--logger={logger}", f"--run_dir={run_dir}"], run_dir,
-                             cli.stored_config(fit_parser, cfg)))
+                             experiment.stored_config(fit_parser, cfg)))
     for r in runs:
         check_finished(r)
     return runs
