@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedcoe_bench import sweep
+from fedcoe_bench import sweep, tuning
 from fedcoe_bench.cli import main
 from fedcoe_bench.results import METRICS
 from fedcoe_bench.runs import config_diff
@@ -394,23 +394,23 @@ def chosen(selections) -> dict:
 
 def test_selection_picks_the_best_mean_validation_score_per_group(tuning_sweep, tmp_path):
     runs = sweep.plan(tuning_sweep, tmp_path / "out")
-    assert len(runs) == 16 and sweep.selection_metric(sweep.load_sweep(tuning_sweep)) == ("val_personal_acc", "maximize")
+    assert len(runs) == 16 and tuning.selection_metric(sweep.load_sweep(tuning_sweep)) == ("val_personal_acc", "maximize")
     finish(runs)
-    selections = sweep.select(runs, "val_personal_acc")
+    selections = tuning.select(runs, "val_personal_acc")
     assert chosen(selections) == CHOSEN
     fedavg = next(s for s in selections if s.group[-1] == "fedavg" and s.group[2] == 0.1)
     assert fedavg.score == pytest.approx((0.70 + 0.75) / 2) and fedavg.settings == 2
     assert fedavg.setting == {"config": str(tmp_path / "fedavg-lr0.1.yaml")} and len(fedavg.runs) == 2
     # minimize flips every choice
-    assert set(chosen(sweep.select(runs, "val_personal_acc", "minimize")).items()).isdisjoint(CHOSEN.items())
+    assert set(chosen(tuning.select(runs, "val_personal_acc", "minimize")).items()).isdisjoint(CHOSEN.items())
 
 
 def test_selection_never_reads_a_test_metric(tuning_sweep, tmp_path):
     runs = sweep.plan(tuning_sweep, tmp_path / "out")
     finish(runs)
-    before = chosen(sweep.select(runs, "val_personal_acc"))
+    before = chosen(tuning.select(runs, "val_personal_acc"))
     finish(runs, test_value=lambda *_: float("nan"))  # every test metric NaN, validation unchanged
-    assert chosen(sweep.select(runs, "val_personal_acc")) == before == CHOSEN
+    assert chosen(tuning.select(runs, "val_personal_acc")) == before == CHOSEN
 
 
 def test_sweep_prints_the_chosen_settings_test_numbers_only(tuning_sweep, tmp_path, run_cli):
@@ -463,7 +463,7 @@ def test_selection_on_real_runs_summaries(small_sweep, tmp_path, monkeypatch, ru
     summaries = [json.loads((r.run_dir / "summary.json").read_text()) for r in runs]
     val = [s["metrics"]["val_personal_acc"] for s in summaries]
     best = max(range(2), key=lambda i: (val[i], -i))  # ties go to the first in grid order
-    [selection] = sweep.select(runs, "val_personal_acc")
+    [selection] = tuning.select(runs, "val_personal_acc")
     assert selection.runs == [runs[best]] and selection.score == pytest.approx(val[best])
     row = next(line for line in out.splitlines() if line.startswith("| synthetic")).split(" | ")
     assert row[2].startswith(f"config={files[best]} (of 2)")
@@ -481,11 +481,11 @@ def test_a_missing_validation_metric_is_a_one_line_error_naming_it(tuning_sweep,
 def test_an_unfinished_group_chooses_nothing(tuning_sweep, tmp_path, capsys):
     runs = sweep.plan(tuning_sweep, tmp_path / "out")
     finish(runs[1:])  # the first run (fedavg, alpha 0.1, seed 0) never finished
-    selections = sweep.select(runs, "val_personal_acc")
+    selections = tuning.select(runs, "val_personal_acc")
     open_groups = [s for s in selections if s.score is None]
     assert [(s.group[-1], s.group[2], s.unfinished) for s in open_groups] == [("fedavg", 0.1, 1)]
     assert len(selections) == 4
-    out = sweep.render_selection(selections, "val_personal_acc", "maximize")
+    out = tuning.render_selection(selections, "val_personal_acc", "maximize")
     assert "not chosen: 1 of its runs unfinished" in out
 
 
@@ -497,28 +497,28 @@ def test_a_setting_with_a_diverged_run_is_out_of_the_running(tuning_sweep, tmp_p
     best = next(r for r in runs if r.config["name"] == "fedavg-lr0.1" and r.config["data"]["alpha"] == 0.1)
     (best.run_dir / "summary.json").unlink()
     (best.run_dir / "diverged.txt").write_text("round 3, client 1: local loss is nan\n")
-    selections = sweep.select(runs, "val_personal_acc")
+    selections = tuning.select(runs, "val_personal_acc")
     fedavg = next(s for s in selections if s.group[-1] == "fedavg" and s.group[2] == 0.1)
     assert fedavg.runs[0].config["name"] == "fedavg-lr0.01" and fedavg.diverged == 1
     assert {k: v for k, v in chosen(selections).items() if k != ("fedavg", 0.1)} == \
         {k: v for k, v in CHOSEN.items() if k != ("fedavg", 0.1)}
-    assert "(of 2, 1 diverged)" in sweep.render_selection(selections, "val_personal_acc", "maximize")
+    assert "(of 2, 1 diverged)" in tuning.render_selection(selections, "val_personal_acc", "maximize")
     other = next(r for r in runs if r.config["name"] == "fedavg-lr0.01" and r.config["data"]["alpha"] == 0.1)
     (other.run_dir / "summary.json").unlink()
     (other.run_dir / "diverged.txt").write_text("round 2, client 0: local loss is inf\n")
-    fedavg = next(s for s in sweep.select(runs, "val_personal_acc") if s.group[-1] == "fedavg" and s.group[2] == 0.1)
+    fedavg = next(s for s in tuning.select(runs, "val_personal_acc") if s.group[-1] == "fedavg" and s.group[2] == 0.1)
     assert fedavg.score is None and fedavg.unfinished == 0 and fedavg.diverged == 2
 
 
 def test_a_sweep_on_a_test_metric_selects_nothing(small_sweep):
-    assert sweep.selection_metric(sweep.load_sweep(small_sweep)) is None
-    assert sweep.selection_metric(sweep.load_sweep(REPO / "benchmarks" / "sweeps" / "mnist10k.yaml")) is None
+    assert tuning.selection_metric(sweep.load_sweep(small_sweep)) is None
+    assert tuning.selection_metric(sweep.load_sweep(REPO / "benchmarks" / "sweeps" / "mnist10k.yaml")) is None
 
 
 def test_tune_mnist10k_gives_every_method_its_knobs_on_validation(monkeypatch):
     monkeypatch.chdir(REPO)
     spec = sweep.load_sweep("benchmarks/sweeps/tune_mnist10k.yaml")
-    assert sweep.selection_metric(spec) == ("val_personal_acc", "maximize")
+    assert tuning.selection_metric(spec) == ("val_personal_acc", "maximize")
     runs = sweep.plan("benchmarks/sweeps/tune_mnist10k.yaml", "runs/tune")
     assert len(runs) == 33 * 2
     assert {r.config["seed"] for r in runs} == {1} and {r.config["loop"]["rounds"] for r in runs} == {50}
