@@ -14,6 +14,9 @@ a Fabric-wrapped module, every input reaches the model converted by the plugin a
 pass runs in its context (autocast for ``*-mixed``, the half dtype for ``*-true``). Ranks meet only
 in the collectives below (all-gather of updates, all-reduce of evaluation counts);
 personal states never travel between them.
+
+(Over 400 lines: the loop reads top to bottom in one file, each step a named method, as Lightning's
+own trainer example does.)
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ class FederatedLoop:
             evaluation compute in the method's dtype).
         cold_start_steps: local steps (mini-batches of ``batch_size``) a new client fine-tunes on its
             labelled shots (``data.cold_start_shots``) for the ``cold_start_ft_acc`` column, measured at the
-            last evaluation only (fine-tuning every new client costs about three FedAvg rounds on CPU); 0: no
+            last evaluation only (fine-tuning every new client costs a few rounds' time); 0: no
             column.
         client_batch: train this many of a rank's clients at once, side by side on its device
             (:mod:`fedcoe_bench.batched`; same updates up to float rounding; methods with
@@ -137,7 +140,7 @@ class FederatedLoop:
     batch_size: int = 32
     eval_every: int = 10
     checkpoint_every: int = 10
-    eval_batch_size: int = 256  # on CPU 1.4x the images/s of 2048, whose activations outgrow the caches
+    eval_batch_size: int = 256  # larger batches' activations outgrow the CPU caches (benchmarks/perf/RESULTS.md)
     eval_clients: int | None = None
     channels_last: bool | None = None
     progress: bool = True
@@ -261,13 +264,17 @@ class FederatedLoop:
         }
 
     def _checkpoint(self, fabric: Fabric, run: _Run, run_dir: RunDir, rounds_done: int, wall_time_s: float) -> None:
-        """Save the state after ``rounds_done`` rounds as one dict, once every rank's client states are durable."""
+        """Save the state after ``rounds_done`` rounds as one dict, once every rank's client states are
+        durable; then Fabric's callbacks get ``on_checkpoint(rounds_done, seconds)`` (the store's flush
+        and the write, e.g. for the perf harness)."""
+        t0 = time.perf_counter()
         _load(run.method, run.server, run.init_personal)
         state = {"round": rounds_done, "server": run.server, "store": run.store.flush(),
                  "method": run.method.state_dict(), "history": run.history, "precision": run.precision,
                  "channels_last": run.memory_format == torch.channels_last, "wall_time_s": wall_time_s}
         fabric.barrier()  # every rank's client states are durable before the checkpoint names them
         run_dir.save_checkpoint(fabric, state)
+        fabric.call("on_checkpoint", rounds_done=rounds_done, seconds=time.perf_counter() - t0)
 
     def evaluate(self, fabric: Fabric, method: FederatedMethod, fed: Federation, state: dict, seed: int,
                  trained_run: RunDir | None = None) -> FitResult:

@@ -62,6 +62,9 @@ signature: a method that needs the context there keeps it from ``on_client_start
 
 A new method is one file in ``baselines/`` (the package ``fedcoe_bench.baselines``) with its short
 name in :mod:`fedcoe_bench.registry`, or any importable class given by class path.
+
+(Over 400 lines because the contract is in one place: this docstring, the base class and the
+helpers every method uses to honour it.)
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@
 client-state store; see :func:`scale`).
 
 Timings on a shared 2-core machine are noisy: each figure is the median of several repeats.
+
+Why one long module: every figure of ``benchmarks/perf/RESULTS.md`` is one function here, measured
+against the same bare loops; split, each half would re-import and re-state them.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ from fedcoe_bench.runs import RunDir, atomic_open
 from fedcoe_bench.store import DiskStore
 
 
-def _fabric() -> Fabric:
-    return Fabric(accelerator="cpu", devices=1)
+def _fabric(callbacks: list | None = None) -> Fabric:
+    return Fabric(accelerator="cpu", devices=1, callbacks=callbacks)
 
 
 def _cache() -> str:
@@ -269,17 +272,14 @@ def _rss_kib(field: str) -> int:
     return int(line.split()[1])
 
 
-class _TimedRun(RunDir):
-    """A run directory that records how long each checkpoint takes to write."""
+class CheckpointTimes:
+    """A Fabric callback: the seconds of each checkpoint the loop saves (the store's flush and the write)."""
 
-    def __init__(self, path):
-        super().__init__(path)
-        self.times: list[float] = []
+    def __init__(self):
+        self.seconds: list[float] = []
 
-    def save_checkpoint(self, fabric, state):
-        t0 = time.perf_counter()
-        super().save_checkpoint(fabric, state)
-        self.times.append(time.perf_counter() - t0)
+    def on_checkpoint(self, rounds_done: int, seconds: float) -> None:
+        self.seconds.append(seconds)
 
 
 def scale_point(method: str, clients: int, rounds: int, workdir: str) -> dict:
@@ -300,7 +300,7 @@ def scale_point(method: str, clients: int, rounds: int, workdir: str) -> dict:
     torch.manual_seed(0)
     model = SCALE_METHODS[method](in_channels=1, image_size=8)
     model.flatten_parameters()
-    run = _TimedRun(work / "run")
+    run = RunDir(work / "run")
     run.prepare()
     loop = FederatedLoop(rounds=rounds, clients_per_round=10, eval_every=rounds, checkpoint_every=1,
                          progress=False, client_store="disk", eval_clients=200)
@@ -314,25 +314,17 @@ def scale_point(method: str, clients: int, rounds: int, workdir: str) -> dict:
         store.unsynced.clear()  # filling needs no durability, and 100,000 fsyncs would dominate the run
         resume = {"round": 0, "server": model.flat["shared"].clone(), "method": model.state_dict(), "history": [],
                   "store": store.flush()}
-    flushes, flush = [], DiskStore.flush  # a fresh process: the class is patched for this run only
-
-    def timed_flush(self):
-        t0 = time.perf_counter()
-        position = flush(self)
-        flushes.append(time.perf_counter() - t0)
-        return position
-
-    DiskStore.flush = timed_flush
+    checkpoints = CheckpointTimes()
     os.sync()  # the partition cache and the filled store are written back now, not during a timed fsync
     before, setup_peak = _rss_kib("VmRSS"), _rss_kib("VmHWM")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (ru_maxrss follows it): the peak from here on
-    result = loop.fit(_fabric(), model, fed, seed=0, run_dir=run, resume_state=resume)
+    result = loop.fit(_fabric(callbacks=[checkpoints]), model, fed, seed=0, run_dir=run, resume_state=resume)
     rows = result.history[1:]
     return {"clients": clients, "stored_states": stored,
             "peak_rss_MiB": max(setup_peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024,
             "rss_before_fit_MiB": before / 1024, "fit_peak_rss_MiB": _rss_kib("VmHWM") / 1024,
             "round_s": statistics.median(r["round_time"] for r in rows),
-            "checkpoint_s": statistics.median(f + w for f, w in list(zip(flushes, run.times))[1:]),
+            "checkpoint_s": statistics.median(checkpoints.seconds[1:]),
             "eval_s": result.history[-1]["eval_time"],
             "checkpoint_bytes": run.checkpoint_path.stat().st_size,
             "store_bytes": DiskStore(run.path / "clients", 0).disk_bytes()}
@@ -437,6 +429,8 @@ def main(argv: list[str] | None = None) -> None:
 
 # Run in a fresh interpreter: stops `fedbench fit` where the loop starts, printing the seconds since
 # the epoch at that moment (everything before is start-up: imports, parsing, data, method, Fabric).
+# It replaces FederatedLoop.fit rather than listening to a callback because it also times the older
+# checkouts a run compares against, which have no callbacks to listen to.
 _UNTIL_FIRST_ROUND = """
 import sys, time
 from fedcoe_bench.loop import FederatedLoop
