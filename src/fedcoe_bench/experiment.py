@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -241,7 +242,8 @@ class Fit:
             **{k: metrics.get(k) for k in METRICS},
             "metrics": metrics,
             "wall_time_s": result.wall_time_s,
-            "cost": result.cost,
+            "cost": {**result.cost, "round_time_s": statistics.median(
+                [r["round_time"] for r in result.history if "round_time" in r] or [float("nan")])},
             "resumed_from_round": self.resume_state["round"] if self.resume_state else None,
             "extended_from_rounds": self.extended_from(),
             "evaluated_from": str(self.trained) if self.trained else None,

@@ -54,6 +54,7 @@ class Run:
     init_args: dict = field(default_factory=dict)
     class_path: str | None = None  # the method's class, where the config names it
     global_model: str = "trained"  # the method's ``global_model``; summaries written before it existed: trained
+    cost: dict = field(default_factory=dict)  # summary.json's cost (fedcoe_bench.cost), empty before it existed
     status: str = "finished"
     label: str = ""  # the table row; set by :func:`assign_labels`
 
@@ -95,6 +96,7 @@ def run_from_summary(summary: dict, path: str) -> Run:
         if summary.get(key) is not None:
             setattr(run, key, summary[key])
     run.metrics = {k: summary.get(k, (summary.get("metrics") or {}).get(k)) for k in METRICS + EXTRA_METRICS}
+    run.cost = summary.get("cost") or {}
     if summary.get("status", "finished") != "finished":
         run.status = f"status {summary.get('status')!r}"
     elif all(v is None for v in run.metrics.values()):

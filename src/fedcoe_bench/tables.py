@@ -65,6 +65,7 @@ class Row:
     paths: list[str]
     cells: dict[str, Cell]
     bold: set = field(default_factory=set)
+    cost: dict = field(default_factory=dict)  # cost_of(): what the method costs, next to what it scores
 
 
 @dataclass
@@ -124,7 +125,9 @@ def build_tables(runs: list[Run]) -> list[Table]:
                 values = [scale * r.metrics[m] for r in seed_runs.values() if r.metrics.get(m) is not None]
                 mean, std = mean_std(values)
                 cells[m] = Cell(mean, std, len(values), model if m in SERVER_METRICS else "trained", digits)
-            rows.append(Row(label, sorted(seed_runs, key=str), [r.path for r in seed_runs.values()], cells))
+            rows.append(Row(label, sorted(seed_runs, key=str), [r.path for r in seed_runs.values()], cells,
+                            cost=cost_of(list(seed_runs.values()))))
+        relative_time(rows)
         for m in columns:
             ranked = [r for r in rows if r.cells[m].mean is not None and r.cells[m].model != "none"]
             shown = [round(r.cells[m].mean, r.cells[m].digits) for r in ranked]
@@ -140,6 +143,42 @@ def build_tables(runs: list[Run]) -> list[Table]:
                              f"missing seed{'s' * (len(lacking) != 1)} {', '.join(map(str, lacking))}")
         tables.append(Table(key, rows, missing, notes, columns))
     return tables
+
+
+COSTS = {"client_params": ("params / client (M)", 1e-6, 2), "round_bytes": ("MB / round (sent + received)", 1e-6, 1),
+         "round_time_x": ("round time × FedAvg", 1.0, 2), "prediction_flops": ("MFLOP / prediction", 1e-6, 1)}
+
+
+def cost_of(runs: list[Run]) -> dict:
+    """A row's cost from its runs' summaries (the same for every seed, but the round time, averaged)."""
+    costs = [r.cost for r in runs if r.cost]
+    if not costs:
+        return {}
+    c = costs[0]
+    times = [x["round_time_s"] for x in costs if isinstance(x.get("round_time_s"), (int, float))]
+    return {"client_params": c.get("client_params"), "round_bytes": c.get("bytes_sent", 0) + c.get("bytes_received", 0),
+            "prediction_flops": c.get("personal_prediction_flops"),
+            "round_time_s": statistics.fmean(times) if times else None}
+
+
+def relative_time(rows: list[Row]) -> None:
+    """Each row's round time over FedAvg's in the same table (none without a FedAvg row)."""
+    base = next((r.cost.get("round_time_s") for r in rows if r.label == "fedavg" and r.cost), None)
+    for r in rows:
+        if r.cost:
+            r.cost["round_time_x"] = r.cost["round_time_s"] / base if base and r.cost.get("round_time_s") else None
+
+
+def render_cost_md(t: Table) -> list[str]:
+    """The cost table under a group's accuracies (rows whose runs recorded a cost)."""
+    rows = [r for r in t.rows if r.cost]
+    if not rows:
+        return []
+    out = ["| method | " + " | ".join(h for h, _, _ in COSTS.values()) + " |", "|---|" + "---:|" * len(COSTS)]
+    for r in rows:
+        cells = ["–" if r.cost.get(k) is None else f"{scale * r.cost[k]:.{digits}f}" for k, (_, scale, digits) in COSTS.items()]
+        out.append(f"| {r.label} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _caution(model: str) -> int:
@@ -167,6 +206,7 @@ def render_md(tables: list[Table]) -> str:
             out.append("")
             if _convention_labels(t):
                 out += [CONVENTION_NOTE.format(dagger="†", labels=", ".join(_convention_labels(t))), ""]
+            out += render_cost_md(t)
         else:
             out.append("(no finished runs)\n")
         extra = t.notes + _missing_lines(t)
@@ -210,7 +250,7 @@ def render_csv(tables: list[Table]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["dataset", "scheme", "alpha", "rounds", "method", "n", "seeds"]
-               + [f"{m}_{s}" for m in METRICS + EXTRA_METRICS for s in ("mean", "std")] + ["global_model"])
+               + [f"{m}_{s}" for m in METRICS + EXTRA_METRICS for s in ("mean", "std")] + ["global_model"] + list(COSTS))
     for t in tables:
         dataset, scheme, alpha, rounds = t.group
         for r in t.rows:
@@ -222,8 +262,9 @@ def render_csv(tables: list[Table]) -> str:
                 else:
                     stats += ["" if c.mean is None else f"{c.mean:.4f}", "" if c.std is None else f"{c.std:.4f}"]
             model = min((c.model for c in r.cells.values()), key=_caution)
+            costs = ["" if r.cost.get(k) is None else f"{r.cost[k]:.6g}" for k in COSTS]  # raw units: params, bytes, x, FLOPs
             w.writerow([dataset, scheme, "" if alpha is None else alpha, "" if rounds is None else rounds,
-                        r.label, len(r.seeds), " ".join(map(str, r.seeds))] + stats + [model])
+                        r.label, len(r.seeds), " ".join(map(str, r.seeds))] + stats + [model] + costs)
     return buf.getvalue()
 
 

@@ -1,0 +1,65 @@
+"""What a method costs (issue #29): parameters, bytes per round and the FLOPs of one prediction, by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedcoe_bench.baselines import FedAvg, SCAFFOLD
+from fedcoe_bench.cost import method_cost
+from fedcoe_bench.fedcoe import FedCoE
+from fedcoe_bench.results import Run
+from fedcoe_bench.tables import build_tables, render_md
+
+DIMS = {"num_classes": 10, "in_channels": 1, "image_size": 28}
+# McMahan et al.'s CNN on 1x28x28: conv 5x5 1->32, conv 5x5 32->64, fc 64*7*7->512, fc 512->10
+CNN = (1 * 32 * 25 + 32) + (32 * 64 * 25 + 64) + (64 * 7 * 7 * 512 + 512) + (512 * 10 + 10)
+GATE = lambda k: (49 * 64 + 64) + (64 * k + k)  # noqa: E731  the light gate: 7x7 pooled input, 64 hidden
+# multiply-adds x 2 of one 28x28 image through the CNN
+CNN_FLOPS = 2 * (28 * 28 * 32 * 25 + 14 * 14 * 64 * 32 * 25 + 3136 * 512 + 512 * 10)
+
+
+def cost(method, report=0):
+    method.flatten_parameters()
+    return method_cost(method, torch.zeros(1, 1, 28, 28), report)
+
+
+def test_fedavg_costs_one_cnn_each_way():
+    c = cost(FedAvg(**DIMS))
+    assert c["server_params"] == c["client_params"] == CNN == 1_663_370
+    assert c["bytes_received"] == c["bytes_sent"] == 4 * CNN
+    assert c["global_prediction_flops"] == c["personal_prediction_flops"] == CNN_FLOPS
+
+
+def test_fedcoe_costs_four_experts_a_gate_and_a_local_level():
+    c = cost(FedCoE(num_experts=4, **DIMS), report=100)
+    shared = 4 * CNN + GATE(4)
+    personal = CNN + GATE(2) + 1 + 10  # local expert, fusion gate, local_ready, label counts
+    assert c["server_params"] == shared + 2 * len(FedCoE.beta_grid)  # + the calibration statistics
+    assert c["client_params"] == shared + personal
+    assert c["bytes_received"] == 4 * shared and c["bytes_sent"] == 4 * shared + 100
+    # a personal prediction runs the four experts, the local expert, the gate and the fusion gate
+    assert c["personal_prediction_flops"] > 5 * CNN_FLOPS > c["global_prediction_flops"] > 4 * CNN_FLOPS
+
+
+def test_scaffold_sends_its_control_variate_too():
+    c = cost(SCAFFOLD(**DIMS))
+    assert c["bytes_received"] == 4 * 2 * CNN and c["client_params"] == 3 * CNN  # x and c; c_i personal
+
+
+def test_tables_show_cost_and_round_time_relative_to_fedavg():
+    def run(method, seed, time, params):
+        return Run(path=f"{method}/{seed}", method=method, dataset="d", scheme="dirichlet", alpha=0.1, rounds=5,
+                   seed=seed, metrics={"global_acc": 0.5, "personal_acc": 0.5, "cold_start_acc": 0.5},
+                   cost={"client_params": params, "bytes_sent": 4 * params, "bytes_received": 4 * params,
+                         "personal_prediction_flops": 1e6, "round_time_s": time})
+
+    runs = [run("fedavg", 0, 1.0, 1e6), run("fedavg", 1, 3.0, 1e6), run("fedcoe", 0, 9.0, 4e6), run("fedcoe", 1, 7.0, 4e6)]
+    from fedcoe_bench.results import assign_labels
+
+    [table] = build_tables(assign_labels(runs))
+    costs = {r.label: r.cost for r in table.rows}
+    assert costs["fedcoe"]["round_time_x"] == pytest.approx(4.0)  # mean 8 s against FedAvg's mean 2 s
+    assert costs["fedavg"]["round_time_x"] == pytest.approx(1.0)
+    text = render_md([table])
+    assert "| fedcoe | 4.00 | 32.0 | 4.00 | 1.0 |" in text
