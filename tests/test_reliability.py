@@ -45,7 +45,8 @@ def finished(run: Path) -> tuple[dict, torch.Tensor]:
     return summary, torch.load(run / "checkpoint.pt", weights_only=True)["server"]
 
 
-@pytest.mark.parametrize("method", ["fedavg", "fedper", "fedcoe"])
+@pytest.mark.parametrize("method", ["fedavg", "fedper", "fedcoe", "scaffold", "ditto", "fedrep", "ensemble", "ifca",
+                                    "fedem"])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, method):
     assert main(argv(tmp_path, "whole", method)) == 0
     proc = fedbench(argv(tmp_path, "killed", method, "--loop.rounds", "40"))  # same config hash: rounds may differ

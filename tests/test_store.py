@@ -173,7 +173,8 @@ DDP = """
 import json, sys
 import torch
 from lightning.fabric import Fabric
-from fedcoe_bench.baselines import FedAvg, FedMix, FedPer, FedProx, Local, PFedMoE
+from fedcoe_bench.baselines import (Ditto, Ensemble, FedAvg, FedEM, FedMix, FedPer, FedProx, FedRep, IFCA, Local,
+                                    PFedMoE, SCAFFOLD)
 from fedcoe_bench import store
 from fedcoe_bench.data import FederatedData, Synthetic
 from fedcoe_bench.fedcoe import FedCoE
@@ -192,7 +193,7 @@ FederatedLoop._train_client = lambda self, *a: (log["trained"].append(a[3].id), 
 gather = fabric.all_gather
 fabric.all_gather = lambda d: (log["gathered"].append(sum(v.numel() for v in d.values())), gather(d))[1]
 results = {}
-for cls in (FedAvg, FedProx, FedPer, FedMix, PFedMoE, Local, FedCoE):
+for cls in (FedAvg, FedProx, FedPer, FedMix, PFedMoE, Local, FedCoE, SCAFFOLD, Ditto, FedRep, Ensemble, IFCA, FedEM):
     name = cls.__name__
     log.update(trained=[], puts=[], gathered=[])
     torch.manual_seed(0)
@@ -218,7 +219,7 @@ def test_two_gloo_processes_match_one_for_every_method_and_write_only_their_own_
         assert proc.returncode == 0, proc.stderr[-3000:]
     one = json.loads((tmp_path / "log-1-0.json").read_text())
     ranks = [json.loads((tmp_path / f"log-2-{r}.json").read_text()) for r in (0, 1)]
-    assert len(one) == 7
+    assert len(one) == 13
     for name, single in one.items():
         for key in METRICS:
             assert ranks[0][name]["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-5), (name, key)
