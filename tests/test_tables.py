@@ -335,3 +335,16 @@ def test_shift_columns_appear_only_where_runs_have_them(tmp_path):
     assert "new domain" not in plain and "NMI" not in plain
     rows = list(csv.DictReader(io.StringIO(render(build_tables(load_runs(root)), "csv")[0])))
     assert [r["expert_cluster_nmi_mean"] for r in rows if r["dataset"] == "shifted"] == ["", "0.5000"]
+
+
+def test_records_copy_finished_runs_small_files_only_and_tables_rebuild_from_them(tmp_path, fit_argv, run_cli):
+    assert run_cli(fit_argv("runs/a"))[0] == 0
+    (tmp_path / "runs" / "b").mkdir(parents=True)
+    (tmp_path / "runs" / "b" / "config.yaml").write_text("seed: 0\n")  # unfinished: not a record
+    code, out, err = run_cli(["records", str(tmp_path / "runs"), str(tmp_path / "records")])
+    assert code == 0 and "1 finished run" in out, err
+    copied = {p.name for p in (tmp_path / "records" / "a").iterdir()}
+    assert {"config.yaml", "summary.json", "metrics.csv"} <= copied and "checkpoint.pt" not in copied
+    assert not (tmp_path / "records" / "b").exists()
+    runs, records = (run_cli(["table", str(tmp_path / d)])[1] for d in ("runs", "records"))
+    assert "| fedavg |" in records and runs.endswith(records)  # the same table, less the unfinished run's group

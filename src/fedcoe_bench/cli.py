@@ -114,6 +114,17 @@ def table_parser() -> ArgumentParser:
     return p
 
 
+def records_parser() -> ArgumentParser:
+    """The parser of ``fedbench records``."""
+    p = ArgumentParser(description="Copy every finished run's small records (config, summary, metrics, clients, "
+                       "routing, calibration; no checkpoints) to another directory, e.g. benchmarks/results/runs, "
+                       "where `fedbench table` rebuilds the tables from them.", exit_on_error=False, allow_abbrev=False)
+    p.add_argument("dir", help="runs directory")
+    p.add_argument("dest", help="where the records go (the same relative paths)")
+    p.add_argument("--debug", type=bool, default=False)
+    return p
+
+
 def plot_parser() -> ArgumentParser:
     """The parser of ``fedbench plot``."""
     p = ArgumentParser(description="PNG figures of the finished runs below a directory.", exit_on_error=False,
@@ -260,6 +271,8 @@ COMMANDS = {
                      _results_command("fedcoe_bench.tables")),
     "plot": Command("figures: accuracy curves, per-client spread, partitions", plot_parser,
                     _results_command("fedcoe_bench.plots")),
+    "records": Command("copy finished runs' small records (no checkpoints) for the repository", records_parser,
+                       lambda parser, cfg, argv: importlib.import_module("fedcoe_bench.results").records_command(cfg)),
 }
 
 

@@ -312,3 +312,36 @@ def shift_label(shift: str, clusters: int, held_out_clusters) -> str | None:
     held = "_".join(str(k) for k in sorted(held_out_clusters or ()))
     held = f"-held{held}" if held else ""
     return f"{str(shift).rpartition('.')[2].lower()}{clusters}{held}"
+
+
+def copy_records(source: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
+    """Copy the small records (:data:`~fedcoe_bench.runs.RECORDS`) of every finished run below ``source`` to
+    the same relative place below ``dest``, so that ``fedbench table DEST`` rebuilds the tables and a sweep
+    started elsewhere counts them as done; checkpoints and client states are never copied. Returns the run
+    directories written."""
+    import shutil
+
+    from fedcoe_bench.runs import RECORDS
+
+    source, dest = Path(source), Path(dest)
+    written = []
+    for run in find_run_dirs(source):
+        if not RunDir(run).is_finished():
+            continue
+        target = dest / run.relative_to(source)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RECORDS:
+            if (run / name).exists():
+                shutil.copy2(run / name, target / name)
+        written.append(target)
+    return written
+
+
+def records_command(cfg) -> int:
+    """``fedbench records RUNS_DIR DEST``."""
+    written = copy_records(cfg.dir, cfg.dest)
+    if not written:
+        raise ResultsError(f"no finished run (a directory with summary.json) below {cfg.dir}")
+    print(f"copied the records of {len(written)} finished runs to {cfg.dest} (no checkpoints, no client states)")
+    return 0
+
