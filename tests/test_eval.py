@@ -71,3 +71,19 @@ def test_eval_of_a_directory_without_a_run_is_one_line(tmp_path, run_cli):
     (tmp_path / "config.yaml").write_text(json.dumps({"seed": 0}))
     code, _, err = run_cli(["eval", str(tmp_path), "--name", "x"])
     assert code == 1 and err.count("\n") == 1 and "no finished run" in err
+
+
+def test_the_fine_tuning_step_size_is_a_setting_eval_can_serve_and_it_moves_the_ft_column(tmp_path, trained,
+                                                                                          fit_argv, run_cli):
+    """loop.cold_start_lr (issue #29: + ft was fine-tuned at the training lr): training never reads it, so
+    eval of the trained run equals training with it; a different step size gives a different column."""
+    change = ("--loop.cold_start_lr", "0.5", "--name", "ft-lr")
+    assert run_cli(fit_argv("retrained", *FEDCOE, *change))[0] == 0
+    code, _, err = run_cli(["eval", str(trained), *change, "--run_dir", str(tmp_path / "evaluated")])
+    assert code == 0, err
+    again, evaluated, base = (read_summary(tmp_path / d) for d in ("retrained", "evaluated", "trained"))
+    for key in ("cold_start_ft_acc", "global_acc", "personal_acc"):
+        assert evaluated["metrics"][key] == again["metrics"][key], key
+    assert evaluated["metrics"]["global_acc"] == base["metrics"]["global_acc"]  # training did not move
+    assert evaluated["metrics"]["val_cold_start_ft_acc"] != base["metrics"]["val_cold_start_ft_acc"] or \
+        evaluated["metrics"]["cold_start_ft_acc"] != base["metrics"]["cold_start_ft_acc"]

@@ -170,14 +170,15 @@ class Evaluator:
         precision: the run's Fabric precision plugin (default: 32-bit).
         memory_format: the model's memory format, which its inputs take.
         finetune_steps: local steps of the fine-tuned cold start (0: no ``cold_start_ft_acc``).
+        finetune_lr: its step size (None: the method's own, from ``configure_optimizers``).
         finetune_batch_size: its mini-batch size.
     """
 
     def __init__(self, fed: Federation, batch_size: int = 256, clients: int | None = None, seed: int = 0,
                  precision: Precision | None = None, memory_format: torch.memory_format = torch.contiguous_format,
-                 finetune_steps: int = 0, finetune_batch_size: int = 32):
+                 finetune_steps: int = 0, finetune_batch_size: int = 32, finetune_lr: float | None = None):
         self.fed, self.batch_size, self.seed, self.memory_format = fed, batch_size, seed, memory_format
-        self.finetune_steps, self.finetune_batch_size = finetune_steps, finetune_batch_size
+        self.finetune_steps, self.finetune_batch_size, self.finetune_lr = finetune_steps, finetune_batch_size, finetune_lr
         self.precision = precision or Precision()
         self.train_clients = [fed.clients[i] for i in eval_sample(seed, len(fed.clients), clients, 0)]
         self.cold_clients = [fed.new_clients[i] for i in eval_sample(seed, len(fed.new_clients), clients, 1)]
@@ -357,6 +358,8 @@ class Evaluator:
                     p.requires_grad_(False)
                 if any(p.requires_grad for p in method.parameters()):
                     optimizer = method.configure_optimizers()  # the method's local settings, fresh state
+                    for group in optimizer.param_groups if self.finetune_lr is not None else ():
+                        group["lr"] = self.finetune_lr
                     batches = fed.batches(x_all, y_all, self.finetune_batch_size, self.finetune_steps, g,
                                           memory_format=self.memory_format)
                     for step, batch in enumerate(batches):

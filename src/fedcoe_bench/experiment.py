@@ -21,7 +21,7 @@ from jsonargparse import ArgumentParser, Namespace
 
 from fedcoe_bench.errors import ConfigError, Interrupted, TrainingDiverged, UsageError, UserError
 from fedcoe_bench.registry import short_name
-from fedcoe_bench.runs import CHECKPOINT_NEUTRAL_KEYS, RunDir, config_diff, result_line
+from fedcoe_bench.runs import CHECKPOINT_NEUTRAL_KEYS, EVALUATION_KEYS, RunDir, config_diff, result_line
 
 
 def stored_config(parser: ArgumentParser, cfg: Namespace) -> dict:
@@ -67,12 +67,15 @@ def load_trained(trained: str, config: dict, serving: tuple[str, ...], run: RunD
     if run.path.resolve() == source.path.resolve():
         raise UsageError(f"eval would write into the trained run {trained}; give --name (e.g. the setting's "
                          f"ablation name) or --run_dir")
+    evaluation = [k.partition(".")[2] for k in EVALUATION_KEYS]  # loop.* keys
     as_trained = {**config, "name": trained_config.get("name"),
                   "method": {**config["method"], "init_args": {**config["method"].get("init_args", {}), **{
-                      k: v for k, v in trained_config["method"].get("init_args", {}).items() if k in serving}}}}
+                      k: v for k, v in trained_config["method"].get("init_args", {}).items() if k in serving}}},
+                  "loop": {**{k: v for k, v in config["loop"].items() if k not in evaluation},
+                           **{k: v for k, v in trained_config["loop"].items() if k in evaluation}}}
     differ = [d.partition(":")[0] for d in config_diff(trained_config, as_trained, CHECKPOINT_NEUTRAL_KEYS)]
     if differ:
-        allowed = ", ".join(f"method.init_args.{k}" for k in serving) or "none for this method"
+        allowed = ", ".join([*(f"method.init_args.{k}" for k in serving), *EVALUATION_KEYS])
         raise UsageError(f"eval may change only prediction-time settings ({allowed}) and name; this config also "
                          f"changes {', '.join(differ)}: train it with `fedbench fit` instead")
     state = RunDir(trained, as_trained).load_checkpoint()

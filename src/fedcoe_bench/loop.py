@@ -128,6 +128,9 @@ class FederatedLoop:
             labelled shots (``data.cold_start_shots``) for the ``cold_start_ft_acc`` column, measured at the
             last evaluation only (fine-tuning every new client costs a few rounds' time); 0: no
             column.
+        cold_start_lr: the fine-tuning step size (None: the method's training ``lr``); a setting of the
+            ``cold_start_ft_acc`` column, tuned on validation like any other (``fedbench eval`` may change it
+            on a trained run, since training never reads it).
         client_batch: train this many of a rank's clients at once, side by side on its device
             (:mod:`fedcoe_bench.batched`; same updates up to float rounding; methods with
             ``batchable``). 1: one after another, the default (on CPU batching measured slower;
@@ -148,6 +151,7 @@ class FederatedLoop:
     client_store_dir: str | None = None
     client_state_dtype: str = "float32"
     cold_start_steps: int = 10
+    cold_start_lr: float | None = None
     client_batch: int = 1
 
     def __post_init__(self):
@@ -155,6 +159,8 @@ class FederatedLoop:
                     "client_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"loop.{key} must be >= 1 (got {getattr(self, key)})")
+        if self.cold_start_lr is not None and not self.cold_start_lr > 0:
+            raise ConfigError(f"loop.cold_start_lr must be > 0 or null for the method's lr (got {self.cold_start_lr})")
         if self.cold_start_steps < 0:
             raise ConfigError(f"loop.cold_start_steps must be >= 0 (got {self.cold_start_steps}); 0 turns cold_start_ft_acc off")
         if self.checkpoint_every < 0:
@@ -309,7 +315,8 @@ class FederatedLoop:
         method.setup_server(server)
         method.check_state()
         evaluator = Evaluator(fed, self.eval_batch_size, self.eval_clients, seed, precision, memory_format,
-                              finetune_steps=self.cold_start_steps, finetune_batch_size=self.batch_size)
+                              finetune_steps=self.cold_start_steps, finetune_batch_size=self.batch_size,
+                              finetune_lr=self.cold_start_lr)
         store = self._open_store(fabric, run_dir, init_personal.numel())
         run = _Run(method, fed, seed, server, init_personal, store, evaluator, precision.precision, memory_format)
         if state is not None:

@@ -41,6 +41,8 @@ NEUTRAL_KEYS = ("config", "run_dir", "resume", "overwrite", "debug", "logger", "
 # finished one) while a finished run serves only its own.
 SCHEDULE_KEYS = ("loop.rounds", "loop.eval_every")
 CHECKPOINT_NEUTRAL_KEYS = NEUTRAL_KEYS + SCHEDULE_KEYS
+# What only an evaluation reads, never training: ``fedbench eval`` may change them on a trained run.
+EVALUATION_KEYS = ("loop.cold_start_steps", "loop.cold_start_lr")
 
 MARKER = ".fedbench-run"  # JSON: run id, fedbench version, created time; what makes a directory a run
 LOCK = ".sweep.lock"  # a sweep process's claim on the directory (see fedcoe_bench.sweep.claim), kept by --overwrite
