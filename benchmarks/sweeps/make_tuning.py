@@ -1,0 +1,59 @@
+"""Write the tuning grid of issue #29: every method the same budget (tune_v2.yaml, tune_v2/*.yaml).
+
+The learning rate in {0.003, 0.01, 0.03, 0.1} for every method, and at most one method-specific knob
+with at most three values (FedCoE's inferred switches are fixed a priori; its assignment is its
+knob, counted like FedProx's mu); seeds 1 and 4 (the tables report 0, 2, 3); 50 rounds; the
+selection reads val_personal_acc only, and a setting with a diverged run is out. Run once to
+regenerate the files: python benchmarks/sweeps/make_tuning.py
+"""
+
+from pathlib import Path
+
+import yaml
+
+LRS = (0.003, 0.01, 0.03, 0.1)
+METHODS = {  # short name -> (class path, knob, values)
+    "fedavg": ("fedcoe_bench.baselines.fedavg.FedAvg", None, ()),
+    "fedprox": ("fedcoe_bench.baselines.fedprox.FedProx", "mu", (0.001, 0.01, 0.1)),
+    "scaffold": ("fedcoe_bench.baselines.scaffold.SCAFFOLD", None, ()),
+    "fedper": ("fedcoe_bench.baselines.fedper.FedPer", None, ()),
+    "fedrep": ("fedcoe_bench.baselines.fedrep.FedRep", "head_share", (0.25, 0.5, 0.75)),
+    "ditto": ("fedcoe_bench.baselines.ditto.Ditto", "lam", (0.1, 0.5, 1.0)),
+    "pfedmoe": ("fedcoe_bench.baselines.pfedmoe.PFedMoE", None, ()),
+    "local": ("fedcoe_bench.baselines.local.Local", None, ()),
+    "ensemble": ("fedcoe_bench.baselines.ensemble.Ensemble", None, ()),  # K = 4, FedCoE's: the capacity control
+    "ifca": ("fedcoe_bench.baselines.ifca.IFCA", "num_experts", (2, 4)),
+    "fedem": ("fedcoe_bench.baselines.fedem.FedEM", "num_experts", (2, 4)),
+    "fedmix": ("fedcoe_bench.baselines.fedmix.FedMix", "num_experts", (2, 4)),
+    "fedcoe": ("fedcoe_bench.fedcoe.FedCoE", "assignment", ("gate", "hard", "soft")),
+}
+HERE = Path(__file__).parent
+
+
+def main() -> None:
+    folder = HERE / "tune_v2"
+    folder.mkdir(exist_ok=True)
+    files = []
+    for method, (path, knob, values) in METHODS.items():
+        for lr in LRS:
+            for value in values or (None,):
+                name = f"{method}-lr{lr}" + (f"-{knob.replace('_', '')}{value}" if knob else "")
+                args = {"lr": lr, **({knob: value} if knob else {})}
+                (folder / f"{name}.yaml").write_text(
+                    f"# tune_v2.yaml: {method} at lr {lr}" + (f", {knob} {value}" if knob else "") + "\n"
+                    + yaml.safe_dump({"name": name, "method": {"class_path": path, "init_args": args}}, sort_keys=False))
+                files.append(f"benchmarks/sweeps/tune_v2/{name}.yaml")
+    sweep = {"name": "tune-v2", "project": "fedcoe-bench", "program": "fedbench", "method": "grid",
+             "metric": {"name": "val_personal_acc", "goal": "maximize"},
+             "command": ["fedbench", "fit", "--config", "benchmarks/mnist10k_dir0.3.yaml", "--logger", "wandb", "${args}"],
+             "parameters": {"seed": {"values": [1, 4]}, "data.alpha": {"values": [0.1, 0.3]},
+                            "config": {"values": files}, "loop.rounds": {"value": 50}}}
+    header = (f"# Issue #29's tuning protocol on MNIST-10k: {len(files)} settings x 2 alphas x seeds 1 and 4 = "
+              f"{4 * len(files)} runs of 50 rounds (written by make_tuning.py; every method: lr in {list(LRS)}, "
+              f"at most one knob of at most three values).\n# On 2 cores:\n#   for i in 1 2; do OMP_NUM_THREADS=1 "
+              f"fedbench sweep benchmarks/sweeps/tune_v2.yaml --sweep_dir runs/tune & done; wait\n")
+    (HERE / "tune_v2.yaml").write_text(header + yaml.safe_dump(sweep, sort_keys=False))
+
+
+if __name__ == "__main__":
+    main()
