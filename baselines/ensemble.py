@@ -7,9 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.method import FederatedMethod
-from fedcoe_bench.models import Experts
 
 
 class Ensemble(FederatedMethod):
@@ -46,10 +44,8 @@ class Ensemble(FederatedMethod):
 
     def __init__(self, num_experts: int = 4, **kwargs):
         super().__init__(**kwargs)
-        if num_experts < 1:
-            raise ConfigError(f"method.init_args.num_experts must be >= 1 (got {num_experts}); 1 is FedAvg, 4 matches FedCoE")
         self.num_experts = num_experts
-        self.experts = Experts(self.make_backbone() for _ in range(num_experts))
+        self.experts = self.make_experts(num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The log of the ensemble's posterior, ``[B, C]`` (logits whose softmax is the prediction)."""

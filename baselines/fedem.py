@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from fedcoe_bench.baselines.ifca import expert_losses
-from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.method import ClientContext, ClientUpdate, FederatedMethod, RoundContext, weighted_mean
-from fedcoe_bench.models import Experts, entropy, mixture
+from fedcoe_bench.models import entropy, mixture
 from fedcoe_bench.routing import RoutingTable
 
 
@@ -70,10 +69,8 @@ class FedEM(RoutingTable, FederatedMethod):
 
     def __init__(self, num_experts: int = 4, **kwargs):
         super().__init__(**kwargs)
-        if num_experts < 1:
-            raise ConfigError(f"method.init_args.num_experts must be >= 1 (got {num_experts})")
         self.num_experts = num_experts
-        self.experts = Experts(self.make_backbone() for _ in range(num_experts))
+        self.experts = self.make_experts(num_experts)
         self.register_buffer("pi", torch.full((num_experts,), 1.0 / num_experts))
         self.register_buffer("pi_weight", torch.zeros(()))  # what this client's pi counts with on the server
         self.register_buffer("server_pi_sum", torch.zeros(num_experts))  # sum_T n_i pi_i

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.method import ClientContext, ClientUpdate, FederatedMethod, RoundContext, weighted_mean
-from fedcoe_bench.models import Experts, Gate, entropy, mixture
+from fedcoe_bench.models import Gate, entropy, mixture
 from fedcoe_bench.routing import RoutingTable
 
 GATE_SCOPES = ("personal", "shared")
@@ -86,8 +86,6 @@ class FedMix(RoutingTable, FederatedMethod):
     def __init__(self, num_experts: int = 4, top_m: int = 0, gate_hidden: int = 64, gate_scope: str = "personal",
                  label_coverage: bool = False, **kwargs):
         super().__init__(**kwargs)
-        if num_experts < 1:
-            raise ConfigError(f"method.init_args.num_experts must be >= 1 (got {num_experts})")
         if not 0 <= top_m <= num_experts:
             raise ConfigError(f"method.init_args.top_m must be in [0, num_experts={num_experts}] (got {top_m}); 0 sends all")
         if gate_scope not in GATE_SCOPES:
@@ -100,7 +98,7 @@ class FedMix(RoutingTable, FederatedMethod):
         self.gate_scope, self.label_coverage = gate_scope, label_coverage
         if gate_scope == "shared":
             self.personal = ()  # the gate is shared state: sent to every client and averaged
-        self.experts = Experts(self.make_backbone() for _ in range(num_experts))
+        self.experts = self.make_experts(num_experts)
         # Dense routing: top_m limits what is *sent*, not which experts a client mixes.
         self.gate = Gate(self.in_channels, num_experts, hidden=gate_hidden)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.method import ClientContext, ClientUpdate, FederatedMethod, RoundContext, weighted_mean
 from fedcoe_bench.models import Experts, entropy
 from fedcoe_bench.routing import RoutingTable
@@ -75,10 +74,8 @@ class IFCA(RoutingTable, FederatedMethod):
 
     def __init__(self, num_experts: int = 4, **kwargs):
         super().__init__(**kwargs)
-        if num_experts < 1:
-            raise ConfigError(f"method.init_args.num_experts must be >= 1 (got {num_experts})")
         self.num_experts = num_experts
-        self.experts = Experts(self.make_backbone() for _ in range(num_experts))
+        self.experts = self.make_experts(num_experts)
         self.register_buffer("cluster", torch.tensor(-1.0))  # float: personal state travels in a float vector
 
     def chosen(self) -> int:

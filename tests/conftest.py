@@ -22,6 +22,14 @@ def small_data(tmp_path) -> FederatedData:
                          cache_dir=str(tmp_path / "partitions"))
 
 
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    """8 clients (6 training, 2 cold-start) over 480 synthetic 12x12 images, seed 0: the methods' unit tests'."""
+    data = FederatedData(source=Synthetic(samples=480, test_samples=120, image_size=12), num_clients=8,
+                         cache_dir=str(tmp_path_factory.mktemp("partitions")))
+    return data.setup(0)
+
+
 @pytest.fixture
 def indexed_fed(tmp_path):
     """A Federation (on CPU) built from :class:`IndexedSynthetic` images: 8 training + 2 cold-start clients."""

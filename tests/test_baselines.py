@@ -8,39 +8,21 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.fabric import Fabric
+
+from helpers import build
 
 from fedcoe_bench.baselines import FedAvg, FedMix, FedPer, FedProx, Local, PFedMoE
-from fedcoe_bench.data import FederatedData, Synthetic
 from fedcoe_bench.loop import FederatedLoop, FitResult, sample_clients
 from fedcoe_bench.method import ClientContext, ClientUpdate, RoundContext
 
 SEED = 0
 PER_ROUND = 3
-DIMS = {"num_classes": 10, "in_channels": 1, "image_size": 12}
 ALL = [(FedAvg, {}), (FedProx, {"mu": 0.1}), (FedPer, {}), (FedMix, {"num_experts": 2}), (PFedMoE, {}), (Local, {})]
 PERSONALIZED = [(FedPer, {}), (PFedMoE, {}), (FedMix, {"num_experts": 2}), (Local, {})]
 
 
 def name(param):
     return param.__name__ if isinstance(param, type) else None
-
-
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory):
-    data = FederatedData(source=Synthetic(samples=480, test_samples=120, image_size=12), num_clients=8,
-                         cache_dir=str(tmp_path_factory.mktemp("partitions")))
-    return data.setup(SEED)  # 6 training clients, 2 cold-start clients
-
-
-@pytest.fixture(scope="module")
-def fabric():
-    return Fabric(accelerator="cpu", devices=1)
-
-
-def build(cls, **kwargs):
-    torch.manual_seed(0)  # same initial weights for methods that are compared
-    return cls(**DIMS, **kwargs)
 
 
 def fit(fabric, method, fed, rounds=1, resume=None) -> FitResult:

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import python_block, read_summary
 from lightning.fabric import Fabric
+from helpers import python_block, read_summary
 from torch import nn
 
 from fedcoe_bench.baselines import FedAvg, FedPer, PFedMoE
-from fedcoe_bench.data import FederatedData, Synthetic
 from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.fedcoe import FedCoE
 from fedcoe_bench.loop import FederatedLoop, FitResult, sample_clients
@@ -39,13 +38,6 @@ class BNNet(Backbone):
 
 
 BN = f"{__name__}.BNNet"  # its class path
-
-
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory):
-    data = FederatedData(source=Synthetic(samples=480, test_samples=120, image_size=12), num_clients=8,
-                         cache_dir=str(tmp_path_factory.mktemp("partitions")))
-    return data.setup(SEED)  # 6 training clients, 2 cold-start clients
 
 
 def fit(method, fed, rounds=1, precision="32-true") -> FitResult:

@@ -7,7 +7,6 @@ import torch
 from lightning.fabric import Fabric
 
 from fedcoe_bench.baselines import FedMix
-from fedcoe_bench.data import FederatedData, Synthetic
 from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.loop import FederatedLoop
 from fedcoe_bench.method import ClientContext, ClientUpdate, RoundContext
@@ -19,13 +18,6 @@ DIMS = {"num_classes": 10, "in_channels": 1, "image_size": 12}
 def build(**kwargs) -> FedMix:
     torch.manual_seed(0)
     return FedMix(**DIMS, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory):
-    data = FederatedData(source=Synthetic(samples=480, test_samples=120, image_size=12), num_clients=8,
-                         cache_dir=str(tmp_path_factory.mktemp("partitions")))
-    return data.setup(0)
 
 
 def fit(method, fed, rounds=1):

@@ -9,34 +9,14 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import read_summary
-from lightning.fabric import Fabric
+from helpers import build, read_summary
 
 from fedcoe_bench.baselines import Ditto, Ensemble, FedAvg, FedRep, Local
-from fedcoe_bench.data import FederatedData, Synthetic
 from fedcoe_bench.loop import FederatedLoop, FitResult
 from fedcoe_bench.method import ClientContext, FederatedMethod
 
 SEED = 0
 PER_ROUND = 3
-DIMS = {"num_classes": 10, "in_channels": 1, "image_size": 12}
-
-
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory):
-    data = FederatedData(source=Synthetic(samples=480, test_samples=120, image_size=12), num_clients=8,
-                         cache_dir=str(tmp_path_factory.mktemp("partitions")))
-    return data.setup(SEED)  # 6 training clients, 2 cold-start clients
-
-
-@pytest.fixture(scope="module")
-def fabric():
-    return Fabric(accelerator="cpu", devices=1)
-
-
-def build(cls, **kwargs):
-    torch.manual_seed(0)  # same initial weights for methods that are compared
-    return cls(**DIMS, **kwargs)
 
 
 def fit(fabric, method, fed, rounds=1) -> FitResult:

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from lightning.fabric import Fabric
 
+from helpers import build
+
 from fedcoe_bench.baselines import FedAvg, SCAFFOLD
-from fedcoe_bench.data import FederatedData, Synthetic
 from fedcoe_bench.loop import FederatedLoop
 from fedcoe_bench.method import ClientContext
 
 SEED, PER_ROUND = 0, 3
-DIMS = {"num_classes": 10, "in_channels": 1, "image_size": 12}
-
-
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory):
-    data = FederatedData(source=Synthetic(samples=480, test_samples=120, image_size=12), num_clients=8,
-                         cache_dir=str(tmp_path_factory.mktemp("partitions")))
-    return data.setup(SEED)  # 6 training clients, 2 cold-start clients
-
-
-def build(cls, **kwargs):
-    torch.manual_seed(0)
-    return cls(**DIMS, **kwargs)
 
 
 def fit(method, fed, rounds):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.method import ClientContext, ClientUpdate, FederatedMethod, RoundContext, weighted_mean
-from fedcoe_bench.models import Experts, Gate, entropy, mixture
+from fedcoe_bench.models import Gate, entropy, mixture
 from fedcoe_bench.routing import RoutingTable
 
 
@@ -132,8 +132,6 @@ class FedCoE(RoutingTable, FederatedMethod):
                  cold_start_prior: bool = True, beta: float | str = "calibrated", calibration_decay: float = 1.0,
                  balance_rate: float = 0.0, **kwargs):
         super().__init__(**kwargs)
-        if num_experts < 1:
-            raise ConfigError(f"method.init_args.num_experts must be >= 1 (got {num_experts})")
         if not (isinstance(beta, (int, float)) or beta in ("adaptive", "calibrated")):
             raise ConfigError(f"method.init_args.beta must be a number, 'adaptive' or 'calibrated' (got {beta!r})")
         if assignment not in ("gate", "hard", "soft"):
@@ -153,7 +151,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         self.coordinated, self.coordination_eps, self.local_level = coordinated, coordination_eps, local_level
         self.local_warm_start, self.cold_start_prior, self.beta = local_warm_start, cold_start_prior, beta
         self.local_prior, self.expert_loss_routed = local_prior, expert_loss_routed
-        self.experts = Experts(self.make_backbone() for _ in range(num_experts))
+        self.experts = self.make_experts(num_experts)
         self.gate = Gate(self.in_channels, num_experts, top_m=top_m, route_bias=balance_rate > 0)
         if not shared_gate:
             self.personal = self.personal + ("gate.",)

@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from fedcoe_bench.errors import ConfigError, MethodError
-from fedcoe_bench.models import Backbone, build_backbone
+from fedcoe_bench.models import Backbone, Experts, build_backbone
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,13 @@ class FederatedMethod(L.LightningModule):
 
     def make_backbone(self, **kwargs) -> Backbone:
         return build_backbone(self.backbone, self.in_channels, self.num_classes, self.image_size, **kwargs)
+
+    def make_experts(self, num_experts: int) -> Experts:
+        """``num_experts`` independently initialised backbones: a mixture's experts, a clustered method's
+        models, an ensemble's members (``experts.<k>.*``, each one span of the flat vector)."""
+        if num_experts < 1:
+            raise ConfigError(f"method.init_args.num_experts must be >= 1 (got {num_experts})")
+        return Experts(self.make_backbone() for _ in range(num_experts))
 
     # ------------------------------------------------------------------ what is shared
     def _kind(self, name: str) -> str:
