@@ -274,7 +274,7 @@ def test_mnist10k_shift_sweep_lands_apart_from_the_unshifted_runs(monkeypatch):
     monkeypatch.chdir(REPO)
     runs = sweep.plan("benchmarks/sweeps/mnist10k_shift.yaml", "runs")
     keys = {(r.config["method"]["class_path"].rsplit(".", 1)[-1].lower(), r.config["seed"]) for r in runs}
-    assert len(runs) == 7 * 3 and keys == {(m, s) for m in METHODS for s in (0, 2, 3)}
+    assert len(runs) == 9 * 3 and keys == {(m, s) for m in (*METHODS, "ifca", "fedem") for s in (0, 2, 3)}
     data = {json.dumps(r.config["data"], sort_keys=True) for r in runs}
     assert len(data) == 1 and {r.config["loop"]["rounds"] for r in runs} == {100}
     data = json.loads(data.pop())
