@@ -235,18 +235,18 @@ def expand_short_names(argv: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------------- the subcommands
 def _run_fit(parser: ArgumentParser, cfg: Namespace, argv: list[str]) -> None:
-    from fedcoe_bench.experiment import fit
+    from fedcoe_bench.experiment import run_experiment
 
-    fit(parser, cfg)
+    run_experiment(parser, cfg)
 
 
 def _run_eval(parser: ArgumentParser, cfg: Namespace, argv: list[str]) -> None:
-    from fedcoe_bench.experiment import fit
+    from fedcoe_bench.experiment import run_experiment
 
     trained = cfg.pop("trained")
     if not any(a == "--run_dir" or a.startswith("--run_dir=") for a in argv):
         cfg.run_dir = None  # not the trained run's, which its config.yaml names
-    fit(fit_parser(), cfg, trained)  # the fit parser: the stored config.yaml has no `trained`
+    run_experiment(fit_parser(), cfg, trained)  # the fit parser: the stored config.yaml has no `trained`
 
 
 def _run_partition(parser: ArgumentParser, cfg: Namespace, argv: list[str]) -> None:

@@ -86,12 +86,12 @@ def load_trained(trained: str, config: dict, serving: tuple[str, ...], run: RunD
 
 
 # ---------------------------------------------------------------------- fit: build, run, report
-class Fit:
-    """One ``fedbench fit`` (or, with ``trained``, one ``fedbench eval``) from its parsed config, in the
+class Experiment:
+    """One ``fedbench fit`` (or, with ``trained_run``, one ``fedbench eval``) from its parsed config, in the
     order it happens: :meth:`build` the pieces, :meth:`run` the rounds, :meth:`report` the results."""
 
-    def __init__(self, parser: ArgumentParser, cfg: Namespace, trained: str | None = None):
-        self.parser, self.cfg, self.trained = parser, cfg, trained
+    def __init__(self, parser: ArgumentParser, cfg: Namespace, trained_run: str | None = None):
+        self.parser, self.cfg, self.trained_run = parser, cfg, trained_run
         self.config = stored_config(parser, cfg)
         self.started = time.perf_counter()
         self.resume_state = None
@@ -111,8 +111,8 @@ class Fit:
         self.run_dir = RunDir(cfg.run_dir or default_run_dir(cfg), self.config)
         self.trained_state = None
         self.check_fabric()  # a device this machine lacks is refused before any file is touched
-        if self.trained is not None:
-            self.trained_state = load_trained(self.trained, self.config, type(self.method).serving, self.run_dir)
+        if self.trained_run is not None:
+            self.trained_state = load_trained(self.trained_run, self.config, type(self.method).serving, self.run_dir)
         created = self.run_dir.prepare(overwrite=cfg.overwrite)
         try:
             self.setup(Fabric)
@@ -124,7 +124,7 @@ class Fit:
     def setup(self, Fabric) -> None:
         """The checkpoint to resume, Fabric, the data and ``config.yaml``, in a prepared run directory."""
         cfg = self.cfg
-        resume = cfg.resume and not cfg.overwrite and self.trained is None
+        resume = cfg.resume and not cfg.overwrite and self.trained_run is None
         self.resume_state = self.run_dir.load_checkpoint() if resume else None
         if self.resume_state is not None:
             print(f"fedbench: {self.resumed()}", file=sys.stderr, flush=True)
@@ -192,10 +192,10 @@ class Fit:
 
     def run(self):
         """Train (from the checkpoint, if any) and return the :class:`~fedcoe_bench.loop.FitResult`; with
-        ``trained``, evaluate its state."""
-        if self.trained is not None:
+        ``trained_run``, evaluate its state."""
+        if self.trained_run is not None:
             return self.loop.evaluate(self.fabric, self.method, self.fed, self.trained_state, self.cfg.seed,
-                                      RunDir(self.trained))
+                                      RunDir(self.trained_run))
         self.run_dir.diverged_path.unlink(missing_ok=True)
         self.stop = stop = StopOnSignal(self)
         try:
@@ -249,7 +249,7 @@ class Fit:
                 [r["round_time"] for r in result.history if "round_time" in r] or [float("nan")])},
             "resumed_from_round": self.resume_state["round"] if self.resume_state else None,
             "extended_from_rounds": self.extended_from(),
-            "evaluated_from": str(self.trained) if self.trained else None,
+            "evaluated_from": str(self.trained_run) if self.trained_run else None,
             "run_dir": str(self.run_dir.path),
             "clients": {"training": len(self.fed.clients), "cold_start": len(self.fed.new_clients)},
             "config": self.config,
@@ -279,10 +279,10 @@ class Fit:
         return summary
 
 
-def fit(parser: ArgumentParser, cfg: Namespace, trained: str | None = None) -> dict:
-    """Train, evaluate and write the run directory; returns the summary. With ``trained`` (a finished
+def run_experiment(parser: ArgumentParser, cfg: Namespace, trained_run: str | None = None) -> dict:
+    """Train, evaluate and write the run directory; returns the summary. With ``trained_run`` (a finished
     run's directory) its final state is evaluated under this config instead of training."""
-    job = Fit(parser, cfg, trained)
+    job = Experiment(parser, cfg, trained_run)
     job.build()
     summary = job.report(job.run())
     if job.fabric.is_global_zero:  # stdout, terminal or not: what ran, its numbers and where they are
@@ -298,7 +298,7 @@ class StopOnSignal:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, job: Fit):
+    def __init__(self, job: Experiment):
         self.job, self.signum, self.previous = job, None, {}
         self.finished = 0  # rounds finished in this process: the loop asks after each
 
