@@ -16,7 +16,8 @@ from torch import nn
 from fedcoe_bench.baselines import FedAvg, FedPer
 from fedcoe_bench.data import FederatedData, Synthetic
 from fedcoe_bench.errors import ConfigError
-from fedcoe_bench.evaluation import COUNTS, Evaluator, Snapshot, em_label_prior, prior_adjust
+from fedcoe_bench.evaluation import COUNTS, Evaluator, Snapshot
+from fedcoe_bench.priors import em_label_prior, prior_adjust
 from fedcoe_bench.loop import FederatedLoop
 
 
