@@ -54,6 +54,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedcoe_bench.data import Client, Federation
 from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.method import ClientContext, ClientUpdate, FederatedMethod, RoundContext, overrides
+from fedcoe_bench.sampling import client_seed
 
 IGNORE = -100  # F.cross_entropy's default ignore_index: a padded sample drops out of a mean loss
 KINDS = ("shared", "personal")
@@ -145,8 +146,6 @@ def train_clients(fabric: Fabric, method: FederatedMethod, fed: Federation, clie
     give one client at a time, up to float rounding. The method is left holding some client's state:
     load the server state before using it.
     """
-    from fedcoe_bench.loop import client_seed  # the loop imports this module
-
     seeds = [client_seed(seed, round_ctx.round - 1, c.id) for c in clients]
     sizes = [c.num_train for c in clients]
     steps = [local_epochs * math.ceil(n / batch_size) for n in sizes]

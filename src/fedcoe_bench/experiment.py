@@ -21,7 +21,8 @@ from jsonargparse import ArgumentParser, Namespace
 
 from fedcoe_bench.errors import ConfigError, Interrupted, TrainingDiverged, UsageError, UserError
 from fedcoe_bench.registry import short_name
-from fedcoe_bench.runs import CHECKPOINT_NEUTRAL_KEYS, EVALUATION_KEYS, RunDir, config_diff, result_line
+from fedcoe_bench.results import result_line
+from fedcoe_bench.runs import CHECKPOINT_NEUTRAL_KEYS, EVALUATION_KEYS, RunDir, config_diff
 
 
 def stored_config(parser: ArgumentParser, cfg: Namespace) -> dict:

@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 from lightning.fabric import Fabric
 from tqdm.auto import tqdm
@@ -39,19 +38,8 @@ from fedcoe_bench.evaluation import COUNTS, Evaluator, Snapshot
 from fedcoe_bench.method import ClientContext, ClientUpdate, FederatedMethod, RoundContext, check_reports, overrides
 from fedcoe_bench.routing import routing_diagnostics
 from fedcoe_bench.runs import RunDir
+from fedcoe_bench.sampling import client_seed, sample_clients
 from fedcoe_bench.store import DTYPES, ClientStore, open_store
-
-
-def client_seed(seed: int, rnd: int, client: int) -> int:
-    """The RNG seed of one client's local training: a function of (seed, round, client) only, so
-    results do not depend on which rank trains a client or in what order."""
-    return int(np.random.SeedSequence([seed, rnd, client]).generate_state(1)[0])
-
-
-def sample_clients(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
-    """Positions of the clients sampled in round ``rnd`` (sorted; uniform without replacement)."""
-    rng = np.random.default_rng([seed, rnd, 0x5A])
-    return sorted(rng.choice(num_clients, k, replace=False).tolist())
 
 
 def trained_clients(seed: int, rounds: int, clients: list[Client], k: int) -> set[int]:

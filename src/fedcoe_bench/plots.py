@@ -160,9 +160,9 @@ def plot_clients(runs: list[Run], title: str, out: Path) -> bool:
 
 def federation_of(config: dict):
     """(the federation, its seed) of a run's config, built on the CPU."""
-    from fedcoe_bench import cli
+    from fedcoe_bench.config import fit_parser
 
-    parser = cli.fit_parser()
+    parser = fit_parser()
     config = {k: v for k, v in config.items() if k != "config"}
     cfg = parser.parse_object(config)
     data = parser.instantiate(cfg).data

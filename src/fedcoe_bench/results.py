@@ -345,3 +345,26 @@ def records_command(cfg) -> int:
     print(f"copied the records of {len(written)} finished runs to {cfg.dest} (no checkpoints, no client states)")
     return 0
 
+
+def result_line(summary: dict, seconds: float | None = None) -> str:
+    """What a finished ``fit`` or ``eval`` did, in one line: the method, the three accuracies in % (n/a where
+    the method has no such model), the time (``seconds``, else the summary's training time), whether it
+    resumed or extended a run, and the run directory."""
+    def pct(key: str) -> str:
+        value = summary.get(key)
+        none = value is None or (key in SERVER_METRICS and summary.get("global_model") == "none")
+        return "n/a" if none else f"{100 * value:.2f}%"
+
+    config = summary.get("config") or {}
+    name = config.get("name") or summary.get("method")
+    seconds = summary.get("wall_time_s") if seconds is None else seconds
+    if summary.get("evaluated_from"):
+        what = f"evaluated {summary['evaluated_from']} as {name}"
+    else:
+        what = f"{name} trained {summary.get('rounds')} rounds"
+        if summary.get("resumed_from_round") is not None:
+            what += f" (resumed from round {summary['resumed_from_round']}"
+            extended = summary.get("extended_from_rounds")
+            what += f", extended from {extended} to {summary.get('rounds')} rounds)" if extended else ")"
+    return (f"fedbench: {what}: global {pct('global_acc')}, personal {pct('personal_acc')}, cold-start "
+            f"{pct('cold_start_acc')} in {seconds or 0:.1f} s; run directory {summary.get('run_dir') or config.get('run_dir')}")

@@ -39,7 +39,8 @@ from pathlib import Path
 import yaml
 
 from fedcoe_bench.errors import UsageError, UserError
-from fedcoe_bench.runs import LOCK, RunDir, config_diff, result_line, shown
+from fedcoe_bench.results import result_line
+from fedcoe_bench.runs import LOCK, RunDir, config_diff, shown
 
 
 class SweepError(UserError):
@@ -130,18 +131,19 @@ def plan(path: str | os.PathLike, sweep_dir: str | os.PathLike = "runs", logger:
     """The runs of a sweep file, resolved (configs parsed, run directories chosen), nothing run."""
     from jsonargparse import ArgumentError
 
-    from fedcoe_bench import cli, experiment
+    from fedcoe_bench import config as run_config
+    from fedcoe_bench import experiment
 
     config = load_sweep(path)
-    fit_parser = cli.fit_parser()
+    fit_parser = run_config.fit_parser()
     runs, seen = [], {}
     for i, params in enumerate(grid(config), 1):
         args = command_args(config, params)
         try:
-            cfg = fit_parser.parse_args(cli.expand_short_names(args))
+            cfg = fit_parser.parse_args(run_config.expand_short_names(args))
         except (ArgumentError, UsageError) as err:
             point = ", ".join(f"{k}={v}" for k, v in params.items())
-            raise SweepError(f"grid point {i} ({point}): {cli.one_line(err)}") from None
+            raise SweepError(f"grid point {i} ({point}): {run_config.one_line(err)}") from None
         default = Path(experiment.default_run_dir(cfg))
         run_dir = Path(sweep_dir) / default.relative_to(default.parts[0])
         if run_dir in seen:
@@ -303,15 +305,3 @@ def _duration(seconds: float) -> str:
 def _skip_diverged(run: SweepRun) -> None:
     print(f"fedbench sweep: skipping {run.run_dir}: it {run.state}; resumed, it would diverge again; change its "
           f"settings (e.g. a lower lr, under another name) or delete the directory to run it anew", file=sys.stderr)
-
-
-def command(cfg) -> int:
-    """``fedbench sweep FILE [--sweep_dir DIR] [--dry-run] [--logger csv|wandb] [--export DIR]``; a tuning
-    sweep then prints its selection (:func:`fedcoe_bench.tuning.select`) and with ``--export`` writes it
-    as config files."""
-    from fedcoe_bench.tuning import report_selection  # the selection reads runs; the runner never reads it
-
-    runs = plan(cfg.file, cfg.sweep_dir, cfg.logger)
-    code = run_sweep(runs, dry_run=cfg.dry_run)
-    report_selection(cfg.file, runs, cfg.export)
-    return code

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedcoe_bench.data.sources import DataSource, Images, cached_tensors
+from fedcoe_bench.data.base import DataSource, Images, cached_tensors
 from fedcoe_bench.errors import DataError
 
 SPLITS = ("train", "test")

@@ -21,49 +21,17 @@ data plugs in with ``--data.source my_module.MySource``::
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
 import urllib.error
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fedcoe_bench.data.base import DataSource, Images, cached_tensors
+from fedcoe_bench.data.imagefolder import ImageFolder
 from fedcoe_bench.errors import DataError
-
-
-@dataclass
-class Images:
-    """Images of one data set: a train pool that is partitioned over clients and a global test split."""
-
-    train_x: torch.Tensor  # uint8 [N, C, H, W]
-    train_y: torch.Tensor  # int64 [N]
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    mean: tuple[float, ...] = (0.5,)
-    std: tuple[float, ...] = (0.5,)
-    augment: bool = False  # random crop + horizontal flip during local training (natural images)
-
-
-class DataSource:
-    """Base class of data sources. Subclasses set the three class attributes and implement ``load``."""
-
-    num_classes: int = 10
-    in_channels: int = 1
-    image_size: int = 28
-
-    def load(self) -> Images:
-        raise NotImplementedError
-
-    @property
-    def name(self) -> str:
-        return type(self).__name__.lower()
-
-    def fingerprint(self) -> dict:
-        """What identifies this source's data in a partition's cache key."""
-        return {"source": f"{type(self).__module__}.{type(self).__qualname__}", **vars(self)}
 
 
 def stratified_split(labels: np.ndarray, first: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,27 +59,6 @@ def _cached(data: Path, index_files: list[Path], decode) -> list[torch.Tensor]:
     decoding again."""
     stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in index_files]
     return cached_tensors(data.with_name(data.name + ".uint8.pt"), stamp, decode)
-
-
-def cached_tensors(path: Path, stamp, decode) -> list:
-    """What ``decode()`` returns (tensors, or lists of them and of strings), kept in ``path`` with
-    ``stamp`` and reused while the stamp is equal; a damaged or unwritable cache only costs decoding again."""
-    if path.exists():
-        try:
-            saved = torch.load(path, weights_only=True)
-            if saved["stamp"] == stamp:
-                return saved["tensors"]
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError):
-            pass
-    tensors = list(decode())
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"stamp": stamp, "tensors": tensors}, tmp)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-    return tensors
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -297,7 +244,6 @@ class CIFAR10(FileSource):
         original = (root / self.folder).is_dir() or (self._hf_copy / "dataset_dict.json").exists()
         if original or not (root / "train").is_dir():
             return None
-        from fedcoe_bench.data.imagefolder import ImageFolder
 
         images = ImageFolder(str(root), image_size=self.image_size, in_channels=self.in_channels,
                              mean=list(self.mean), std=list(self.std), augment=True)
