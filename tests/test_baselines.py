@@ -18,7 +18,7 @@ from fedcoe_bench.method import ClientContext, ClientUpdate, RoundContext
 SEED = 0
 PER_ROUND = 3
 ALL = [(FedAvg, {}), (FedProx, {"mu": 0.1}), (FedPer, {}), (FedMix, {"num_experts": 2}), (PFedMoE, {}), (Local, {})]
-PERSONALIZED = [(FedPer, {}), (PFedMoE, {}), (FedMix, {"num_experts": 2}), (Local, {})]
+PERSONALIZED = [(FedPer, {}), (PFedMoE, {}), (FedMix, {"num_experts": 2, "gate_scope": "personal"}), (Local, {})]
 
 
 def name(param):
@@ -83,7 +83,8 @@ def test_fedprox_loss_is_cross_entropy_plus_half_mu_squared_distance_to_the_anch
 @pytest.mark.parametrize("cls, kwargs, shared, personal", [
     (FedPer, {}, ("net.body.",), ("net.head.", "head_weight")),
     (PFedMoE, {}, ("global_expert.",), ("local_expert.", "gate.", "head.", "head_weight")),
-    (FedMix, {"num_experts": 2}, ("experts.",), ("gate.",)),
+    (FedMix, {"num_experts": 2, "gate_scope": "personal"}, ("experts.",), ("gate.",)),
+    (FedMix, {"num_experts": 2}, ("experts.", "gate."), ()),  # the paper's shared gate, the default
     (Local, {}, (), ("net.",)),
 ], ids=name)
 def test_personal_parameters_are_never_in_the_shared_vector(cls, kwargs, shared, personal):
@@ -197,7 +198,7 @@ def test_pfedmoe_mixes_global_and_local_features_with_the_gate():
 
 # ---------------------------------------------------------------------------------------- FedMix
 def test_fedmix_trains_on_the_mixture_nll_and_reports_mean_gate_mass():
-    m = build(FedMix, num_experts=3)
+    m = build(FedMix, num_experts=3, gate_scope="personal")  # a personal gate: the server serves the uniform mixture
     x, y = torch.randn(6, 1, 12, 12), torch.tensor([0, 1, 2, 3, 4, 5])
     g = m.gate(x)
     p = sum(g[:, k : k + 1] * e(x).softmax(-1) for k, e in enumerate(m.experts))
@@ -213,8 +214,10 @@ def test_fedmix_trains_on_the_mixture_nll_and_reports_mean_gate_mass():
 def test_fedmix_with_one_expert_is_fedavg(fabric, fed):
     # K = 1: the gate is identically 1, the mixture NLL is cross-entropy, and the expert weight is n_i.
     avg = fit(fabric, build(FedAvg), fed).server
-    mix = fit(fabric, build(FedMix, num_experts=1), fed).server
-    torch.testing.assert_close(mix, avg, rtol=1e-5, atol=1e-6)
+    for scope in ("personal", "shared"):  # a shared gate travels too, but with one expert it never moves
+        method = build(FedMix, num_experts=1, gate_scope=scope)
+        mix = fit(fabric, method, fed).server
+        torch.testing.assert_close(mix[method.span("experts.")], avg, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("top_m, weights", [
@@ -223,7 +226,7 @@ def test_fedmix_with_one_expert_is_fedavg(fabric, fed):
     (1, [(10 * 0.7, 0.0), (0.0, 30 * 0.8)]),  # each client sends only its top expert
 ])
 def test_fedmix_averages_each_expert_with_n_times_gate_mass(top_m, weights):
-    m = build(FedMix, num_experts=3, top_m=top_m)
+    m = build(FedMix, num_experts=3, top_m=top_m, gate_scope="personal")  # the experts are all it shares
     m.flatten_parameters()
     server = m.flat["shared"].clone()
     gen = torch.Generator().manual_seed(1)
