@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.fabric import Fabric
-from helpers import python_block, read_summary
+from helpers import build, python_block, read_summary
 from torch import nn
 
 from fedcoe_bench.baselines import FedAvg, FedPer, PFedMoE
-from fedcoe_bench.errors import ConfigError
+from fedcoe_bench.errors import ConfigError, MethodError
 from fedcoe_bench.fedcoe import FedCoE
 from fedcoe_bench.loop import FederatedLoop, FitResult, sample_clients
 from fedcoe_bench.models import Backbone
@@ -322,3 +322,37 @@ class NoWidth(BNNet):
 def test_a_bad_backbone_is_refused_in_one_line(fit_argv, run_cli, backbone, method, expected):
     line = one_line_error(run_cli, fit_argv("run", "--method", method, "--method.init_args.backbone", backbone))
     assert "method.init_args.backbone" in line and expected in line
+
+
+# ---------------------------------------------------------------- rules the loop enforces (issue #25)
+class ReadsServerState(FedAvg):
+    """Declares a buffer server-only, then reads it in local training: clients never receive it."""
+
+    server_only = ("secret",)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.register_buffer("secret", torch.zeros(()))
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 0 * self.secret
+
+
+class UnevenReports(FedAvg):
+    """Reports a key only for some clients: several processes could not stack the reports."""
+
+    def on_client_end(self, x, ctx):
+        return {"odd": torch.ones(())} if len(x) % 2 else {}
+
+
+def test_local_training_cannot_read_server_only_state(fed):
+    with pytest.raises(MethodError, match="server-only state.*secret.*server_only"):
+        fit(build(ReadsServerState), fed)
+    m = build(ReadsServerState)  # the predictors (server side) see it
+    assert m.predict_global(fed.prepare(fed.test_x[:2])).shape == (2, 10) and torch.equal(m.secret, torch.zeros(()))
+
+
+def test_every_client_must_report_the_same_keys(fed):
+    assert len({c.num_train % 2 for c in fed.clients}) == 2  # both kinds of client, so both kinds of report
+    with pytest.raises(MethodError, match="on_client_end reported odd differently"):
+        fit(build(UnevenReports), fed, rounds=3)
