@@ -108,3 +108,49 @@ def test_the_route_term_teaches_the_gate_the_assignment():
         m.training_step((x, y), step).backward()
         opt.step()
     assert float(m.gate(x)[:, target].mean()) > max(before, 0.5)
+
+
+def make_expert_fit(m: FedCoE, k: int, y: torch.Tensor) -> None:
+    """Expert k predicts the labels ``y`` of every input (a constant class); the others stay random."""
+    last = m.experts[k].head
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(F.one_hot(y[0], DIMS["num_classes"]).float() * 30.0)
+
+
+@pytest.mark.parametrize("assignment", ["gate", "hard"])
+@pytest.mark.parametrize("routed", [1, 2])
+def test_a_new_clients_gate_agreement_is_whether_its_inputs_route_it_where_its_labels_assign_it(assignment, routed):
+    m = tiny(assignment=assignment)
+    x, y = torch.randn(16, 1, 8, 8), torch.full((16,), 3)
+    make_expert_fit(m, 2, y)  # the labels assign this client to expert 2
+    bias = [0.0] * 4
+    bias[routed] = 30.0
+    set_gate(m, bias)  # its inputs route it to `routed`
+    agree = m.cold_start_diagnostics(torch.randn(8, 1, 8, 8), x, y)["gate_assignment_agreement"]
+    assert agree == float(routed == 2)
+
+
+def test_the_evaluator_averages_a_methods_cold_start_diagnostics_over_new_clients_and_no_other_method_gets_the_column(fed):
+    from fedcoe_bench.baselines.fedavg import FedAvg
+    from fedcoe_bench.evaluation import Evaluator, Snapshot
+
+    calls = []
+
+    class Probe(FedAvg):
+        def cold_start_diagnostics(self, unlabeled, x, y):
+            calls.append((len(unlabeled), len(x), len(y)))
+            return {"probe": float(len(calls) % 2)}  # 1, 0, 1, ...
+
+    for cls in (Probe, FedAvg):
+        torch.manual_seed(0)
+        m = cls(num_classes=fed.num_classes, in_channels=1, image_size=12)
+        m.flatten_parameters()
+        metrics = Evaluator(fed, batch_size=64)(m, Snapshot(m.flat["shared"].clone(), m.flat["personal"].clone()))
+        if cls is Probe:
+            n = len(fed.new_clients)
+            assert [c[0] for c in calls] == [len(c.train) for c in fed.new_clients]  # unlabeled: the local train split
+            assert all(c[1] == c[2] for c in calls)
+            assert metrics["cold_start_probe"] == pytest.approx(sum(i % 2 for i in range(1, n + 1)) / n)
+        else:
+            assert not [k for k in metrics if k.startswith("cold_start_probe")]

@@ -40,9 +40,20 @@ def checkpoint_round(run: Path) -> int:
         return 0
 
 
-def finished(run: Path) -> tuple[dict, torch.Tensor]:
-    summary = json.loads((run / "summary.json").read_text())
-    return summary, torch.load(run / "checkpoint.pt", weights_only=True)["server"]
+def same(a, b) -> bool:
+    """Equal nested state (tensors, dicts, lists, numbers)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+def finished(run: Path) -> tuple[dict, dict]:
+    """The summary and the final checkpoint: the server state and the method's (server-only state included)."""
+    return json.loads((run / "summary.json").read_text()), torch.load(run / "checkpoint.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("method", ["fedavg", "fedper", "fedcoe", "scaffold", "ditto", "fedrep", "ensemble", "ifca",
@@ -62,11 +73,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, method):
         pytest.skip("the run got past round 4 before the kill (machine too fast to interrupt)")
 
     assert main(argv(tmp_path, "killed", method)) == 0  # resumes by default
-    (whole, server_whole), (resumed, server_resumed) = finished(tmp_path / "whole"), finished(tmp_path / "killed")
+    (whole, a), (resumed, b) = finished(tmp_path / "whole"), finished(tmp_path / "killed")
     assert resumed["resumed_from_round"] == killed_at
     for key in METRICS:
         assert resumed[key] == whole[key], key
-    assert torch.equal(server_whole, server_resumed)
+    assert torch.equal(a["server"], b["server"])
+    assert same(a["method"], b["method"])  # e.g. FedEM's server-only pi sums, the routing tables
 
 
 def test_a_checkpoint_cut_short_mid_write_is_never_loaded(tmp_path):
@@ -130,11 +142,11 @@ def test_two_gloo_processes_match_one(tmp_path, method):
     double = fedbench(argv(tmp_path, "two", method, "--loop.rounds", "3", "--fabric.strategy", "ddp",
                            "--fabric.devices", "2", *store))
     assert double.wait(timeout=300) == 0, double.stderr.read()
-    (one, server_one), (two, server_two) = finished(tmp_path / "one"), finished(tmp_path / "two")
+    (one, a), (two, b) = finished(tmp_path / "one"), finished(tmp_path / "two")
     assert two["world_size"] == 2 and one["world_size"] == 1
     for key in METRICS:
         assert two[key] == pytest.approx(one[key], abs=1e-5), key
-    torch.testing.assert_close(server_two, server_one, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b["server"], a["server"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -167,8 +179,8 @@ def test_a_signal_after_round_2_keeps_it_and_the_same_command_resumes(tmp_path, 
     assert not (run / "summary.json").exists()
 
     assert main(argv(tmp_path, "stopped", "fedper", *args)) == 0
-    (whole, server_whole), (resumed, server_resumed) = finished(tmp_path / "whole"), finished(run)
+    (whole, a), (resumed, b) = finished(tmp_path / "whole"), finished(run)
     assert resumed["resumed_from_round"] == stopped_at
     for key in METRICS:
         assert resumed[key] == whole[key], key
-    assert torch.equal(server_whole, server_resumed)
+    assert torch.equal(a["server"], b["server"])

@@ -217,6 +217,8 @@ class Evaluator:
             if v:
                 table[VAL_ACC, j], table[VAL_N, j] = _accuracy(probs[n:], y[n:], c)
                 table[VAL_LP_ACC, j] = _accuracy(adjusted[n:], y[n:], c)[0]
+        diagnose = overrides(method, "cold_start_diagnostics")
+        diagnostics: dict[str, torch.Tensor] = {}  # key -> [sum over this rank's new clients, count]
         if my_cold:
             clients = [self.cold_clients[j] for j in my_cold]
             labelled = [len(cl.test) + len(cl.val) for cl in clients]
@@ -234,6 +236,8 @@ class Evaluator:
                 if m > n:
                     table[VAL_ACC, col], table[VAL_N, col] = _accuracy(probs[n:m], y[n:], c)
                     table[VAL_LP_ACC, col] = _accuracy(adjusted[n:], y[n:], c)[0]
+                for key, value in (self._diagnose(method, cl) if diagnose else {}).items():
+                    diagnostics.setdefault(key, torch.zeros(2, dtype=torch.float64)).add_(torch.tensor([value, 1.0]))
                 if tune:
                     tuned = self._finetune(method, load, cl, state.round)
                     table[FT_ACC, col] = _accuracy(tuned[:n], y[:n], c)[0]
@@ -241,6 +245,11 @@ class Evaluator:
                         table[VAL_FT_ACC, col] = _accuracy(tuned[n:], y[n:], c)[0]
         if world > 1:
             table = fabric.all_reduce(table.to(fed.device), reduce_op="sum").cpu()
+            # rank 0 scores the first new client, so it knows every key (or there is none)
+            keys = fabric.broadcast(sorted(diagnostics), src=0) if diagnose else []
+            diagnostics = {k: fabric.all_reduce(diagnostics.get(k, torch.zeros(2, dtype=torch.float64)).to(fed.device),
+                                                reduce_op="sum").cpu() for k in keys}
+        out.update({f"cold_start_{k}": float(total / count) for k, (total, count) in diagnostics.items() if count})
         sizes = table[N].long().tolist()
         n_pers = len(pers)
         self.per_client = ([{"client": cl.id, "kind": "train", "cluster": cl.cluster, "samples": sizes[j],
@@ -286,6 +295,14 @@ class Evaluator:
         unlabeled = self.precision.convert_input(fed.prepare(fed.pool_x[client.train], memory_format=self.memory_format))  # inputs only
         x = fed.pool_x[torch.cat([client.test, client.val, client.train])]
         return self._batched(lambda x: method.predict_cold_start(x, unlabeled), x)
+
+    def _diagnose(self, method: FederatedMethod, client: Client) -> dict[str, float]:
+        """The method's :meth:`~fedcoe_bench.method.FederatedMethod.cold_start_diagnostics` of a new client
+        (server state loaded): its unlabeled inputs, then its labelled local test split."""
+        fed = self.fed
+        prep = lambda idx: self.precision.convert_input(fed.prepare(fed.pool_x[idx], memory_format=self.memory_format))  # noqa: E731
+        with self.precision.forward_context():
+            return method.cold_start_diagnostics(prep(client.train), prep(client.test), fed.pool_y[client.test])
 
     def _finetune(self, method: FederatedMethod, load, client: Client, rnd: int) -> torch.Tensor:
         """Personal probabilities of a cold-start client's local test, then validation split, after it

@@ -208,7 +208,10 @@ class FedCoE(RoutingTable, FederatedMethod):
     @torch.no_grad()
     def assign(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """This client's assignment :math:`a_i` from each expert's mean loss on its data (class docstring)."""
-        loss = torch.stack([F.cross_entropy(expert(x), y) for expert in self.experts]) + self.assign_bias
+        loss = torch.stack([F.cross_entropy(expert(x), y) for expert in self.experts])
+        if self.assignment == "gate":  # no assignment trains; the best fit, for diagnostics
+            return F.one_hot(loss.argmin(), self.num_experts).to(loss)
+        loss = loss + self.assign_bias
         if self.assignment == "hard":
             return F.one_hot(loss.argmin(), self.num_experts).to(loss)
         return (-loss).softmax(0)
@@ -253,6 +256,12 @@ class FedCoE(RoutingTable, FederatedMethod):
         r = log_w.exp().mean(0)
         return torch.stack([(mixture(self._routing_prior(log_w, r, beta), logits).argmax(1) == y).float().mean()
                             for beta in self.beta_grid])
+
+    @torch.no_grad()
+    def cold_start_diagnostics(self, unlabeled, x, y) -> dict[str, float]:
+        """``cold_start_gate_assignment_agreement``: does the gate, from the new client's unlabeled
+        inputs, route it to the expert its labelled data would assign it (``gate``: the best fit)?"""
+        return {"gate_assignment_agreement": float(self.gate(unlabeled).mean(0).argmax() == self.assign(x, y).argmax())}
 
     # ------------------------------------------------------------------ server side
     def aggregate(self, server: torch.Tensor, updates: list[ClientUpdate],

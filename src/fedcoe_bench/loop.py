@@ -83,6 +83,10 @@ class _Run:
     def snapshot(self, rnd: int) -> Snapshot:
         return Snapshot(self.server, self.init_personal, self.store, self.trained_ids, rnd)
 
+    def load(self, client: int | None = None) -> None:
+        """Put the server state and ``client``'s personal state (None: the initial one) into the method."""
+        self.snapshot(0).load(self.method, client)
+
 
 @dataclass
 class FederatedLoop:
@@ -198,7 +202,7 @@ class FederatedLoop:
                 self._checkpoint(fabric, run, run_dir, rnd + 1, prior_time + time.perf_counter() - t_start)
             if stop:
                 break
-        _load(method, run.server, run.init_personal)  # leave the method holding the server state
+        run.load()  # leave the method holding the server state
         if not metrics:  # resumed from the final checkpoint: the last evaluation is in the history
             metrics = {k: v for row in run.history for k, v in row.items()
                        if k.endswith("_acc") or "_acc_" in k or k in COUNTS}
@@ -244,7 +248,7 @@ class FederatedLoop:
                 )
         check_reports(method, updates)
         run.report_bytes = run.report_bytes or report_bytes(updates)
-        _load(method, run.server, run.init_personal)
+        run.load()
         server, scalars = method.aggregate(run.server, updates, ctx)
         train_time = time.perf_counter() - t0
         samples = sum(u.samples for u in updates)
@@ -262,7 +266,7 @@ class FederatedLoop:
         durable; then Fabric's callbacks get ``on_checkpoint(rounds_done, seconds)`` (the store's flush
         and the write, e.g. for the perf harness)."""
         t0 = time.perf_counter()
-        _load(run.method, run.server, run.init_personal)
+        run.load()
         state = {"round": rounds_done, "server": run.server, "store": run.store.flush(),
                  "method": run.method.state_dict(), "history": run.history, "precision": run.precision,
                  "channels_last": run.memory_format == torch.channels_last, "wall_time_s": wall_time_s}
@@ -282,7 +286,7 @@ class FederatedLoop:
         run.trained_ids = trained_clients(seed, state["round"], fed.clients, self.clients_per_round)
         t0 = time.perf_counter()
         metrics = self._measure(fabric, run, state["round"])
-        _load(run.method, run.server, run.init_personal)
+        run.load()
         history = [{"round": state["round"], **metrics, "eval_time": time.perf_counter() - t0}]
         fabric.log_dict(history[0], step=state["round"])
         return FitResult(metrics, history, run.server, run.trained_ids, run.evaluator.per_client,
@@ -347,7 +351,7 @@ class FederatedLoop:
     # ------------------------------------------------------------------ one client
     def _train_client(self, fabric: Fabric, run: _Run, optimizer, client: Client, round_ctx: RoundContext) -> ClientUpdate:
         method, fed = run.method, run.fed
-        _load(method, run.server, run.init_personal, run.store.get(client.id))
+        run.load(client.id)
         optimizer.state.clear()  # a fresh local optimizer every round, as in FedAvg
         s = client_seed(run.seed, round_ctx.round - 1, client.id)
         torch.manual_seed(s)  # module-level randomness (dropout) follows the client too
@@ -432,9 +436,3 @@ class FederatedLoop:
             run.store.mark_put([u.client for u in out])
         return out
 
-
-def _load(method: FederatedMethod, server: torch.Tensor, init_personal: torch.Tensor,
-          personal: torch.Tensor | None = None) -> None:
-    """Put the server's shared state and one client's personal state (None: the initial one) in the model."""
-    method.flat["shared"].copy_(server)
-    method.flat["personal"].copy_(init_personal if personal is None else personal)

@@ -57,7 +57,8 @@ signature: a method that needs the context there keeps it from ``on_client_start
    :meth:`~FederatedMethod.predict_personal` (a client's personal state loaded),
    :meth:`~FederatedMethod.predict_cold_start` (a new client: may read its unlabeled inputs,
    never labels, no gradient steps); :meth:`~FederatedMethod.start_finetune` for the fine-tuned
-   cold start, whose local steps call ``on_client_start`` with ``ctx.finetune = True``.
+   cold start, whose local steps call ``on_client_start`` with ``ctx.finetune = True``;
+   :meth:`~FederatedMethod.cold_start_diagnostics` (optional) for each new client, averaged.
 6. :meth:`~FederatedMethod.routing_profiles` and :meth:`~FederatedMethod.save_artifacts` at the end.
 
 A new method is one file in ``baselines/`` (the package ``fedcoe_bench.baselines``) with its short
@@ -399,6 +400,14 @@ class FederatedMethod(L.LightningModule):
         client's local test split, and the state is discarded.
         """
         return ("",)
+
+    def cold_start_diagnostics(self, unlabeled: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Diagnostics of how a new client is served, never a prediction: the evaluator loads the server
+        state, calls this with the client's unlabeled inputs and its labelled local test split, and
+        logs the mean of each value over the new clients as ``cold_start_<key>`` (e.g. FedCoE: does the
+        gate route a new client, from its inputs alone, to the expert that fits its labels). A method
+        overrides it only to add such columns."""
+        return {}
 
     def routing_profiles(self) -> dict[int, torch.Tensor]:
         """Client id -> the latest label-free routing profile the client reported (its mean gate
