@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from fedcoe_bench.fedcoe import FedCoE
 from fedcoe_bench.method import ClientContext, ClientUpdate, RoundContext
+from fedcoe_bench.models import mixture
 
 DIMS = {"num_classes": 5, "in_channels": 1, "image_size": 8}
 
@@ -154,3 +155,18 @@ def test_the_evaluator_averages_a_methods_cold_start_diagnostics_over_new_client
             assert metrics["cold_start_probe"] == pytest.approx(sum(i % 2 for i in range(1, n + 1)) / n)
         else:
             assert not [k for k in metrics if k.startswith("cold_start_probe")]
+
+
+@pytest.mark.parametrize("assignment", ["gate", "hard"])
+def test_the_normalization_leaves_the_local_level_a_single_models_whole_step(assignment):
+    """Only the personal mixture's cross-entropy trains the local expert and the fusion gate: their
+    gradient is that term's, undivided, while the experts' is divided (the test above)."""
+    x, y = torch.randn(16, 1, 8, 8), torch.arange(16) % 5
+    m = tiny(assignment=assignment, lambda_bal=0.0)
+    m.on_client_start(x, y, ClientContext(1, 10, 1, 1))
+    local = [p for n, p in m.named_parameters() if n.startswith(("local.", "fusion."))]
+    got = torch.autograd.grad(m.training_step((x, y), 0), local)
+    log_w = m.gate.log_weights(x) if assignment == "gate" else m._assignment.clamp_min(0).log().expand(len(x), -1)
+    alone = F.nll_loss(m.log_personal(x, mixture(log_w, m.experts(x))), y)
+    for g, want in zip(got, torch.autograd.grad(alone, local)):
+        torch.testing.assert_close(g, want)

@@ -57,13 +57,15 @@ class FedCoE(RoutingTable, FederatedMethod):
 
     **Local objective.** With :math:`w(x)` the training mixture weights (:math:`G(x)` or :math:`a_i`),
 
-    .. math:: \\frac{CE(p_i, y) + \\lambda_{glob} CE(p_{glob}, y) + \\lambda_{exp} \\sum_k \\mathrm{sg}(w(x)_k)\\,
-              CE(E_k(x), y)}{1 + \\lambda_{glob} + \\lambda_{exp}}
-              + \\lambda_{bal}\\, \\mathrm{balance}(G) \\,[\\texttt{gate}]
-              + \\lambda_{route}\\, CE(G(x), a_i) \\,[\\texttt{hard, soft}] .
+    .. math:: CE(p_i, y) + \\lambda_{glob} CE(p_{glob}, y) + \\lambda_{exp} \\sum_k \\mathrm{sg}(w(x)_k)\\,
+              CE(E_k(x), y) + \\lambda_{bal}\\, \\mathrm{balance}(G) \\,[\\texttt{gate}]
+              + \\lambda_{route}\\, CE(G(x), a_i) \\,[\\texttt{hard, soft}] ,
 
-    The denominator (``normalize_loss``) keeps the experts' gradient multipliers summing to at most
-    one, as a single model's: the same ``lr`` is the same step size as every other method's.
+    where (``normalize_loss``) the gradient that reaches the global level through the first three
+    terms is divided by :math:`d = 1 + \\lambda_{glob} + \\lambda_{exp}`: the experts' gradient
+    multipliers sum to at most one, as a single model's, while the local expert and the fusion gate,
+    which only the first term trains, keep a single model's whole step. The same ``lr`` is then the
+    same step size as every other method's, for the shared experts and the personal model alike.
     The balance term is Switch's :math:`K \\sum_k f_k P_k` (Fedus et al., 2022).
 
     **Coordinated aggregation** (inferred): each client reports its routing profile
@@ -90,7 +92,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         top_m: sparse routing, keep the m largest gate weights (0: dense).
         lambda_glob, lambda_bal, lambda_expert, lambda_route: loss weights above.
         expert_loss_routed: weight each expert's own loss by its (fixed) mixture weight; false: 1/K.
-        normalize_loss: divide the classification terms by :math:`1 + \\lambda_{glob} + \\lambda_{exp}`.
+        normalize_loss: divide the global level's gradient by :math:`1 + \\lambda_{glob} + \\lambda_{exp}` (above).
         assignment: ``gate``, ``hard`` or ``soft`` (above).
         assignment_balance: :math:`\\gamma` of the assignment's bias (``hard``, ``soft``).
         coordinated: routing-weighted expert aggregation; false: plain n-weighted averaging.
@@ -188,15 +190,16 @@ class FedCoE(RoutingTable, FederatedMethod):
         # the training mixture: the gate's weights, or the client's assignment for every input
         log_w = log_g if self._assignment is None else self._assignment.clamp_min(0).log().expand_as(log_g)
         log_glob = mixture(log_w, logits)
-        loss = F.nll_loss(self.log_personal(x, log_glob), y)
+        # normalized: the global level's three terms are divided by d, so that the experts' gradient
+        # multipliers sum to at most one; the local level, a model of its own, keeps its whole step
+        d = (1 + self.lambda_glob if self.local_level else 1) + self.lambda_expert if self.normalize_loss else 1
+        loss = F.nll_loss(self.log_personal(x, scale_grad(log_glob, 1 / d)), y)
         if self.local_level:  # without the local level the first term already is the global mixture
-            loss = loss + self.lambda_glob * F.nll_loss(log_glob, y)
+            loss = loss + self.lambda_glob / d * F.nll_loss(log_glob, y)
         if self.lambda_expert:
             ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(self.num_experts), reduction="none")
             w = log_w.exp().detach() if self.expert_loss_routed else torch.full_like(log_w, 1 / self.num_experts)
-            loss = loss + self.lambda_expert * (w.t().flatten() * ce).sum() / len(y)
-        if self.normalize_loss:  # the experts' gradient multipliers then sum to at most one
-            loss = loss / ((1 + self.lambda_glob if self.local_level else 1) + self.lambda_expert)
+            loss = loss + self.lambda_expert / d * (w.t().flatten() * ce).sum() / len(y)
         if self._assignment is not None:  # the gate learns to route as the assignment does, from inputs alone
             return loss - self.lambda_route * (log_g * self._assignment).sum(1).mean()
         if self.lambda_bal:
@@ -368,3 +371,15 @@ class FedCoE(RoutingTable, FederatedMethod):
         r = self.gate(unlabeled).mean(0)
         log_w = self._routing_prior(self.gate.log_weights(x), r, self.cold_start_setting())
         return mixture(log_w, self.experts(x)).exp()
+
+
+def scale_grad(t: torch.Tensor, c: float) -> torch.Tensor:
+    """``t`` in the forward pass, ``c`` times its gradient in the backward pass.
+
+    Example:
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> scale_grad(x * 3, 0.5).sum().backward()
+        >>> x.grad
+        tensor([1.5000, 1.5000])
+    """
+    return t if c == 1 else t * c + (t * (1 - c)).detach()
