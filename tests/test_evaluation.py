@@ -305,3 +305,43 @@ def test_fit_writes_the_validation_and_fine_tuned_metrics(tmp_path, fit_argv, ru
     assert len(rows) == 2 and all(r[k] != "" for r in rows for k in validation)  # logged at every evaluation
     # the fine-tuned cold start (about three rounds' work) at the last evaluation only
     assert [r["cold_start_ft_acc"] != "" for r in rows] == [False, True]
+
+
+class PriorFedAvg(FedAvg):
+    """FedAvg whose personal prediction already applies its client's label prior, as a method may do
+    inside (FedCoE's ``local_prior``): the personal label-prior adapter's column, computed by the method."""
+
+    personal = ("label_counts",)
+
+    def __init__(self, train_prior: torch.Tensor, **kwargs):
+        super().__init__(**kwargs)
+        self.train_prior = train_prior
+        self.register_buffer("label_counts", torch.zeros(self.num_classes))
+
+    def on_client_start(self, x, y, ctx):
+        self.label_counts.copy_(torch.bincount(y, minlength=self.num_classes))
+
+    def predict_personal(self, x):
+        prior = (self.label_counts + 1) / (self.label_counts + 1).sum()
+        return prior_adjust(self.predict_global(x), prior, self.train_prior)
+
+
+def test_the_personal_adapter_is_what_a_method_applying_the_prior_itself_scores(fed, fabric):
+    """One code path for every method: FedAvg's adapted column equals, client by client, the plain column
+    of the same model applying its client's prior itself (a test that means something only where the
+    prior changes the plain column, checked last)."""
+    train_prior = Evaluator(fed).train_prior
+    torch.manual_seed(0)
+    prior_fedavg = PriorFedAvg(train_prior, num_classes=fed.num_classes, in_channels=1, image_size=12)
+    result = trained_loop(fed, fabric, prior_fedavg, rounds=2, clients_per_round=6)
+    torch.manual_seed(0)
+    fedavg = FedAvg(num_classes=fed.num_classes, in_channels=1, image_size=12)
+    fedavg.flatten_parameters()
+    plain, plain_rows, _ = evaluate(fed, fedavg, result.server, None, result.trained_ids)
+    adapted_rows = [r for r in result.per_client if r["kind"] == "train"]
+    by_client = {r["client"]: r for r in plain_rows if r["kind"] == "train"}
+    assert len(adapted_rows) == 6
+    for r in adapted_rows:
+        assert r["acc"] == pytest.approx(by_client[r["client"]]["lp_acc"], abs=1e-6)
+    assert result.metrics["personal_acc"] == pytest.approx(plain["personal_lp_acc"], abs=1e-6)
+    assert plain["personal_acc"] != pytest.approx(plain["personal_lp_acc"], abs=1e-3), "the prior must matter here"
