@@ -92,8 +92,9 @@ def test_assignment_aggregation_weights_experts_by_assignment_and_balances_acros
     torch.testing.assert_close(new[k0], torch.full_like(new[k0], (1 * 1.0 + 3 * 5.0) / 4))  # only its own clients
     torch.testing.assert_close(new[k1], torch.full_like(new[k1], 7.0))
     torch.testing.assert_close(new[m.span("experts.2.")], server[m.span("experts.2.")])  # nobody chose it
-    load = torch.tensor([4 / 6, 2 / 6, 0.0, 0.0])
-    torch.testing.assert_close(new[bias], server[bias] + 0.5 * (4 * load - 1))
+    load = torch.tensor([4 / 6, 2 / 6, 0.0, 0.0])  # expert 0 is over twice its share, the others under
+    torch.testing.assert_close(new[bias], (server[bias] + 0.5 * (4 * load - m.capacity)).clamp_min(0))
+    assert new[bias][0] > 0 and (new[bias][1:] == 0).all()
     assert scalars["gate_assignment_agreement"] == pytest.approx(2 / 3)  # a uniform gate's argmax is expert 0
 
 
@@ -170,3 +171,27 @@ def test_the_normalization_leaves_the_local_level_a_single_models_whole_step(ass
     alone = F.nll_loss(m.log_personal(x, mixture(log_w, m.experts(x))), y)
     for g, want in zip(got, torch.autograd.grad(alone, local)):
         torch.testing.assert_close(g, want)
+
+
+
+def test_the_assignment_bias_grows_only_over_capacity_and_falls_back_to_zero():
+    """Collapse (every client on one expert) makes that expert dearer round after round; three clusters
+    on four experts (a third each, under twice the share) leave every bias at 0, so no cluster is split
+    to fill the fourth expert; once the load is back under capacity the bias decays to 0."""
+    m = tiny(assignment="hard", assignment_balance=0.1)
+    bias = m.span("assign_bias")
+
+    def round_with(experts, server):
+        report = lambda k: {"routing": torch.full((4,), 0.25), "gate_entropy": torch.tensor(1.0),  # noqa: E731
+                            "fusion_h": torch.tensor(0.5), "assignment": F.one_hot(torch.tensor(k), 4).float(),
+                            "calibration": torch.zeros(len(m.beta_grid)), "calibration_weight": torch.tensor(0.0)}
+        updates = [ClientUpdate(i, 1.0, server.clone(), report(k)) for i, k in enumerate(experts)]
+        return m.aggregate(server, updates, RoundContext(1, 10, len(experts)))[0]
+
+    server = m.flat["shared"].clone()
+    for _ in range(3):
+        server = round_with([0] * 9, server)
+    assert float(server[bias][0]) == pytest.approx(3 * 0.1 * (4 - 2)) and (server[bias][1:] == 0).all()
+    for _ in range(20):
+        server = round_with([0, 0, 0, 1, 1, 1, 2, 2, 2], server)
+    assert (server[bias] == 0).all()

@@ -49,11 +49,15 @@ class FedCoE(RoutingTable, FederatedMethod):
     its local objective mixes the experts by :math:`a_i` instead of :math:`G(x)`, and the gate learns
     to predict the assignment from inputs alone, :math:`\\lambda_{route}\\, CE(G(x), a_i)`, so that new
     clients still route without labels. The client reports :math:`a_i` (K label-derived scalars,
-    like IFCA's cluster id or FedEM's weights). Balance belongs to the assignment, across clients:
-    the server moves the shared bias :math:`b` against each expert's load,
-    :math:`b_k \\leftarrow b_k + \\gamma\\,(K u_k - 1)`, :math:`u_k = \\sum_i n_i a_{ik} / \\sum_i n_i`
-    (``assignment_balance`` :math:`\\gamma`), so an early lead cannot take every client; the bias
-    only chooses experts, it never enters a prediction.
+    like IFCA's cluster id or FedEM's weights). Balance belongs to the assignment, across clients,
+    as a capacity: an expert whose load :math:`u_k = \\sum_i n_i a_{ik} / \\sum_i n_i` exceeds
+    ``capacity`` times its share :math:`1/K` becomes dearer to choose,
+    :math:`b_k \\leftarrow \\max(0,\\, b_k + \\gamma\\,(K u_k - \\texttt{capacity}))` (``assignment_balance``
+    :math:`\\gamma`), and the bias falls back to 0 once it is under it. So an early lead cannot take
+    every client, while fewer clusters than experts leave experts unused rather than split (a
+    symmetric rule, :math:`b_k + \\gamma (K u_k - 1)`, forces every expert into use: its loads and
+    NMI oscillated on the rotation clusters). The bias only chooses experts, it never enters a
+    prediction.
 
     **Local objective.** With :math:`w(x)` the training mixture weights (:math:`G(x)` or :math:`a_i`),
 
@@ -125,6 +129,9 @@ class FedCoE(RoutingTable, FederatedMethod):
     # Scores are averaged over every sampled client and round, so a few validation samples per client
     # suffice; 128 cost 17% of a training round (benchmarks/perf/RESULTS.md), 32 cost about 5%.
     calibration_samples = 32
+    # An expert may take twice its share of the clients before its assignment bias grows (Switch
+    # Transformer's capacity factor, Fedus et al., 2022, in its usual range).
+    capacity = 2.0
 
     def __init__(self, num_experts: int = 4, top_m: int = 0, lambda_glob: float = 1.0, lambda_bal: float = 0.01,
                  lambda_expert: float = 4.0, lambda_route: float = 1.0, expert_loss_routed: bool = True,
@@ -288,9 +295,9 @@ class FedCoE(RoutingTable, FederatedMethod):
         if self.balance_rate:  # clients never change the bias: the server sets it from R
             bias = self.span("gate.route_bias")
             new[bias] = server[bias] - self.balance_rate * (self.num_experts * load - 1)
-        if assigned:  # an expert that took more than its share becomes dearer to choose
+        if assigned:  # an expert over its capacity becomes dearer to choose
             bias = self.span("assign_bias")
-            new[bias] = server[bias] + self.assignment_balance * (self.num_experts * load - 1)
+            new[bias] = (server[bias] + self.assignment_balance * (self.num_experts * load - self.capacity)).clamp_min(0)
         has = "calibration" in updates[0].report
         weights = torch.stack([u.report["calibration_weight"] for u in updates]).to(self.calibration) if has else None
         if has and weights.sum() > 0:  # the mean over the clients that scored a validation split
