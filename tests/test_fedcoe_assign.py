@@ -195,3 +195,19 @@ def test_the_assignment_bias_grows_only_over_capacity_and_falls_back_to_zero():
     for _ in range(20):
         server = round_with([0, 0, 0, 1, 1, 1, 2, 2, 2], server)
     assert (server[bias] == 0).all()
+
+
+def test_an_assigned_client_predicts_with_the_experts_it_was_assigned_a_new_one_with_the_gate():
+    m = tiny(assignment="hard")
+    x, y = torch.randn(16, 1, 8, 8), torch.full((16,), 3)
+    m.eval()
+    by_gate = m.predict_personal(x)  # never assigned: the gate routes
+    torch.testing.assert_close(by_gate, m.log_personal(x, m.log_global(x)).exp())
+    make_expert_fit(m, 2, y)
+    m.on_client_start(x, y, ClientContext(1, 10, 1, 1))
+    assert int(m.client_assignment.argmax()) == 2 and "client_assignment" in m.personal
+    only_2 = m.log_personal(x, m.experts[2](x).log_softmax(-1)).exp()
+    torch.testing.assert_close(m.predict_personal(x), only_2)
+    assert not torch.allclose(m.predict_global(x), m.experts[2](x).softmax(-1))  # the server routes by the gate
+    m.flat["personal"].zero_()  # what a new client is served: no assignment, the gate again
+    torch.testing.assert_close(m.predict_personal(x), m.log_personal(x, m.log_global(x)).exp())

@@ -46,7 +46,8 @@ class FedCoE(RoutingTable, FederatedMethod):
     .. math:: a_i = \\mathrm{onehot}\\big(\\arg\\min_k\\, \\bar\\ell_{ik} + b_k\\big) \\;(\\texttt{hard}), \\qquad
               a_{ik} \\propto \\exp\\big(-(\\bar\\ell_{ik} + b_k)\\big) \\;(\\texttt{soft});
 
-    its local objective mixes the experts by :math:`a_i` instead of :math:`G(x)`, and the gate learns
+    its local objective and its personal prediction (it keeps :math:`a_i`, as IFCA's client keeps the
+    model it chose) mix the experts by :math:`a_i` instead of :math:`G(x)`, and the gate learns
     to predict the assignment from inputs alone, :math:`\\lambda_{route}\\, CE(G(x), a_i)`, so that new
     clients still route without labels. The client reports :math:`a_i` (K label-derived scalars,
     like IFCA's cluster id or FedEM's weights). Balance belongs to the assignment, across clients,
@@ -166,6 +167,9 @@ class FedCoE(RoutingTable, FederatedMethod):
             self.personal = self.personal + ("gate.",)
         if assignment != "gate":  # shared: the server sets it, clients read it to choose experts
             self.register_buffer("assign_bias", torch.zeros(num_experts))
+            # personal: the client's latest a_i, which its personal prediction mixes the experts by
+            self.register_buffer("client_assignment", torch.zeros(num_experts))
+            self.personal = self.personal + ("client_assignment",)
         if local_level:
             self.local = self.make_backbone()
             self.fusion = Gate(self.in_channels, 2)  # h(x) = its first softmax output
@@ -231,6 +235,8 @@ class FedCoE(RoutingTable, FederatedMethod):
     def on_client_start(self, x: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> None:
         self._calibration = None  # a client reports its own scores or none
         self._assignment = None if self.assignment == "gate" else self.assign(x, y)
+        if self._assignment is not None:
+            self.client_assignment.copy_(self._assignment)
         if self.local_level:
             self.label_counts.copy_(torch.bincount(y, minlength=self.num_classes))
         if self.local_level and self.local_warm_start and not self.local_ready.item():
@@ -350,7 +356,14 @@ class FedCoE(RoutingTable, FederatedMethod):
 
     @torch.no_grad()
     def predict_personal(self, x):
-        return self.log_personal(x, self.log_global(x)).exp()
+        return self.log_personal(x, self.log_global(x, self._personal_weights(x))).exp()
+
+    def _personal_weights(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A client that has an assignment mixes the experts by it, as it trained (IFCA's client
+        predicts with the model it chose); otherwise (``gate``, a client never assigned) the gate routes."""
+        if self.assignment == "gate" or not self.client_assignment.any():
+            return None
+        return self.client_assignment.clamp_min(0).log().expand(len(x), -1)
 
     def _routing_prior(self, log_w: torch.Tensor, r: torch.Tensor, beta) -> torch.Tensor:
         """log pi(x) with pi(x)_k proportional to G(x)_k r_k^beta."""
