@@ -348,3 +348,26 @@ def test_records_copy_finished_runs_small_files_only_and_tables_rebuild_from_the
     assert not (tmp_path / "records" / "b").exists()
     runs, records = (run_cli(["table", str(tmp_path / d)])[1] for d in ("runs", "records"))
     assert "| fedavg |" in records and runs.endswith(records)  # the same table, less the unfinished run's group
+
+
+def test_the_val_split_tables_the_validation_accuracies_and_keeps_the_scores(tmp_path, capsys):
+    """``--split val`` reads each accuracy's ``val_`` twin (what tuning chose by), never the test one;
+    scores without a twin (NMI) stay; a method without validation numbers shows empty cells."""
+    from fedcoe_bench.cli import main
+
+    root = tmp_path / "runs"
+    for seed, (test, val) in enumerate(((0.9, 0.5), (0.8, 0.7))):
+        run = write_summary(root, "fedcoe", seed, (test,) * 5)
+        summary = json.loads((run / "summary.json").read_text())
+        summary["metrics"].update({f"val_{m}": val for m in METRICS}, expert_cluster_nmi=0.25 * (seed + 1))
+        (run / "summary.json").write_text(json.dumps(summary))
+    [val] = build_tables(load_runs(root), "val")
+    [test] = build_tables(load_runs(root))
+    assert val.columns[:5] == tuple(f"val_{m}" for m in METRICS) and "expert_cluster_nmi" in val.columns
+    assert val.rows[0].cells["val_global_acc"].mean == pytest.approx(60.0)
+    assert test.rows[0].cells["global_acc"].mean == pytest.approx(85.0)
+    assert val.rows[0].cells["expert_cluster_nmi"].mean == pytest.approx(0.375)
+    assert main(["table", str(root), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "| method | val global | val personal |" in out and "60.0 ± 14.1" in out and "85.0" not in out
+    assert "Accuracy on the validation splits in %" in out

@@ -59,6 +59,8 @@ def table_parser() -> ArgumentParser:
                        "mean ± std over seeds, one table per dataset and alpha.", exit_on_error=False, allow_abbrev=False)
     p.add_argument("dir", nargs="?", default=None, help="runs directory: every summary.json below it")
     p.add_argument("--format", type=Literal["md", "csv", "latex"], default="md", help="markdown, CSV or LaTeX (booktabs)")
+    p.add_argument("--split", type=Literal["test", "val"], default="test",
+                   help="test accuracies, or val: the validation accuracies tuning reads")
     p.add_argument("--wandb", type=str | None, default=None, metavar="ENTITY/PROJECT",
                    help="read the runs of this W&B project instead of a directory")
     p.add_argument("--debug", type=bool, default=False)

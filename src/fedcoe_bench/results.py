@@ -30,7 +30,12 @@ SERVER_METRICS = ("global_acc", "cold_start_acc", "cold_start_lp_acc", "cold_sta
 # Columns a table shows only where a run has them: personal accuracy after the label-prior adapter
 # (runs from before it existed lack it), cold start on held-out clusters (feature shift) and the
 # expert-cluster agreement of the routing (methods with experts, on federations with clusters).
-EXTRA_METRICS = ("personal_lp_acc", "cold_start_acc_new_domain", "expert_cluster_nmi", "expert_cluster_purity")
+EXTRA_METRICS = ("personal_lp_acc", "cold_start_acc_new_domain", "expert_cluster_nmi", "expert_cluster_purity",
+                 "cold_start_gate_assignment_agreement")
+# Diagnostics rather than accuracies: they have no validation twin.
+SCORES = ("expert_cluster_nmi", "expert_cluster_purity", "cold_start_gate_assignment_agreement")
+# The same accuracies on the validation splits (``fedbench table --split val``, what tuning reads).
+VAL_METRICS = tuple(f"val_{m}" for m in METRICS + EXTRA_METRICS if m not in SCORES)
 
 
 class ResultsError(UserError):
@@ -95,7 +100,7 @@ def run_from_summary(summary: dict, path: str) -> Run:
     for key in ("method", "dataset", "scheme", "alpha", "rounds", "seed", "global_model"):
         if summary.get(key) is not None:
             setattr(run, key, summary[key])
-    run.metrics = {k: summary.get(k, (summary.get("metrics") or {}).get(k)) for k in METRICS + EXTRA_METRICS}
+    run.metrics = {k: summary.get(k, (summary.get("metrics") or {}).get(k)) for k in METRICS + EXTRA_METRICS + VAL_METRICS}
     run.cost = summary.get("cost") or {}
     if summary.get("status", "finished") != "finished":
         run.status = f"status {summary.get('status')!r}"
@@ -213,7 +218,7 @@ def run_from_wandb(wb_run) -> Run:
               shift=shift_label(pick("data.shift"), pick("data.clusters"), pick("data.held_out_clusters")),
               init_args={k[len("method.init_args."):]: v for k, v in config.items() if k.startswith("method.init_args.")},
               global_model=pick("global_model") or "trained")
-    run.metrics = {k: summary.get(k) for k in METRICS + EXTRA_METRICS}  # W&B's summary: each key's last value
+    run.metrics = {k: summary.get(k) for k in METRICS + EXTRA_METRICS + VAL_METRICS}  # W&B's summary: each key's last value
     state = getattr(wb_run, "state", "finished")
     if method is None:
         run.status = "not a fedbench run (no 'method' in its config)"

@@ -21,14 +21,14 @@ import io
 import statistics
 from dataclasses import dataclass, field
 
-from fedcoe_bench.results import EXTRA_METRICS, METRICS, SERVER_METRICS, Run, group_title, method_sort_key
+from fedcoe_bench.results import EXTRA_METRICS, METRICS, SCORES, SERVER_METRICS, Run, group_title, method_sort_key
 
 HEADERS = {"global_acc": "global", "personal_acc": "personal", "cold_start_acc": "cold-start",
            "cold_start_ft_acc": "cold-start + ft", "cold_start_lp_acc": "cold-start + prior", "personal_lp_acc": "personal + prior",
            "cold_start_acc_new_domain": "cold-start new domain", "expert_cluster_nmi": "expert-cluster NMI",
-           "expert_cluster_purity": "expert-cluster purity"}
-# Agreement scores, printed as they are (0 to 1, two decimals); every other column is an accuracy in %.
-SCORES = ("expert_cluster_nmi", "expert_cluster_purity")
+           "expert_cluster_purity": "expert-cluster purity", "cold_start_gate_assignment_agreement": "new-client gate agreement"}
+HEADERS.update({f"val_{m}": f"val {h}" for m, h in HEADERS.items() if m not in SCORES})
+SPLITS = ("test", "val")
 FORMATS = ("md", "csv", "latex")
 NA = "n/a"
 # the most cautious first: a row whose runs disagree (e.g. summaries written before the field) takes it
@@ -74,7 +74,8 @@ class Table:
     rows: list[Row]
     missing: list[Run]
     notes: list[str]
-    columns: tuple = METRICS  # METRICS, then the EXTRA_METRICS some run of the table has
+    columns: tuple = METRICS  # METRICS, then the EXTRA_METRICS some run of the table has (on_split's keys)
+    split: str = "test"
 
     @property
     def title(self) -> str:
@@ -96,7 +97,17 @@ def _group_order(group: tuple) -> tuple:
     return tuple((x is None, (0, x, "") if isinstance(x, (int, float)) else (1, 0, str(x))) for x in group)
 
 
-def build_tables(runs: list[Run]) -> list[Table]:
+def on_split(metric: str, split: str) -> str:
+    """The key of ``metric`` on ``split`` (``val``: ``val_`` + the accuracy; scores have no twin).
+
+    >>> on_split("global_acc", "val"), on_split("expert_cluster_nmi", "val"), on_split("global_acc", "test")
+    ('val_global_acc', 'expert_cluster_nmi', 'global_acc')
+    """
+    return f"val_{metric}" if split == "val" and metric not in SCORES else metric
+
+
+def build_tables(runs: list[Run], split: str = "test") -> list[Table]:
+    """One table per group; ``split``: the test accuracies or, ``val``, the validation ones (tuning's)."""
     groups: dict[tuple, list[Run]] = {}
     for r in runs:
         groups.setdefault(r.group, []).append(r)
@@ -113,8 +124,9 @@ def build_tables(runs: list[Run]) -> list[Table]:
                              f"counting the first only")
                 continue
             seeds[r.seed] = r
-        columns = METRICS + tuple(m for m in EXTRA_METRICS
-                                  if any(r.metrics.get(m) is not None for s in by_label.values() for r in s.values()))
+        columns = tuple(on_split(m, split) for m in METRICS) + tuple(
+            on_split(m, split) for m in EXTRA_METRICS
+            if any(r.metrics.get(on_split(m, split)) is not None for s in by_label.values() for r in s.values()))
         rows = []
         for label in sorted(by_label, key=method_sort_key):
             seed_runs = by_label[label]
@@ -124,7 +136,7 @@ def build_tables(runs: list[Run]) -> list[Table]:
                 scale, digits = (1.0, 2) if m in SCORES else (100.0, 1)
                 values = [scale * r.metrics[m] for r in seed_runs.values() if r.metrics.get(m) is not None]
                 mean, std = mean_std(values)
-                cells[m] = Cell(mean, std, len(values), model if m in SERVER_METRICS else "trained", digits)
+                cells[m] = Cell(mean, std, len(values), model if m.removeprefix("val_") in SERVER_METRICS else "trained", digits)
             rows.append(Row(label, sorted(seed_runs, key=str), [r.path for r in seed_runs.values()], cells,
                             cost=cost_of(list(seed_runs.values()))))
         relative_time(rows)
@@ -141,7 +153,7 @@ def build_tables(runs: list[Run]) -> list[Table]:
                 notes.append(f"note: {r.label} has {len(r.seeds)} seed{'s' * (len(r.seeds) != 1)} "
                              f"({', '.join(map(str, r.seeds))}), the others up to {len(all_seeds)}: "
                              f"missing seed{'s' * (len(lacking) != 1)} {', '.join(map(str, lacking))}")
-        tables.append(Table(key, rows, missing, notes, columns))
+        tables.append(Table(key, rows, missing, notes, columns, split))
     return tables
 
 
@@ -212,8 +224,13 @@ def render_md(tables: list[Table]) -> str:
         extra = t.notes + _missing_lines(t)
         if extra:
             out += extra + [""]
-    scores = any(m in SCORES for t in tables for m in t.columns)
-    out.append("Accuracy in %" + (" (expert-cluster NMI and purity: 0 to 1, the last round's routing)" if scores else "")
+    shown = {m for t in tables for m in t.columns}
+    scores = ["expert-cluster NMI and purity: 0 to 1, the last round's routing"] if "expert_cluster_nmi" in shown else []
+    if "cold_start_gate_assignment_agreement" in shown:
+        scores.append("new-client gate agreement: the share of new clients whose gate, from their inputs, picks the "
+                      "expert their labels would")
+    split = " on the validation splits" if any(t.split == "val" for t in tables) else ""
+    out.append(f"Accuracy{split} in %" + (f" ({'; '.join(scores)})" if scores else "")
                + ", mean ± sample std over n seeds; best mean per column in bold.")
     return "\n".join(out) + "\n"
 
@@ -256,7 +273,7 @@ def render_csv(tables: list[Table]) -> str:
         for r in t.rows:
             stats = []
             for m in METRICS + EXTRA_METRICS:
-                c = r.cells.get(m, Cell(None, None, 0))
+                c = r.cells.get(on_split(m, t.split), Cell(None, None, 0))
                 if c.model == "none":
                     stats += [NA, NA]  # pandas reads n/a as missing
                 else:
@@ -280,7 +297,7 @@ def render(tables: list[Table], fmt: str = "md") -> tuple[str, list[str]]:
 
 
 def command(cfg) -> int:
-    """``fedbench table [DIR] [--format md|csv|latex] [--wandb ENTITY/PROJECT]``."""
+    """``fedbench table [DIR] [--format md|csv|latex] [--split test|val] [--wandb ENTITY/PROJECT]``."""
     import sys
 
     from fedcoe_bench.results import ResultsError, load_runs, load_wandb_runs
@@ -288,7 +305,7 @@ def command(cfg) -> int:
     if (cfg.dir is None) == (cfg.wandb is None):
         raise ResultsError("fedbench table reads a runs directory or --wandb ENTITY/PROJECT: give exactly one")
     runs = load_wandb_runs(cfg.wandb) if cfg.wandb else load_runs(cfg.dir)
-    text, notes = render(build_tables(runs), cfg.format)
+    text, notes = render(build_tables(runs, cfg.split), cfg.format)
     print(text, end="")
     for line in notes:
         print(f"fedbench table: {line}", file=sys.stderr)
