@@ -1,4 +1,5 @@
-"""FedCoE: coordinated aggregation, the two levels, and the cold-start path."""
+"""FedCoE: coordinated aggregation, the two levels, and the cold-start path, with the gate's assignment
+(every input trains every expert by the gate); assignment by fit is tests/test_fedcoe_assign.py's."""
 
 import inspect
 import math
@@ -13,7 +14,7 @@ from fedcoe_bench.method import ClientContext, ClientUpdate, RoundContext
 
 def tiny(**kw) -> FedCoE:
     torch.manual_seed(0)
-    m = FedCoE(num_experts=3, num_classes=4, in_channels=1, image_size=8, **kw)
+    m = FedCoE(num_experts=3, num_classes=4, in_channels=1, image_size=8, **{"assignment": "gate", **kw})
     m.flatten_parameters()
     return m
 
@@ -203,7 +204,8 @@ def test_balance_loss_prefers_balanced_routing():
     with torch.no_grad():  # push the gate onto one expert: the balance term must grow
         m.gate.net[-1].bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
     collapsed = m.training_step((x, y), 0)
-    unbalanced = FedCoE(num_experts=3, num_classes=4, in_channels=1, image_size=8, local_level=False, lambda_bal=0.0)
+    unbalanced = FedCoE(num_experts=3, num_classes=4, in_channels=1, image_size=8, local_level=False, lambda_bal=0.0,
+                        assignment="gate")
     unbalanced.load_state_dict(m.state_dict())
     assert float((collapsed - unbalanced.training_step((x, y), 0)).detach()) == pytest.approx(3.0, abs=1e-3)  # K * f_0 * P_0
     assert math.isfinite(float(base.detach()))

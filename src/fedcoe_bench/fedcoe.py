@@ -98,7 +98,8 @@ class FedCoE(RoutingTable, FederatedMethod):
         lambda_glob, lambda_bal, lambda_expert, lambda_route: loss weights above.
         expert_loss_routed: weight each expert's own loss by its (fixed) mixture weight; false: 1/K.
         normalize_loss: divide the global level's gradient by :math:`1 + \\lambda_{glob} + \\lambda_{exp}` (above).
-        assignment: ``gate``, ``hard`` or ``soft`` (above).
+        assignment: ``gate``, ``hard`` or ``soft`` (above; ``soft`` chosen on validation, see the
+            results pages).
         assignment_balance: :math:`\\gamma` of the assignment's bias (``hard``, ``soft``).
         coordinated: routing-weighted expert aggregation; false: plain n-weighted averaging.
         coordination_eps: the epsilon above (0 is the literal rule).
@@ -122,9 +123,10 @@ class FedCoE(RoutingTable, FederatedMethod):
 
     personal = ("local.", "fusion.", "local_ready", "label_counts")
     server_only = ("calibration",)
-    # What a config written before normalize_loss existed ran with (its default changed the step size):
-    # such a run is not the run of a config that leaves it at its default (fedcoe_bench.runs.argument_default).
-    predating = {"normalize_loss": False}
+    # What a config written before normalize_loss and assignment existed ran with (their defaults change
+    # what is trained): such a run is not the run of a config that leaves them at their defaults
+    # (fedcoe_bench.runs.argument_default).
+    predating = {"normalize_loss": False, "assignment": "gate"}
     serving = ("cold_start_prior", "beta")  # training never reads them (the self-scores are always collected)
     beta_grid = (0.0, 0.5, 1.0, 2.0, "adaptive")
     # Scores are averaged over every sampled client and round, so a few validation samples per client
@@ -136,7 +138,7 @@ class FedCoE(RoutingTable, FederatedMethod):
 
     def __init__(self, num_experts: int = 4, top_m: int = 0, lambda_glob: float = 1.0, lambda_bal: float = 0.01,
                  lambda_expert: float = 4.0, lambda_route: float = 1.0, expert_loss_routed: bool = True,
-                 normalize_loss: bool = True, assignment: str = "gate", assignment_balance: float = 0.1,
+                 normalize_loss: bool = True, assignment: str = "soft", assignment_balance: float = 0.1,
                  coordinated: bool = True, coordination_eps: float = 0.0, shared_gate: bool = True,
                  local_level: bool = True, local_warm_start: bool = True, local_prior: bool = True,
                  cold_start_prior: bool = True, beta: float | str = "calibrated", calibration_decay: float = 1.0,
