@@ -342,7 +342,7 @@ def test_records_copy_finished_runs_small_files_only_and_tables_rebuild_from_the
     (tmp_path / "runs" / "b").mkdir(parents=True)
     (tmp_path / "runs" / "b" / "config.yaml").write_text("seed: 0\n")  # unfinished: not a record
     code, out, err = run_cli(["records", str(tmp_path / "runs"), str(tmp_path / "records")])
-    assert code == 0 and "1 finished run" in out, err
+    assert code == 0 and "records of 1 runs (finished or diverged)" in out, err
     copied = {p.name for p in (tmp_path / "records" / "a").iterdir()}
     assert {"config.yaml", "summary.json", "metrics.csv"} <= copied and "checkpoint.pt" not in copied
     assert not (tmp_path / "records" / "b").exists()
@@ -371,3 +371,31 @@ def test_the_val_split_tables_the_validation_accuracies_and_keeps_the_scores(tmp
     out = capsys.readouterr().out
     assert "| method | val global | val personal |" in out and "60.0 ± 14.1" in out and "85.0" not in out
     assert "Accuracy on the validation splits in %" in out
+
+
+def test_records_keep_finished_and_diverged_runs_so_a_table_from_them_lists_the_failure(tmp_path, capsys):
+    """``fedbench records``: finished runs' records and diverged runs' (a failure stays in the table, one
+    rule for every method), never an unfinished run, a checkpoint or a client state."""
+    from fedcoe_bench.cli import main
+
+    runs, dest = tmp_path / "runs", tmp_path / "records"
+    write_summary(runs, "fedavg", 0, (0.8,) * 5)
+    diverged = runs / "mnist10k" / "dirichlet0.3" / "fedcoe" / "seed0"
+    unfinished = runs / "mnist10k" / "dirichlet0.3" / "fedcoe" / "seed2"
+    for run in (diverged, unfinished):
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(
+            "seed: 0\nmethod:\n  class_path: fedcoe_bench.fedcoe.FedCoE\ndata:\n  source: mnist10k\n  scheme: dirichlet\n"
+            "  alpha: 0.3\nloop:\n  rounds: 100\n")
+        (run / "checkpoint.pt").write_bytes(b"weights")
+    (diverged / "diverged.txt").write_text("round 15, client 3: local loss is nan")
+    (runs / "mnist10k" / "dirichlet0.3" / "fedavg" / "seed0" / "checkpoint.pt").write_bytes(b"weights")
+
+    assert main(["records", str(runs), str(dest)]) == 0
+    copied = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert copied == ["mnist10k/dirichlet0.3/fedavg/seed0/config.yaml", "mnist10k/dirichlet0.3/fedavg/seed0/summary.json",
+                      "mnist10k/dirichlet0.3/fedcoe/seed0/config.yaml", "mnist10k/dirichlet0.3/fedcoe/seed0/diverged.txt"]
+    capsys.readouterr()
+    assert main(["table", str(dest)]) == 0
+    out = capsys.readouterr().out
+    assert "fedcoe/seed0 (fedcoe seed 0; diverged: round 15, client 3: local loss is nan)" in out

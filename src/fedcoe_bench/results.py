@@ -320,10 +320,11 @@ def shift_label(shift: str, clusters: int, held_out_clusters) -> str | None:
 
 
 def copy_records(source: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
-    """Copy the small records (:data:`~fedcoe_bench.runs.RECORDS`) of every finished run below ``source`` to
-    the same relative place below ``dest``, so that ``fedbench table DEST`` rebuilds the tables and a sweep
-    started elsewhere counts them as done; checkpoints and client states are never copied. Returns the run
-    directories written."""
+    """Copy the small records (:data:`~fedcoe_bench.runs.RECORDS`) of every finished or diverged run below
+    ``source`` to the same relative place below ``dest``, so that ``fedbench table DEST`` rebuilds the tables
+    (a diverged run listed under its table as a failure) and a sweep started elsewhere counts them as done
+    (a diverged one as diverged, not rerun); checkpoints and client states are never copied. Returns the
+    run directories written."""
     import shutil
 
     from fedcoe_bench.runs import RECORDS
@@ -331,7 +332,7 @@ def copy_records(source: str | os.PathLike, dest: str | os.PathLike) -> list[Pat
     source, dest = Path(source), Path(dest)
     written = []
     for run in find_run_dirs(source):
-        if not RunDir(run).is_finished():
+        if not (RunDir(run).is_finished() or RunDir(run).divergence()):
             continue
         target = dest / run.relative_to(source)
         target.mkdir(parents=True, exist_ok=True)
@@ -346,8 +347,8 @@ def records_command(cfg) -> int:
     """``fedbench records RUNS_DIR DEST``."""
     written = copy_records(cfg.dir, cfg.dest)
     if not written:
-        raise ResultsError(f"no finished run (a directory with summary.json) below {cfg.dir}")
-    print(f"copied the records of {len(written)} finished runs to {cfg.dest} (no checkpoints, no client states)")
+        raise ResultsError(f"no finished or diverged run (a directory with summary.json or diverged.txt) below {cfg.dir}")
+    print(f"copied the records of {len(written)} runs (finished or diverged) to {cfg.dest} (no checkpoints, no client states)")
     return 0
 
 

@@ -52,7 +52,7 @@ WRITTEN = ("config.yaml", "metrics.csv", "checkpoint.pt", "summary.json", "diver
            "routing.csv", "calibration.csv", "wandb_run.json", "wandb", ".write_test")
 # A finished run's small records: what a results page is rebuilt from (``fedbench records``), never its
 # checkpoint or client states.
-RECORDS = ("config.yaml", "summary.json", "metrics.csv", "clients.csv", "routing.csv", "calibration.csv")
+RECORDS = ("config.yaml", "summary.json", "metrics.csv", "clients.csv", "routing.csv", "calibration.csv", "diverged.txt")
 STORE = "clients"  # the disk client-state store: files named <client>.<version>
 STORE_FILE = re.compile(r"\d+\.\d+(\.tmp)?")
 # What a run directory written before the marker existed holds; such a run may resume but not be emptied.
