@@ -33,8 +33,8 @@ def test_fedavg_costs_one_cnn_each_way():
 
 def test_fedcoe_costs_four_experts_a_gate_and_a_local_level():
     c = cost(FedCoE(num_experts=4, **DIMS), report=100)
-    shared = 4 * CNN + GATE(4)
-    personal = CNN + GATE(2) + 1 + 10  # local expert, fusion gate, local_ready, label counts
+    shared = 4 * CNN + GATE(4) + 4  # + the assignment's bias
+    personal = CNN + GATE(2) + 1 + 10 + 4  # local expert, fusion gate, local_ready, label counts, its assignment
     assert c["server_params"] == shared + 2 * len(FedCoE.beta_grid)  # + the calibration statistics
     assert c["client_params"] == shared + personal
     assert c["bytes_received"] == 4 * shared and c["bytes_sent"] == 4 * shared + 100
