@@ -292,17 +292,20 @@ class Evaluator:
         """Cold-start probabilities of a client's local test split, then validation split, then local
         train split (the label-prior adapter's unlabeled inputs)."""
         fed = self.fed
-        unlabeled = self.precision.convert_input(fed.prepare(fed.pool_x[client.train], memory_format=self.memory_format))  # inputs only
+        unlabeled = self._inputs(client.train)  # inputs only
         x = fed.pool_x[torch.cat([client.test, client.val, client.train])]
         return self._batched(lambda x: method.predict_cold_start(x, unlabeled), x)
 
     def _diagnose(self, method: FederatedMethod, client: Client) -> dict[str, float]:
         """The method's :meth:`~fedcoe_bench.method.FederatedMethod.cold_start_diagnostics` of a new client
         (server state loaded): its unlabeled inputs, then its labelled local test split."""
-        fed = self.fed
-        prep = lambda idx: self.precision.convert_input(fed.prepare(fed.pool_x[idx], memory_format=self.memory_format))  # noqa: E731
         with self.precision.forward_context():
-            return method.cold_start_diagnostics(prep(client.train), prep(client.test), fed.pool_y[client.test])
+            return method.cold_start_diagnostics(self._inputs(client.train), self._inputs(client.test),
+                                                 self.fed.pool_y[client.test])
+
+    def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        """The pool images at ``idx`` as a predictor reads them (prepared, in the run's precision)."""
+        return self.precision.convert_input(self.fed.prepare(self.fed.pool_x[idx], memory_format=self.memory_format))
 
     def _finetune(self, method: FederatedMethod, load, client: Client, rnd: int) -> torch.Tensor:
         """Personal probabilities of a cold-start client's local test, then validation split, after it

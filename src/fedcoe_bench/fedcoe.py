@@ -201,7 +201,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         log_g = self.gate.log_weights(x)
         logits = self.experts(x)
         # the training mixture: the gate's weights, or the client's assignment for every input
-        log_w = log_g if self._assignment is None else self._assignment.clamp_min(0).log().expand_as(log_g)
+        log_w = log_g if self._assignment is None else _log_weights(self._assignment, len(x))
         log_glob = mixture(log_w, logits)
         # normalized: the global level's three terms are divided by d, so that the experts' gradient
         # multipliers sum to at most one; the local level, a model of its own, keeps its whole step
@@ -365,7 +365,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         predicts with the model it chose); otherwise (``gate``, a client never assigned) the gate routes."""
         if self.assignment == "gate" or not self.client_assignment.any():
             return None
-        return self.client_assignment.clamp_min(0).log().expand(len(x), -1)
+        return _log_weights(self.client_assignment, len(x))
 
     def _routing_prior(self, log_w: torch.Tensor, r: torch.Tensor, beta) -> torch.Tensor:
         """log pi(x) with pi(x)_k proportional to G(x)_k r_k^beta."""
@@ -393,6 +393,11 @@ class FedCoE(RoutingTable, FederatedMethod):
         r = self.gate(unlabeled).mean(0)
         log_w = self._routing_prior(self.gate.log_weights(x), r, self.cold_start_setting())
         return mixture(log_w, self.experts(x)).exp()
+
+
+def _log_weights(assignment: torch.Tensor, n: int) -> torch.Tensor:
+    """One client's assignment :math:`a_i` as the ``[n, K]`` log mixture weights of each of its inputs."""
+    return assignment.clamp_min(0).log().expand(n, -1)
 
 
 def scale_grad(t: torch.Tensor, c: float) -> torch.Tensor:
