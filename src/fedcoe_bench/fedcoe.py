@@ -101,6 +101,8 @@ class FedCoE(RoutingTable, FederatedMethod):
         assignment: ``gate``, ``hard`` or ``soft`` (above; ``soft`` chosen on validation, see the
             results pages).
         assignment_balance: :math:`\\gamma` of the assignment's bias (``hard``, ``soft``).
+        capacity: the multiple of its share :math:`1/K` of the clients an expert may take before its
+            bias grows (Switch Transformer's capacity factor, Fedus et al., 2022).
         coordinated: routing-weighted expert aggregation; false: plain n-weighted averaging.
         coordination_eps: the epsilon above (0 is the literal rule).
         shared_gate: one gate aggregated on the server; false: a personal gate per client (the server
@@ -132,17 +134,14 @@ class FedCoE(RoutingTable, FederatedMethod):
     # Scores are averaged over every sampled client and round, so a few validation samples per client
     # suffice; 128 cost 17% of a training round (benchmarks/perf/RESULTS.md), 32 cost about 5%.
     calibration_samples = 32
-    # An expert may take twice its share of the clients before its assignment bias grows (Switch
-    # Transformer's capacity factor, Fedus et al., 2022, in its usual range).
-    capacity = 2.0
 
     def __init__(self, num_experts: int = 4, top_m: int = 0, lambda_glob: float = 1.0, lambda_bal: float = 0.01,
                  lambda_expert: float = 4.0, lambda_route: float = 1.0, expert_loss_routed: bool = True,
                  normalize_loss: bool = True, assignment: str = "soft", assignment_balance: float = 0.1,
-                 coordinated: bool = True, coordination_eps: float = 0.0, shared_gate: bool = True,
-                 local_level: bool = True, local_warm_start: bool = True, local_prior: bool = True,
-                 cold_start_prior: bool = True, beta: float | str = "calibrated", calibration_decay: float = 1.0,
-                 balance_rate: float = 0.0, **kwargs):
+                 capacity: float = 2.0, coordinated: bool = True, coordination_eps: float = 0.0,
+                 shared_gate: bool = True, local_level: bool = True, local_warm_start: bool = True,
+                 local_prior: bool = True, cold_start_prior: bool = True, beta: float | str = "calibrated",
+                 calibration_decay: float = 1.0, balance_rate: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if not (isinstance(beta, (int, float)) or beta in ("adaptive", "calibrated")):
             raise ConfigError(f"method.init_args.beta must be a number, 'adaptive' or 'calibrated' (got {beta!r})")
@@ -156,10 +155,13 @@ class FedCoE(RoutingTable, FederatedMethod):
                               f"gate (got {balance_rate}); with assignment hard or soft, balance with assignment_balance")
         if assignment_balance < 0:
             raise ConfigError(f"method.init_args.assignment_balance must be >= 0 (got {assignment_balance})")
+        if capacity < 1:
+            raise ConfigError(f"method.init_args.capacity must be >= 1, a multiple of an expert's share 1/K "
+                              f"(got {capacity}); below 1 every expert would be over it")
         self.calibration_decay, self.balance_rate = calibration_decay, balance_rate
         self.num_experts, self.lambda_glob, self.lambda_bal, self.lambda_expert = num_experts, lambda_glob, lambda_bal, lambda_expert
         self.lambda_route, self.normalize_loss = lambda_route, normalize_loss
-        self.assignment, self.assignment_balance = assignment, assignment_balance
+        self.assignment, self.assignment_balance, self.capacity = assignment, assignment_balance, capacity
         self.coordinated, self.coordination_eps, self.local_level = coordinated, coordination_eps, local_level
         self.local_warm_start, self.cold_start_prior, self.beta = local_warm_start, cold_start_prior, beta
         self.local_prior, self.expert_loss_routed = local_prior, expert_loss_routed
