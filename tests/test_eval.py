@@ -87,3 +87,37 @@ def test_the_fine_tuning_step_size_is_a_setting_eval_can_serve_and_it_moves_the_
     assert evaluated["metrics"]["global_acc"] == base["metrics"]["global_acc"]  # training did not move
     assert evaluated["metrics"]["val_cold_start_ft_acc"] != base["metrics"]["val_cold_start_ft_acc"] or \
         evaluated["metrics"]["cold_start_ft_acc"] != base["metrics"]["cold_start_ft_acc"]
+
+
+def test_several_fine_tuning_step_sizes_serve_the_one_of_best_validation_accuracy(tmp_path, trained, run_cli):
+    """loop.cold_start_lr as a list (issue #29: the + ft step size tuned on validation, one rule for every
+    method): the column is the single-lr evaluation of best val_cold_start_ft_acc, whatever its test score."""
+    lrs = ("0.0001", "3.0")  # 3.0 wrecks the fine-tuned level: the two differ on validation
+    single = {}
+    for lr in lrs:
+        code, _, err = run_cli(["eval", str(trained), "--loop.cold_start_lr", lr, "--name", f"ft{lr}",
+                                "--run_dir", str(tmp_path / f"ft{lr}")])
+        assert code == 0, err
+        single[float(lr)] = read_summary(tmp_path / f"ft{lr}")["metrics"]
+    a, b = (single[float(lr)]["val_cold_start_ft_acc"] for lr in lrs)
+    assert a != b  # else the choice is not observable here
+    code, _, err = run_cli(["eval", str(trained), "--loop.cold_start_lr", f"[{', '.join(lrs)}]", "--name", "ft-grid",
+                            "--run_dir", str(tmp_path / "grid")])
+    assert code == 0, err
+    grid = read_summary(tmp_path / "grid")["metrics"]
+    chosen = max(single, key=lambda lr: single[lr]["val_cold_start_ft_acc"])
+    assert grid["cold_start_ft_lr"] == chosen
+    for key in ("cold_start_ft_acc", "val_cold_start_ft_acc", "global_acc", "cold_start_acc"):
+        assert grid[key] == single[chosen][key], key
+
+
+@pytest.mark.parametrize("value", ["[]", "[0.1, -1]", "0"])
+def test_a_bad_fine_tuning_step_size_is_one_line(trained, run_cli, value):
+    code, _, err = run_cli(["eval", str(trained), "--loop.cold_start_lr", value, "--name", "bad"])
+    assert code == 1 and err.count("\n") == 1 and "loop.cold_start_lr" in err, err
+
+
+def test_choosing_the_fine_tuning_step_size_needs_validation(trained, run_cli):
+    code, _, err = run_cli(["eval", str(trained), "--loop.cold_start_lr", "[0.1, 0.01]", "--data.val_fraction", "0",
+                            "--name", "noval"])
+    assert code == 1 and err.count("\n") == 1 and "val_fraction" in err, err

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +14,7 @@ from lightning.fabric.plugins import Precision
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from fedcoe_bench.data import Client, Federation
+from fedcoe_bench.errors import ConfigError
 from fedcoe_bench.method import ClientContext, FederatedMethod, overrides
 from fedcoe_bench.priors import em_label_prior, prior_adjust
 from fedcoe_bench.store import ClientStore
@@ -117,7 +118,10 @@ class Evaluator:
     new client is served, fine-tunes what :meth:`~fedcoe_bench.method.FederatedMethod.start_finetune`
     names for ``finetune_steps`` mini-batches of ``finetune_batch_size`` on its labelled shots
     (:meth:`~fedcoe_bench.data.Federation.shots`; seeded per client), is scored with
-    ``predict_personal`` on its local test (and validation) split, and the state is discarded.
+    ``predict_personal`` on its local test (and validation) split, and the state is discarded. Given
+    several step sizes, every new client fine-tunes at each, and the column is the step size of best
+    mean ``val_cold_start_ft_acc`` (logged as ``cold_start_ft_lr``): chosen on validation by one rule
+    for every method, as training's own lr is.
 
     Args:
         fed: the federation.
@@ -129,15 +133,21 @@ class Evaluator:
         precision: the run's Fabric precision plugin (default: 32-bit).
         memory_format: the model's memory format, which its inputs take.
         finetune_steps: local steps of the fine-tuned cold start (0: no ``cold_start_ft_acc``).
-        finetune_lr: its step size (None: the method's own, from ``configure_optimizers``).
+        finetune_lr: its step size (None: the method's own, from ``configure_optimizers``), or several
+            to choose from on validation.
         finetune_batch_size: its mini-batch size.
     """
 
     def __init__(self, fed: Federation, batch_size: int = 256, clients: int | None = None, seed: int = 0,
                  precision: Precision | None = None, memory_format: torch.memory_format = torch.contiguous_format,
-                 finetune_steps: int = 0, finetune_batch_size: int = 32, finetune_lr: float | None = None):
+                 finetune_steps: int = 0, finetune_batch_size: int = 32,
+                 finetune_lr: float | Sequence[float] | None = None):
         self.fed, self.batch_size, self.seed, self.memory_format = fed, batch_size, seed, memory_format
-        self.finetune_steps, self.finetune_batch_size, self.finetune_lr = finetune_steps, finetune_batch_size, finetune_lr
+        self.finetune_steps, self.finetune_batch_size = finetune_steps, finetune_batch_size
+        self.finetune_lrs = list(finetune_lr) if isinstance(finetune_lr, Sequence) else [finetune_lr]
+        if finetune_steps and len(self.finetune_lrs) > 1 and not len(fed.val_y):
+            raise ConfigError(f"loop.cold_start_lr lists {len(self.finetune_lrs)} step sizes to choose from on "
+                              f"validation, but the federation has none: set data.val_fraction > 0 or give one")
         self.precision = precision or Precision()
         self.train_clients = [fed.clients[i] for i in eval_sample(seed, len(fed.clients), clients, 0)]
         self.cold_clients = [fed.new_clients[i] for i in eval_sample(seed, len(fed.new_clients), clients, 1)]
@@ -208,6 +218,7 @@ class Evaluator:
 
         # per client (columns: the trained clients, then the cold-start ones), rows ROWS; each rank fills its own
         table = torch.zeros(len(ROWS), len(pers) + len(self.cold_clients), dtype=torch.float64)
+        ft = torch.zeros(2, len(self.finetune_lrs), table.shape[1], dtype=torch.float64)  # [test, val] x lr x client
         for j, probs in zip(my_pers, pers_probs):
             n, v = len(pers[j].test), len(pers[j].val)
             y = fed.pool_y[torch.cat([pers[j].test, pers[j].val])]
@@ -238,18 +249,25 @@ class Evaluator:
                     table[VAL_LP_ACC, col] = _accuracy(adjusted[n:], y[n:], c)[0]
                 for key, value in (self._diagnose(method, cl) if diagnose else {}).items():
                     diagnostics.setdefault(key, torch.zeros(2, dtype=torch.float64)).add_(torch.tensor([value, 1.0]))
-                if tune:
-                    tuned = self._finetune(method, load, cl, state.round)
-                    table[FT_ACC, col] = _accuracy(tuned[:n], y[:n], c)[0]
+                for l, lr in enumerate(self.finetune_lrs if tune else ()):
+                    tuned = self._finetune(method, load, cl, state.round, lr)
+                    ft[0, l, col] = _accuracy(tuned[:n], y[:n], c)[0]
                     if m > n:
-                        table[VAL_FT_ACC, col] = _accuracy(tuned[n:], y[n:], c)[0]
+                        ft[1, l, col] = _accuracy(tuned[n:], y[n:], c)[0]
         if world > 1:
             table = fabric.all_reduce(table.to(fed.device), reduce_op="sum").cpu()
+            ft = fabric.all_reduce(ft.to(fed.device), reduce_op="sum").cpu()
             # rank 0 scores the first new client, so it knows every key (or there is none)
             keys = fabric.broadcast(sorted(diagnostics), src=0) if diagnose else []
             diagnostics = {k: fabric.all_reduce(diagnostics.get(k, torch.zeros(2, dtype=torch.float64)).to(fed.device),
                                                 reduce_op="sum").cpu() for k in keys}
         out.update({f"cold_start_{k}": float(total / count) for k, (total, count) in diagnostics.items() if count})
+        if tune:  # the step size of best mean validation accuracy over the new clients that have a validation split
+            with_val = table[VAL_N, len(pers):] > 0
+            best = int(ft[1, :, len(pers):][:, with_val].mean(1).argmax()) if with_val.any() else 0
+            table[FT_ACC], table[VAL_FT_ACC] = ft[0, best], ft[1, best]
+            if len(self.finetune_lrs) > 1:
+                out["cold_start_ft_lr"] = self.finetune_lrs[best]
         sizes = table[N].long().tolist()
         n_pers = len(pers)
         self.per_client = ([{"client": cl.id, "kind": "train", "cluster": cl.cluster, "samples": sizes[j],
@@ -307,9 +325,10 @@ class Evaluator:
         """The pool images at ``idx`` as a predictor reads them (prepared, in the run's precision)."""
         return self.precision.convert_input(self.fed.prepare(self.fed.pool_x[idx], memory_format=self.memory_format))
 
-    def _finetune(self, method: FederatedMethod, load, client: Client, rnd: int) -> torch.Tensor:
+    def _finetune(self, method: FederatedMethod, load, client: Client, rnd: int, lr: float | None) -> torch.Tensor:
         """Personal probabilities of a cold-start client's local test, then validation split, after it
-        fine-tuned on its labelled shots from the state it is served; leaves the server state loaded.
+        fine-tuned on its labelled shots at step size ``lr`` (None: the method's) from the state it is
+        served; leaves the server state loaded.
 
         Reads labels of the shots only. The gradient step is plain ``backward`` and ``step``, not the
         precision plugin's: a mixed-precision plugin's loss scaler is training's and must not move.
@@ -337,8 +356,8 @@ class Evaluator:
                     p.requires_grad_(False)
                 if any(p.requires_grad for p in method.parameters()):
                     optimizer = method.configure_optimizers()  # the method's local settings, fresh state
-                    for group in optimizer.param_groups if self.finetune_lr is not None else ():
-                        group["lr"] = self.finetune_lr
+                    for group in optimizer.param_groups if lr is not None else ():
+                        group["lr"] = lr
                     batches = fed.batches(x_all, y_all, self.finetune_batch_size, self.finetune_steps, g,
                                           memory_format=self.memory_format)
                     for step, batch in enumerate(batches):

@@ -120,9 +120,10 @@ class FederatedLoop:
             labelled shots (``data.cold_start_shots``) for the ``cold_start_ft_acc`` column, measured at the
             last evaluation only (fine-tuning every new client costs a few rounds' time); 0: no
             column.
-        cold_start_lr: the fine-tuning step size (None: the method's training ``lr``); a setting of the
-            ``cold_start_ft_acc`` column, tuned on validation like any other (``fedbench eval`` may change it
-            on a trained run, since training never reads it).
+        cold_start_lr: the fine-tuning step size (None: the method's training ``lr``), or a list of them:
+            the column is then the one of best mean validation accuracy over the new clients (logged as
+            ``cold_start_ft_lr``), one rule for every method. Training never reads it, so ``fedbench
+            eval`` may change it on a trained run.
         client_batch: train this many of a rank's clients at once, side by side on its device
             (:mod:`fedcoe_bench.batched`; same updates up to float rounding; methods with
             ``batchable``). 1: one after another, the default (on CPU batching measured slower;
@@ -143,7 +144,7 @@ class FederatedLoop:
     client_store_dir: str | None = None
     client_state_dtype: str = "float32"
     cold_start_steps: int = 10
-    cold_start_lr: float | None = None
+    cold_start_lr: float | list[float] | None = None
     client_batch: int = 1
 
     def __post_init__(self):
@@ -151,8 +152,10 @@ class FederatedLoop:
                     "client_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"loop.{key} must be >= 1 (got {getattr(self, key)})")
-        if self.cold_start_lr is not None and not self.cold_start_lr > 0:
-            raise ConfigError(f"loop.cold_start_lr must be > 0 or null for the method's lr (got {self.cold_start_lr})")
+        lrs = self.cold_start_lr if isinstance(self.cold_start_lr, list) else [self.cold_start_lr]
+        if not lrs or any(lr is not None and not lr > 0 for lr in lrs) or (None in lrs and len(lrs) > 1):
+            raise ConfigError(f"loop.cold_start_lr must be a step size > 0, a list of them to choose from on "
+                              f"validation, or null for the method's lr (got {self.cold_start_lr})")
         if self.cold_start_steps < 0:
             raise ConfigError(f"loop.cold_start_steps must be >= 0 (got {self.cold_start_steps}); 0 turns cold_start_ft_acc off")
         if self.checkpoint_every < 0:
