@@ -1,6 +1,7 @@
 """Write the tuning grid of issue #29: every method the same budget (tune_v2.yaml, tune_v2/*.yaml).
 
-The learning rate in {0.003, 0.01, 0.03, 0.1} for every method, and at most one method-specific knob
+The learning rate in {0.003, 0.01, 0.03, 0.1, 0.3} for every method (0.3: FedCoE with its normalized loss
+chose it on the rotation clusters, issue #28), and at most one method-specific knob
 with at most three values (FedCoE's inferred switches are fixed a priori; its assignment is its
 knob, counted like FedProx's mu); seeds 1 and 4 (the tables report 0, 2, 3); 50 rounds; the
 selection reads val_personal_acc only, and a setting with a diverged run is out. Run once to
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-LRS = (0.003, 0.01, 0.03, 0.1)
+LRS = (0.003, 0.01, 0.03, 0.1, 0.3)
 METHODS = {  # short name -> (class path, knob, values)
     "fedavg": ("fedcoe_bench.baselines.fedavg.FedAvg", None, ()),
     "fedprox": ("fedcoe_bench.baselines.fedprox.FedProx", "mu", (0.001, 0.01, 0.1)),
