@@ -134,7 +134,7 @@ def test_nan_loss_stops_the_run_naming_round_and_client(tmp_path, monkeypatch, c
     assert load_run(run).status == f"diverged: {err[0].removeprefix('fedbench: error: ')}"
 
 
-@pytest.mark.parametrize("method", ["fedavg", "fedper"])
+@pytest.mark.parametrize("method", ["fedavg", "fedper", "fedcoe"])
 def test_two_gloo_processes_match_one(tmp_path, method):
     store = ("--loop.client_store", "disk")  # processes share the clients' states through the run directory
     single = fedbench(argv(tmp_path, "one", method, "--loop.rounds", "3", *store))
@@ -144,8 +144,12 @@ def test_two_gloo_processes_match_one(tmp_path, method):
     assert double.wait(timeout=300) == 0, double.stderr.read()
     (one, a), (two, b) = finished(tmp_path / "one"), finished(tmp_path / "two")
     assert two["world_size"] == 2 and one["world_size"] == 1
+    # FedCoE: its cold-start diagnostics too, which the evaluator averages over new clients on both ranks
+    diagnostic = "cold_start_gate_assignment_agreement"
+    assert (diagnostic in one["metrics"]) == (method == "fedcoe")
     for key in METRICS:
         assert two[key] == pytest.approx(one[key], abs=1e-5), key
+    assert two["metrics"].get(diagnostic) == pytest.approx(one["metrics"].get(diagnostic), abs=1e-9)
     torch.testing.assert_close(b["server"], a["server"], atol=1e-5, rtol=0)
 
 
