@@ -325,7 +325,7 @@ class Evaluator:
         """The pool images at ``idx`` as a predictor reads them (prepared, in the run's precision)."""
         return self.precision.convert_input(self.fed.prepare(self.fed.pool_x[idx], memory_format=self.memory_format))
 
-    def _finetune(self, method: FederatedMethod, load, client: Client, rnd: int, lr: float | None) -> torch.Tensor:
+    def _finetune(self, method: FederatedMethod, load, client: Client, rnd: int, lr: float | None = None) -> torch.Tensor:
         """Personal probabilities of a cold-start client's local test, then validation split, after it
         fine-tuned on its labelled shots at step size ``lr`` (None: the method's) from the state it is
         served; leaves the server state loaded.
