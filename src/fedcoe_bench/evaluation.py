@@ -120,8 +120,8 @@ class Evaluator:
     (:meth:`~fedcoe_bench.data.Federation.shots`; seeded per client), is scored with
     ``predict_personal`` on its local test (and validation) split, and the state is discarded. Given
     several step sizes, every new client fine-tunes at each, and the column is the step size of best
-    mean ``val_cold_start_ft_acc`` (logged as ``cold_start_ft_lr``): chosen on validation by one rule
-    for every method, as training's own lr is.
+    mean ``val_cold_start_ft_acc`` (logged as ``cold_start_ft_lr``; on a tie the first listed): chosen
+    on validation by one rule for every method, as training's own lr is.
 
     Args:
         fed: the federation.
