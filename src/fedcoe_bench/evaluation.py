@@ -249,11 +249,11 @@ class Evaluator:
                     table[VAL_LP_ACC, col] = _accuracy(adjusted[n:], y[n:], c)[0]
                 for key, value in (self._diagnose(method, cl) if diagnose else {}).items():
                     diagnostics.setdefault(key, torch.zeros(2, dtype=torch.float64)).add_(torch.tensor([value, 1.0]))
-                for l, lr in enumerate(self.finetune_lrs if tune else ()):
+                for r, lr in enumerate(self.finetune_lrs if tune else ()):
                     tuned = self._finetune(method, load, cl, state.round, lr)
-                    ft[0, l, col] = _accuracy(tuned[:n], y[:n], c)[0]
+                    ft[0, r, col] = _accuracy(tuned[:n], y[:n], c)[0]
                     if m > n:
-                        ft[1, l, col] = _accuracy(tuned[n:], y[n:], c)[0]
+                        ft[1, r, col] = _accuracy(tuned[n:], y[n:], c)[0]
         if world > 1:
             table = fabric.all_reduce(table.to(fed.device), reduce_op="sum").cpu()
             ft = fabric.all_reduce(ft.to(fed.device), reduce_op="sum").cpu()
