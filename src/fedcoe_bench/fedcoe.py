@@ -43,10 +43,16 @@ class FedCoE(RoutingTable, FederatedMethod):
     scores each expert on its local training data, :math:`\\bar\\ell_{ik}` the mean loss, and takes
     the assignment
 
-    .. math:: a_i = \\mathrm{onehot}\\big(\\arg\\min_k\\, \\bar\\ell_{ik} + b_k\\big) \\;(\\texttt{hard}), \\qquad
-              a_{ik} \\propto \\exp\\big(-(\\bar\\ell_{ik} + b_k)\\big) \\;(\\texttt{soft});
+    .. math:: a_i = \\mathrm{onehot}\\big(\\arg\\min_k\\, \\bar\\ell_{ik} + b_k\\big) \\;(\\texttt{hard}), \\quad
+              a_{ik} \\propto e^{-(\\bar\\ell_{ik} + b_k)} \\;(\\texttt{soft}), \\quad
+              a_{ik} \\propto e^{-s\\,(\\log \\bar\\ell_{ik} + b_k)} = \\bar\\ell_{ik}^{-s} e^{-s b_k} \\;(\\texttt{relative});
 
-    its local objective and its personal prediction (it keeps :math:`a_i`, as IFCA's client keeps the
+    ``relative`` compares experts by their loss *ratio* (``sharpness`` :math:`s`): ``soft``'s
+    temperature of one nat flattens the assignment as every expert improves (a gap of a tenth of a
+    nat decides at a loss of 0.2, not under a temperature of 1), so structure found mid-training
+    fades; a ratio keeps its weight as the losses shrink, while at initialization, when every ratio is
+    near 1, every expert still trains on every client. Its
+    local objective and its personal prediction (it keeps :math:`a_i`, as IFCA's client keeps the
     model it chose) mix the experts by :math:`a_i` instead of :math:`G(x)`, and the gate learns
     to predict the assignment from inputs alone, :math:`\\lambda_{route}\\, CE(G(x), a_i)`, so that new
     clients still route without labels. The client reports :math:`a_i` (K label-derived scalars,
@@ -64,7 +70,7 @@ class FedCoE(RoutingTable, FederatedMethod):
 
     .. math:: CE(p_i, y) + \\lambda_{glob} CE(p_{glob}, y) + \\lambda_{exp} \\sum_k \\mathrm{sg}(w(x)_k)\\,
               CE(E_k(x), y) + \\lambda_{bal}\\, \\mathrm{balance}(G) \\,[\\texttt{gate}]
-              + \\lambda_{route}\\, CE(G(x), a_i) \\,[\\texttt{hard, soft}] ,
+              + \\lambda_{route}\\, CE(G(x), a_i) \\,[\\text{by fit}] ,
 
     where (``normalize_loss``) the gradient that reaches the global level through the first three
     terms is divided by :math:`d = 1 + \\lambda_{glob} + \\lambda_{exp}`: the experts' gradient
@@ -98,9 +104,10 @@ class FedCoE(RoutingTable, FederatedMethod):
         lambda_glob, lambda_bal, lambda_expert, lambda_route: loss weights above.
         expert_loss_routed: weight each expert's own loss by its (fixed) mixture weight; false: 1/K.
         normalize_loss: divide the global level's gradient by :math:`1 + \\lambda_{glob} + \\lambda_{exp}` (above).
-        assignment: ``gate``, ``hard`` or ``soft`` (above; ``soft`` chosen on validation, see the
-            results pages).
-        assignment_balance: :math:`\\gamma` of the assignment's bias (``hard``, ``soft``).
+        assignment: ``gate``, ``hard``, ``soft`` or ``relative`` (above; the default chosen on
+            validation, see the results pages).
+        sharpness: :math:`s` of ``relative``.
+        assignment_balance: :math:`\\gamma` of the assignment's bias (every assignment by fit).
         capacity: the multiple of its share :math:`1/K` of the clients an expert may take before its
             bias grows (Switch Transformer's capacity factor, Fedus et al., 2022).
         coordinated: routing-weighted expert aggregation; false: plain n-weighted averaging.
@@ -137,7 +144,8 @@ class FedCoE(RoutingTable, FederatedMethod):
 
     def __init__(self, num_experts: int = 4, top_m: int = 0, lambda_glob: float = 1.0, lambda_bal: float = 0.01,
                  lambda_expert: float = 4.0, lambda_route: float = 1.0, expert_loss_routed: bool = True,
-                 normalize_loss: bool = True, assignment: str = "soft", assignment_balance: float = 0.1,
+                 normalize_loss: bool = True, assignment: str = "soft", sharpness: float = 4.0,
+                 assignment_balance: float = 0.1,
                  capacity: float = 2.0, coordinated: bool = True, coordination_eps: float = 0.0,
                  shared_gate: bool = True, local_level: bool = True, local_warm_start: bool = True,
                  local_prior: bool = True, cold_start_prior: bool = True, beta: float | str = "calibrated",
@@ -145,14 +153,16 @@ class FedCoE(RoutingTable, FederatedMethod):
         super().__init__(**kwargs)
         if not (isinstance(beta, (int, float)) or beta in ("adaptive", "calibrated")):
             raise ConfigError(f"method.init_args.beta must be a number, 'adaptive' or 'calibrated' (got {beta!r})")
-        if assignment not in ("gate", "hard", "soft"):
-            raise ConfigError(f"method.init_args.assignment must be gate, hard or soft (got {assignment!r})")
+        if assignment not in ("gate", "hard", "soft", "relative"):
+            raise ConfigError(f"method.init_args.assignment must be gate, hard, soft or relative (got {assignment!r})")
+        if sharpness <= 0:
+            raise ConfigError(f"method.init_args.sharpness must be > 0 (got {sharpness}); it multiplies log loss ratios")
         if not 0 < calibration_decay <= 1:
             raise ConfigError(f"method.init_args.calibration_decay must be in (0, 1] (got {calibration_decay}); "
                               f"1 averages every round alike")
         if balance_rate < 0 or (balance_rate and not (shared_gate and assignment == "gate")):
             raise ConfigError(f"method.init_args.balance_rate must be >= 0 and needs shared_gate: true and assignment: "
-                              f"gate (got {balance_rate}); with assignment hard or soft, balance with assignment_balance")
+                              f"gate (got {balance_rate}); with an assignment by fit, balance with assignment_balance")
         if assignment_balance < 0:
             raise ConfigError(f"method.init_args.assignment_balance must be >= 0 (got {assignment_balance})")
         if capacity < 1:
@@ -162,6 +172,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         self.num_experts, self.lambda_glob, self.lambda_bal, self.lambda_expert = num_experts, lambda_glob, lambda_bal, lambda_expert
         self.lambda_route, self.normalize_loss = lambda_route, normalize_loss
         self.assignment, self.assignment_balance, self.capacity = assignment, assignment_balance, capacity
+        self.sharpness = sharpness
         self.coordinated, self.coordination_eps, self.local_level = coordinated, coordination_eps, local_level
         self.local_warm_start, self.cold_start_prior, self.beta = local_warm_start, cold_start_prior, beta
         self.local_prior, self.expert_loss_routed = local_prior, expert_loss_routed
@@ -182,7 +193,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         # server-side statistics, filled by aggregate() from client reports (never sent to clients)
         self.register_buffer("calibration", torch.zeros(2, len(self.beta_grid)))  # [decayed sum, weight] x beta
         self._calibration: torch.Tensor | None = None  # this client's self-scores, from its validation split
-        self._assignment: torch.Tensor | None = None  # this client's a_i (assignment hard / soft)
+        self._assignment: torch.Tensor | None = None  # this client's a_i (an assignment by fit)
 
     # ------------------------------------------------------------------ the two levels
     def log_global(self, x: torch.Tensor, log_w: torch.Tensor | None = None, logits: torch.Tensor | None = None):
@@ -229,6 +240,8 @@ class FedCoE(RoutingTable, FederatedMethod):
         loss = torch.stack([F.cross_entropy(expert(x), y) for expert in self.experts])
         if self.assignment == "gate":  # no assignment trains; the best fit, for diagnostics
             return F.one_hot(loss.argmin(), self.num_experts).to(loss)
+        if self.assignment == "relative":
+            return (-self.sharpness * (loss.clamp_min(1e-8).log() + self.assign_bias)).softmax(0)
         loss = loss + self.assign_bias
         if self.assignment == "hard":
             return F.one_hot(loss.argmin(), self.num_experts).to(loss)
