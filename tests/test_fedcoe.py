@@ -235,6 +235,13 @@ def test_balanced_routing_needs_a_shared_gate_and_a_rate_of_at_least_zero():
             tiny(**kw)
 
 
+@pytest.mark.parametrize("kw, name", [({"assignment": "sometimes"}, "assignment"), ({"sharpness": 0.0}, "sharpness"),
+                                      ({"capacity": 0.5}, "capacity"), ({"assignment_balance": -1.0}, "assignment_balance")])
+def test_bad_assignment_settings_are_refused_by_name(kw, name):
+    with pytest.raises(ConfigError, match=f"method.init_args.{name} must"):
+        FedCoE(**kw)
+
+
 def test_bad_beta_is_refused():
     with pytest.raises(ValueError, match="beta"):
         FedCoE(beta="sometimes")

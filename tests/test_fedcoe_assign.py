@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,7 +50,7 @@ def expert_multipliers(m: FedCoE, x, y) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("gate", [[0.0, 0.0, 0.0, 0.0], [30.0, 0.0, 0.0, 0.0]], ids=["uniform", "collapsed"])
-@pytest.mark.parametrize("assignment", ["gate", "hard", "soft"])
+@pytest.mark.parametrize("assignment", ["gate", "hard", "soft", "relative"])
 def test_the_experts_gradient_multipliers_sum_to_at_most_one(gate, assignment):
     x, y = torch.randn(16, 1, 8, 8), torch.arange(16) % 5
     m = tiny(assignment=assignment, lambda_bal=0.0)
@@ -72,6 +74,33 @@ def test_hard_assignment_picks_the_expert_of_lowest_loss_and_the_bias_moves_the_
     assert int(m.assign(x, y).argmax()) != int(losses.argmin())
     soft = tiny(assignment="soft").assign(x, y)
     torch.testing.assert_close(soft, (-losses).softmax(0))
+
+
+def set_expert_loss(m: FedCoE, k: int, label: int, loss: float) -> None:
+    """Expert k predicts the same distribution for every input, of cross-entropy ``loss`` on ``label``."""
+    p = torch.full((DIMS["num_classes"],), (1 - math.exp(-loss)) / (DIMS["num_classes"] - 1))
+    p[label] = math.exp(-loss)
+    with torch.no_grad():
+        m.experts[k].head.weight.zero_()
+        m.experts[k].head.bias.copy_(p.log())
+
+
+def test_relative_assignment_compares_loss_ratios_so_it_does_not_flatten_as_every_expert_improves():
+    x, y = torch.randn(8, 1, 8, 8), torch.full((8,), 2)
+    losses = torch.tensor([0.2, 0.3, 0.6, 0.9])
+
+    def assignment(kind, scale):
+        m = tiny(assignment=kind, sharpness=3.0)
+        for k, loss in enumerate(losses * scale):
+            set_expert_loss(m, k, 2, float(loss))
+        return m.assign(x, y)
+
+    early, late = assignment("relative", 1.0), assignment("relative", 0.1)  # every loss ten times smaller
+    torch.testing.assert_close(early, late)
+    torch.testing.assert_close(early, losses ** -3.0 / (losses ** -3.0).sum())
+    assert int(early.argmax()) == int(assignment("hard", 1.0).argmax()) == 0
+    soft_early, soft_late = assignment("soft", 1.0), assignment("soft", 0.1)
+    assert soft_late.max() < soft_early.max() < early.max()  # a fixed temperature flattens the assignment
 
 
 def test_assignment_aggregation_weights_experts_by_assignment_and_balances_across_clients():
