@@ -241,3 +241,23 @@ def test_an_assigned_client_predicts_with_the_experts_it_was_assigned_a_new_one_
     assert not torch.allclose(m.predict_global(x), m.experts[2](x).softmax(-1))  # the server routes by the gate
     m.flat["personal"].zero_()  # what a new client is served: no assignment, the gate again
     torch.testing.assert_close(m.predict_personal(x), m.log_personal(x, m.log_global(x)).exp())
+
+
+def test_class_balanced_route_term_weighs_each_class_a_client_holds_alike():
+    """The gate learns only from the route term under an assignment by fit; balanced, a class of 2
+    inputs teaches it as much as a class of 30 (the mean over classes of each class's mean fit)."""
+    x, y = torch.randn(32, 1, 8, 8), torch.cat([torch.zeros(30, dtype=torch.long), torch.ones(2, dtype=torch.long)])
+
+    def gate_grad(balanced: bool) -> torch.Tensor:
+        m = tiny(assignment="hard", route_class_balanced=balanced)
+        m.on_client_start(x, y, ClientContext(1, 10, 1, 32))
+        m.training_step((x, y), 0).backward()
+        return torch.cat([p.grad.flatten() for p in m.gate.parameters()]), m
+
+    balanced, m = gate_grad(True)
+    m.zero_grad()
+    fit = (m.gate.log_weights(x) * m._assignment).sum(1)
+    (-m.lambda_route * (fit[y == 0].mean() + fit[y == 1].mean()) / 2).backward()
+    torch.testing.assert_close(balanced, torch.cat([p.grad.flatten() for p in m.gate.parameters()]))
+    plain, m = gate_grad(False)
+    assert not torch.allclose(plain, balanced)

@@ -55,7 +55,10 @@ class FedCoE(RoutingTable, FederatedMethod):
     local objective and its personal prediction (it keeps :math:`a_i`, as IFCA's client keeps the
     model it chose) mix the experts by :math:`a_i` instead of :math:`G(x)`, and the gate learns
     to predict the assignment from inputs alone, :math:`\\lambda_{route}\\, CE(G(x), a_i)`, so that new
-    clients still route without labels. The client reports :math:`a_i` (K label-derived scalars,
+    clients still route without labels. Every input of a client shares one target, so under label skew
+    the gate can learn a client's labels instead of its domain (a digit rare in a cluster is routed
+    elsewhere); ``route_class_balanced`` weighs each input by :math:`n_i / (C_i\\, n_i(y))`, with
+    :math:`C_i` the classes the client holds, so that every class it holds teaches the gate alike. The client reports :math:`a_i` (K label-derived scalars,
     like IFCA's cluster id or FedEM's weights). Balance belongs to the assignment, across clients,
     as a capacity: an expert whose load :math:`u_k = \\sum_i n_i a_{ik} / \\sum_i n_i` exceeds
     ``capacity`` times its share :math:`1/K` becomes dearer to choose,
@@ -102,6 +105,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         num_experts: K.
         top_m: sparse routing, keep the m largest gate weights (0: dense).
         lambda_glob, lambda_bal, lambda_expert, lambda_route: loss weights above.
+        route_class_balanced: the route term's class weights above.
         expert_loss_routed: weight each expert's own loss by its (fixed) mixture weight; false: 1/K.
         normalize_loss: divide the global level's gradient by :math:`1 + \\lambda_{glob} + \\lambda_{exp}` (above).
         assignment: ``gate``, ``hard``, ``soft`` or ``relative`` (above; the default chosen on
@@ -143,7 +147,8 @@ class FedCoE(RoutingTable, FederatedMethod):
     calibration_samples = 32
 
     def __init__(self, num_experts: int = 4, top_m: int = 0, lambda_glob: float = 1.0, lambda_bal: float = 0.01,
-                 lambda_expert: float = 4.0, lambda_route: float = 1.0, expert_loss_routed: bool = True,
+                 lambda_expert: float = 4.0, lambda_route: float = 1.0, route_class_balanced: bool = False,
+                 expert_loss_routed: bool = True,
                  normalize_loss: bool = True, assignment: str = "soft", sharpness: float = 4.0,
                  assignment_balance: float = 0.1,
                  capacity: float = 2.0, coordinated: bool = True, coordination_eps: float = 0.0,
@@ -170,7 +175,7 @@ class FedCoE(RoutingTable, FederatedMethod):
                               f"(got {capacity}); below 1 every expert would be over it")
         self.calibration_decay, self.balance_rate = calibration_decay, balance_rate
         self.num_experts, self.lambda_glob, self.lambda_bal, self.lambda_expert = num_experts, lambda_glob, lambda_bal, lambda_expert
-        self.lambda_route, self.normalize_loss = lambda_route, normalize_loss
+        self.lambda_route, self.route_class_balanced, self.normalize_loss = lambda_route, route_class_balanced, normalize_loss
         self.assignment, self.assignment_balance, self.capacity = assignment, assignment_balance, capacity
         self.sharpness = sharpness
         self.coordinated, self.coordination_eps, self.local_level = coordinated, coordination_eps, local_level
@@ -194,6 +199,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         self.register_buffer("calibration", torch.zeros(2, len(self.beta_grid)))  # [decayed sum, weight] x beta
         self._calibration: torch.Tensor | None = None  # this client's self-scores, from its validation split
         self._assignment: torch.Tensor | None = None  # this client's a_i (an assignment by fit)
+        self._class_weight: torch.Tensor | None = None  # the route term's weight of each label at this client
 
     # ------------------------------------------------------------------ the two levels
     def log_global(self, x: torch.Tensor, log_w: torch.Tensor | None = None, logits: torch.Tensor | None = None):
@@ -227,7 +233,9 @@ class FedCoE(RoutingTable, FederatedMethod):
             w = log_w.exp().detach() if self.expert_loss_routed else torch.full_like(log_w, 1 / self.num_experts)
             loss = loss + self.lambda_expert / d * (w.t().flatten() * ce).sum() / len(y)
         if self._assignment is not None:  # the gate learns to route as the assignment does, from inputs alone
-            return loss - self.lambda_route * (log_g * self._assignment).sum(1).mean()
+            fit = (log_g * self._assignment).sum(1)
+            weight = self._class_weight[y] if self.route_class_balanced else 1.0
+            return loss - self.lambda_route * (weight * fit).mean()
         if self.lambda_bal:
             g = log_g.exp()
             frac = F.one_hot(g.argmax(1), self.num_experts).float().mean(0)
@@ -252,6 +260,8 @@ class FedCoE(RoutingTable, FederatedMethod):
     def on_client_start(self, x: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> None:
         self._calibration = None  # a client reports its own scores or none
         self._assignment = None if self.assignment == "gate" else self.assign(x, y)
+        counts = torch.bincount(y, minlength=self.num_classes).to(x.dtype)
+        self._class_weight = len(y) / ((counts > 0).sum() * counts.clamp_min(1))  # mean 1 over the client's inputs
         if self._assignment is not None:
             self.client_assignment.copy_(self._assignment)
         if self.local_level:
