@@ -50,16 +50,16 @@ class FedCoE(RoutingTable, FederatedMethod):
     ``relative`` compares experts by their loss *ratio* (``sharpness`` :math:`s`): ``soft``'s
     temperature of one nat flattens the assignment as every expert improves (a gap of a tenth of a
     nat decides at a loss of 0.2, not under a temperature of 1), so structure found mid-training
-    fades; a ratio keeps its weight as the losses shrink, while at initialization, when every ratio is
-    near 1, every expert still trains on every client. Its
-    local objective and its personal prediction (it keeps :math:`a_i`, as IFCA's client keeps the
-    model it chose) mix the experts by :math:`a_i` instead of :math:`G(x)`, and the gate learns
-    to predict the assignment from inputs alone, :math:`\\lambda_{route}\\, CE(G(x), a_i)`, so that new
-    clients still route without labels. Every input of a client shares one target, so under label skew
-    the gate can learn a client's labels instead of its domain (a digit rare in a cluster is routed
-    elsewhere); ``route_class_balanced`` weighs each input by :math:`n_i / (C_i\\, n_i(y))`, with
-    :math:`C_i` the classes the client holds, so that every class it holds teaches the gate alike. The client reports :math:`a_i` (K label-derived scalars,
-    like IFCA's cluster id or FedEM's weights). Balance belongs to the assignment, across clients,
+    fades; a ratio keeps its weight as the losses shrink, while at initialization, when every ratio
+    is near 1, every expert still trains on every client. Its local objective and its personal
+    prediction (it keeps :math:`a_i`, as IFCA's client keeps the model it chose) mix the experts by
+    :math:`a_i` instead of :math:`G(x)`, and the gate learns to predict the assignment from inputs
+    alone, :math:`\\lambda_{route}\\, CE(G(x), a_i)`, so that new clients still route without labels.
+    Every input of a client shares one target, so under label skew the gate can learn a client's
+    labels along with its domain; ``route_class_balanced`` weighs each input by
+    :math:`n_i / (C_i\\, n_i(y))`, :math:`C_i` the classes the client holds, so that each of them
+    teaches the gate alike. The client reports :math:`a_i` (K label-derived scalars, like IFCA's
+    cluster id or FedEM's weights). Balance belongs to the assignment, across clients,
     as a capacity: an expert whose load :math:`u_k = \\sum_i n_i a_{ik} / \\sum_i n_i` exceeds
     ``capacity`` times its share :math:`1/K` becomes dearer to choose,
     :math:`b_k \\leftarrow \\max(0,\\, b_k + \\gamma\\,(K u_k - \\texttt{capacity}))` (``assignment_balance``
@@ -175,7 +175,8 @@ class FedCoE(RoutingTable, FederatedMethod):
                               f"(got {capacity}); below 1 every expert would be over it")
         self.calibration_decay, self.balance_rate = calibration_decay, balance_rate
         self.num_experts, self.lambda_glob, self.lambda_bal, self.lambda_expert = num_experts, lambda_glob, lambda_bal, lambda_expert
-        self.lambda_route, self.route_class_balanced, self.normalize_loss = lambda_route, route_class_balanced, normalize_loss
+        self.lambda_route, self.route_class_balanced = lambda_route, route_class_balanced
+        self.normalize_loss = normalize_loss
         self.assignment, self.assignment_balance, self.capacity = assignment, assignment_balance, capacity
         self.sharpness = sharpness
         self.coordinated, self.coordination_eps, self.local_level = coordinated, coordination_eps, local_level
