@@ -248,7 +248,7 @@ def test_class_balanced_route_term_weighs_each_class_a_client_holds_alike():
     inputs teaches it as much as a class of 30 (the mean over classes of each class's mean fit)."""
     x, y = torch.randn(32, 1, 8, 8), torch.cat([torch.zeros(30, dtype=torch.long), torch.ones(2, dtype=torch.long)])
 
-    def gate_grad(balanced: bool) -> torch.Tensor:
+    def gate_grad(balanced: bool) -> tuple[torch.Tensor, FedCoE]:
         m = tiny(assignment="hard", route_class_balanced=balanced)
         m.on_client_start(x, y, ClientContext(1, 10, 1, 32))
         m.training_step((x, y), 0).backward()

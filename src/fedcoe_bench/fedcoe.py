@@ -148,10 +148,9 @@ class FedCoE(RoutingTable, FederatedMethod):
 
     def __init__(self, num_experts: int = 4, top_m: int = 0, lambda_glob: float = 1.0, lambda_bal: float = 0.01,
                  lambda_expert: float = 4.0, lambda_route: float = 1.0, route_class_balanced: bool = False,
-                 expert_loss_routed: bool = True,
-                 normalize_loss: bool = True, assignment: str = "soft", sharpness: float = 4.0,
-                 assignment_balance: float = 0.1,
-                 capacity: float = 2.0, coordinated: bool = True, coordination_eps: float = 0.0,
+                 expert_loss_routed: bool = True, normalize_loss: bool = True, assignment: str = "soft",
+                 sharpness: float = 4.0, assignment_balance: float = 0.1, capacity: float = 2.0,
+                 coordinated: bool = True, coordination_eps: float = 0.0,
                  shared_gate: bool = True, local_level: bool = True, local_warm_start: bool = True,
                  local_prior: bool = True, cold_start_prior: bool = True, beta: float | str = "calibrated",
                  calibration_decay: float = 1.0, balance_rate: float = 0.0, **kwargs):
@@ -235,7 +234,7 @@ class FedCoE(RoutingTable, FederatedMethod):
             loss = loss + self.lambda_expert / d * (w.t().flatten() * ce).sum() / len(y)
         if self._assignment is not None:  # the gate learns to route as the assignment does, from inputs alone
             fit = (log_g * self._assignment).sum(1)
-            weight = self._class_weight[y] if self.route_class_balanced else 1.0
+            weight = 1.0 if self._class_weight is None else self._class_weight[y]
             return loss - self.lambda_route * (weight * fit).mean()
         if self.lambda_bal:
             g = log_g.exp()
@@ -261,12 +260,14 @@ class FedCoE(RoutingTable, FederatedMethod):
     def on_client_start(self, x: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> None:
         self._calibration = None  # a client reports its own scores or none
         self._assignment = None if self.assignment == "gate" else self.assign(x, y)
-        counts = torch.bincount(y, minlength=self.num_classes).to(x.dtype)
-        self._class_weight = len(y) / ((counts > 0).sum() * counts.clamp_min(1))  # mean 1 over the client's inputs
+        counts = torch.bincount(y, minlength=self.num_classes)
+        self._class_weight = None
+        if self.route_class_balanced and self._assignment is not None:  # mean 1 over the client's inputs
+            self._class_weight = len(y) / ((counts > 0).sum() * counts.clamp_min(1)).to(x.dtype)
         if self._assignment is not None:
             self.client_assignment.copy_(self._assignment)
         if self.local_level:
-            self.label_counts.copy_(torch.bincount(y, minlength=self.num_classes))
+            self.label_counts.copy_(counts)
         if self.local_level and self.local_warm_start and not self.local_ready.item():
             k = int((self.gate(x).mean(0) if self._assignment is None else self._assignment).argmax())
             self.local.load_state_dict(self.experts[k].state_dict())  # in place: buffers too, views kept
