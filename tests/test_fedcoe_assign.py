@@ -261,3 +261,57 @@ def test_class_balanced_route_term_weighs_each_class_a_client_holds_alike():
     torch.testing.assert_close(balanced, torch.cat([p.grad.flatten() for p in m.gate.parameters()]))
     plain, m = gate_grad(False)
     assert not torch.allclose(plain, balanced)
+
+
+def split_round(m: FedCoE, server: torch.Tensor, moves: list[tuple[int, float, torch.Tensor]]):
+    """One aggregation of clients ``(expert, n, direction)``: each is assigned to its expert alone and
+    moves that expert from the server state by ``direction`` (a vector the expert's size)."""
+    updates = []
+    for cid, (k, n, direction) in enumerate(moves):
+        shared = server.clone()
+        shared[m.span(f"experts.{k}.")] += direction
+        report = {"routing": torch.full((4,), 0.25), "gate_entropy": torch.tensor(1.0),
+                  "fusion_h": torch.tensor(0.5), "assignment": F.one_hot(torch.tensor(k), 4).float(),
+                  "calibration": torch.zeros(len(m.beta_grid)), "calibration_weight": torch.tensor(0.0)}
+        updates.append(ClientUpdate(cid, n, shared, report))
+    return m.aggregate(server, updates, RoundContext(1, 10, len(updates)))
+
+
+def test_an_overloaded_expert_is_split_into_the_idle_one_by_its_clients_update_directions():
+    """Two clusters on expert 0 (clients 0-3 move it one way, 4-5 another), expert 3 nobody's: 0 keeps
+    the larger side's average, 3 takes the other's, the gate gives 0 and 3 alike and together what it
+    gave 0 against every other expert, and R moves the smaller side's clients to 3."""
+    m = tiny(assignment="relative", split=True)
+    server = m.flat["shared"].clone()
+    span = m.span("experts.0.")
+    size = span.stop - span.start
+    a, b = torch.zeros(size), torch.zeros(size)
+    a[: size // 2], b[size // 2:] = 1.0, 1.0
+    noise = [0.01 * torch.randn(size) for _ in range(6)]
+    moves = [(0, 1.0, a + e) for e in noise[:4]] + [(0, 1.0, b + e) for e in noise[4:]] + [(1, 1.0, a), (2, 1.0, b)]
+    x = torch.randn(7, 1, 8, 8)
+    before = m.gate(x)
+    new, scalars = split_round(m, server, moves)
+    assert scalars["expert_split"] == 1.0
+    torch.testing.assert_close(new[span], server[span] + a + sum(noise[:4]) / 4)
+    torch.testing.assert_close(new[m.span("experts.3.")], server[span] + b + sum(noise[4:]) / 2)
+    m.flat["shared"].copy_(new)
+    after = m.gate(x)
+    torch.testing.assert_close(after[:, 0], after[:, 3])
+    torch.testing.assert_close((after[:, 0] + after[:, 3])[:, None] / after[:, 1:3], before[:, :1] / before[:, 1:3])
+    top = {c: int(r.argmax()) for c, r in m.routing_profiles().items()}
+    assert top == {0: 0, 1: 0, 2: 0, 3: 0, 4: 3, 5: 3, 6: 1, 7: 2}
+
+
+def test_no_split_while_every_expert_is_under_capacity_or_none_is_idle():
+    """Three clusters on four experts (a third each) are not split to fill the fourth; an expert over
+    capacity is not split while every expert is some client's first choice."""
+    m = tiny(assignment="relative", split=True)
+    server = m.flat["shared"].clone()
+    size = m.span("experts.0.").stop - m.span("experts.0.").start
+    step = lambda: torch.randn(size)  # noqa: E731
+    new, scalars = split_round(m, server, [(k, 1.0, step()) for k in (0, 0, 0, 1, 1, 1, 2, 2, 2)])
+    assert scalars["expert_split"] == 0.0
+    m = tiny(assignment="relative", split=True)
+    new, scalars = split_round(m, server, [(k, 1.0, step()) for k in (0, 0, 0, 0, 0, 0, 1, 2, 3)])
+    assert scalars["expert_split"] == 0.0

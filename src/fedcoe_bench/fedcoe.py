@@ -69,6 +69,19 @@ class FedCoE(RoutingTable, FederatedMethod):
     NMI oscillated on the rotation clusters). The bias only chooses experts, it never enters a
     prediction.
 
+    **Splitting a locked-in expert** (``split``, inferred). An assignment by fit locks in what it
+    has: an expert that falls behind early fits no client better than a trained expert of another
+    cluster, so no client ever picks it again, while two clusters share one expert. The capacity
+    pushes clients off a loaded expert, not towards the idle one. So the server splits, as k-means
+    splits a codeword (Linde, Buzo and Gray, 1980) and clustered FL bipartitions a cluster by its
+    clients' update directions (Sattler et al., 2020): when an expert k holds more than ``capacity``
+    times its share of the clients in R (the mean of R's rows) while another expert j is no client's
+    first choice, the round's clients whose assignment's largest weight is k are cut in two by the
+    sign of their unit update directions' first principal component; k becomes the larger side's
+    weighted average and j the other side's, the gate's output for j starts as k's with half of
+    k's mass (:math:`\log \tfrac12` off both logits) and the clients of j's side are moved to j in
+    R. The clients choose again by fit when they are next sampled.
+
     **Local objective.** With :math:`w(x)` the training mixture weights (:math:`G(x)` or :math:`a_i`),
 
     .. math:: CE(p_i, y) + \\lambda_{glob} CE(p_{glob}, y) + \\lambda_{exp} \\sum_k \\mathrm{sg}(w(x)_k)\\,
@@ -114,6 +127,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         assignment_balance: :math:`\\gamma` of the assignment's bias (every assignment by fit).
         capacity: the multiple of its share :math:`1/K` of the clients an expert may take before its
             bias grows (Switch Transformer's capacity factor, Fedus et al., 2022).
+        split: split an overloaded expert into an idle one (above; an assignment by fit only).
         coordinated: routing-weighted expert aggregation; false: plain n-weighted averaging.
         coordination_eps: the epsilon above (0 is the literal rule).
         shared_gate: one gate aggregated on the server; false: a personal gate per client (the server
@@ -149,7 +163,7 @@ class FedCoE(RoutingTable, FederatedMethod):
     def __init__(self, num_experts: int = 4, top_m: int = 0, lambda_glob: float = 1.0, lambda_bal: float = 0.01,
                  lambda_expert: float = 4.0, lambda_route: float = 1.0, route_class_balanced: bool = False,
                  expert_loss_routed: bool = True, normalize_loss: bool = True, assignment: str = "soft",
-                 sharpness: float = 4.0, assignment_balance: float = 0.1, capacity: float = 2.0,
+                 sharpness: float = 4.0, assignment_balance: float = 0.1, capacity: float = 2.0, split: bool = False,
                  coordinated: bool = True, coordination_eps: float = 0.0,
                  shared_gate: bool = True, local_level: bool = True, local_warm_start: bool = True,
                  local_prior: bool = True, cold_start_prior: bool = True, beta: float | str = "calibrated",
@@ -169,6 +183,9 @@ class FedCoE(RoutingTable, FederatedMethod):
                               f"gate (got {balance_rate}); with an assignment by fit, balance with assignment_balance")
         if assignment_balance < 0:
             raise ConfigError(f"method.init_args.assignment_balance must be >= 0 (got {assignment_balance})")
+        if split and assignment == "gate":
+            raise ConfigError("method.init_args.split must be false with assignment: gate (it splits the clients "
+                              "assigned to an expert); use assignment hard, soft or relative")
         if capacity < 1:
             raise ConfigError(f"method.init_args.capacity must be >= 1, a multiple of an expert's share 1/K "
                               f"(got {capacity}); below 1 every expert would be over it")
@@ -177,7 +194,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         self.lambda_route, self.route_class_balanced = lambda_route, route_class_balanced
         self.normalize_loss = normalize_loss
         self.assignment, self.assignment_balance, self.capacity = assignment, assignment_balance, capacity
-        self.sharpness = sharpness
+        self.sharpness, self.split = sharpness, split
         self.coordinated, self.coordination_eps, self.local_level = coordinated, coordination_eps, local_level
         self.local_warm_start, self.cold_start_prior, self.beta = local_warm_start, cold_start_prior, beta
         self.local_prior, self.expert_loss_routed = local_prior, expert_loss_routed
@@ -333,6 +350,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         if assigned:  # an expert over its capacity becomes dearer to choose
             bias = self.span("assign_bias")
             new[bias] = (server[bias] + self.assignment_balance * (self.num_experts * load - self.capacity)).clamp_min(0)
+        split = self.split_experts(new, server, updates, profiles) if self.split else None
         has = "calibration" in updates[0].report
         weights = torch.stack([u.report["calibration_weight"] for u in updates]).to(self.calibration) if has else None
         if has and weights.sum() > 0:  # the mean over the clients that scored a validation split
@@ -348,9 +366,49 @@ class FedCoE(RoutingTable, FederatedMethod):
         }
         if self.local_level:
             scalars["fusion_h"] = float(torch.stack([u.report["fusion_h"] for u in updates]).mean())
+        if self.split:
+            scalars["expert_split"] = float(split is not None)
         if assigned:  # does the gate route each client, from its inputs alone, where its assignment sends it?
             scalars["gate_assignment_agreement"] = float((gate_profiles.argmax(1) == profiles.argmax(1)).double().mean())
         return new, scalars
+
+    @torch.no_grad()
+    def split_experts(self, new: torch.Tensor, server: torch.Tensor, updates: list[ClientUpdate],
+                      profiles: torch.Tensor) -> tuple[int, int] | None:
+        """Split an overloaded expert into an idle one (class docstring, ``split``): writes both experts,
+        the gate's output row and the assignment bias into ``new``, moves the assignment of the clients
+        that went to the copy in R, and returns ``(overloaded, idle)``; None when nothing is split."""
+        table = torch.stack(list(self.routing.values())).to(server.dtype)
+        top = torch.bincount(table.argmax(1), minlength=self.num_experts)
+        k, j = int(table.mean(0).argmax()), int(top.argmin())
+        mine = [i for i, r in enumerate(profiles) if int(r.argmax()) == k]
+        if top[j] or self.num_experts * table[:, k].mean() <= self.capacity or len(mine) < 2:
+            return None
+        span = self.span(f"experts.{k}.")
+        moves = torch.stack([updates[i].shared[span] - server[span] for i in mine]).to(server.dtype)
+        moves = F.normalize(moves, dim=1)
+        moves = moves - moves.mean(0)  # the principal direction of the update directions (CFL's cosine geometry)
+        side = moves @ torch.linalg.svd(moves, full_matrices=False).Vh[0] > 0
+        w = torch.tensor([updates[i].weight for i in mine], dtype=server.dtype) * profiles[mine, k]
+        if side.all() or not side.any():
+            return None
+        if (w * side).sum() > (w * ~side).sum():  # the larger side stays on k
+            side = ~side
+        models = [updates[i].shared[span] for i in mine]
+        new[span] = weighted_mean(models, w * ~side, server[span])
+        new[self.span(f"experts.{j}.")] = weighted_mean(models, w * side, server[span])
+        last = len(self.gate.net) - 1  # the copy starts with half of k's gate mass: log 1/2 off both logits
+        weight, bias = (self.view_like(new, f"gate.net.{last}.{p}") for p in ("weight", "bias"))
+        weight[j] = weight[k]
+        bias[k] -= math.log(2)
+        bias[j] = bias[k]
+        self.view_like(new, "assign_bias")[j] = self.view_like(new, "assign_bias")[k]
+        for i in (i for i, s in zip(mine, side) if s):
+            r = self.routing[updates[i].client].clone()
+            r[j] = r[k]
+            r[k] = 0.0
+            self.record_routing(updates[i].client, r)
+        return k, j
 
     def start_finetune(self) -> tuple[str, ...]:
         """A new client fine-tunes its local level (local expert, warm-started by
