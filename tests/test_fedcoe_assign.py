@@ -315,3 +315,25 @@ def test_no_split_while_every_expert_is_under_capacity_or_none_is_idle():
     m = tiny(assignment="relative", split=True)
     new, scalars = split_round(m, server, [(k, 1.0, step()) for k in (0, 0, 0, 0, 0, 0, 1, 2, 3)])
     assert scalars["expert_split"] == 0.0
+
+
+@pytest.mark.parametrize("route_target", ["assignment", "posterior"])
+def test_the_posterior_route_target_sends_each_input_to_the_expert_that_explains_its_label(route_target):
+    """Experts 1 and 2 each predict one label; a client assigned alike to every expert holds both. The
+    posterior target teaches the gate to route each input to its label's expert; the assignment's one
+    target per client cannot tell the inputs apart."""
+    m = tiny(assignment="relative", route_target=route_target)
+    y = torch.arange(32) % 2
+    x = torch.randn(32, 1, 8, 8) * 0.1 + (2.0 * y - 1)[:, None, None, None]  # the label shows in the input
+    make_expert_fit(m, 1, torch.zeros(1, dtype=torch.long))
+    make_expert_fit(m, 2, torch.ones(1, dtype=torch.long))
+    m.on_client_start(x, y, ClientContext(1, 10, 1, 20))
+    m._assignment = torch.full((4,), 0.25)
+    opt = torch.optim.SGD(m.gate.parameters(), lr=0.5)
+    for step in range(30):
+        opt.zero_grad()
+        m.training_step((x, y), step).backward()
+        opt.step()
+    g = m.gate(x).detach()
+    routed = (g[y == 0, 1].mean() > 0.5) and (g[y == 1, 2].mean() > 0.5)
+    assert routed == (route_target == "posterior")

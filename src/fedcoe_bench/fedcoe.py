@@ -58,7 +58,11 @@ class FedCoE(RoutingTable, FederatedMethod):
     Every input of a client shares one target, so under label skew the gate can learn a client's
     labels along with its domain; ``route_class_balanced`` weighs each input by
     :math:`n_i / (C_i\\, n_i(y))`, :math:`C_i` the classes the client holds, so that each of them
-    teaches the gate alike. The client reports :math:`a_i` (K label-derived scalars, like IFCA's
+    teaches the gate alike. ``route_target: posterior`` gives each input a target of its own, the
+    posterior of each expert given its label, :math:`q_k(x, y) \propto a_{ik}\, p_k(y|x)` (a
+    mixture of experts' E-step, Jordan and Jacobs, 1994): the server routes each image alone, so
+    the gate should learn which expert classifies an image, not only which fits its client's data
+    as a whole. The client reports :math:`a_i` (K label-derived scalars, like IFCA's
     cluster id or FedEM's weights). Balance belongs to the assignment, across clients,
     as a capacity: an expert whose load :math:`u_k = \\sum_i n_i a_{ik} / \\sum_i n_i` exceeds
     ``capacity`` times its share :math:`1/K` becomes dearer to choose,
@@ -119,6 +123,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         top_m: sparse routing, keep the m largest gate weights (0: dense).
         lambda_glob, lambda_bal, lambda_expert, lambda_route: loss weights above.
         route_class_balanced: the route term's class weights above.
+        route_target: the route term's target, ``assignment`` or ``posterior`` (above).
         expert_loss_routed: weight each expert's own loss by its (fixed) mixture weight; false: 1/K.
         normalize_loss: divide the global level's gradient by :math:`1 + \\lambda_{glob} + \\lambda_{exp}` (above).
         assignment: ``gate``, ``hard``, ``soft`` or ``relative`` (above; the default chosen on
@@ -162,6 +167,7 @@ class FedCoE(RoutingTable, FederatedMethod):
 
     def __init__(self, num_experts: int = 4, top_m: int = 0, lambda_glob: float = 1.0, lambda_bal: float = 0.01,
                  lambda_expert: float = 4.0, lambda_route: float = 1.0, route_class_balanced: bool = False,
+                 route_target: str = "assignment",
                  expert_loss_routed: bool = True, normalize_loss: bool = True, assignment: str = "soft",
                  sharpness: float = 4.0, assignment_balance: float = 0.1, capacity: float = 2.0, split: bool = False,
                  coordinated: bool = True, coordination_eps: float = 0.0,
@@ -173,6 +179,8 @@ class FedCoE(RoutingTable, FederatedMethod):
             raise ConfigError(f"method.init_args.beta must be a number, 'adaptive' or 'calibrated' (got {beta!r})")
         if assignment not in ("gate", "hard", "soft", "relative"):
             raise ConfigError(f"method.init_args.assignment must be gate, hard, soft or relative (got {assignment!r})")
+        if route_target not in ("assignment", "posterior"):
+            raise ConfigError(f"method.init_args.route_target must be assignment or posterior (got {route_target!r})")
         if sharpness <= 0:
             raise ConfigError(f"method.init_args.sharpness must be > 0 (got {sharpness}); it multiplies log loss ratios")
         if not 0 < calibration_decay <= 1:
@@ -191,7 +199,7 @@ class FedCoE(RoutingTable, FederatedMethod):
                               f"(got {capacity}); below 1 every expert would be over it")
         self.calibration_decay, self.balance_rate = calibration_decay, balance_rate
         self.num_experts, self.lambda_glob, self.lambda_bal, self.lambda_expert = num_experts, lambda_glob, lambda_bal, lambda_expert
-        self.lambda_route, self.route_class_balanced = lambda_route, route_class_balanced
+        self.lambda_route, self.route_class_balanced, self.route_target = lambda_route, route_class_balanced, route_target
         self.normalize_loss = normalize_loss
         self.assignment, self.assignment_balance, self.capacity = assignment, assignment_balance, capacity
         self.sharpness, self.split = sharpness, split
@@ -250,7 +258,11 @@ class FedCoE(RoutingTable, FederatedMethod):
             w = log_w.exp().detach() if self.expert_loss_routed else torch.full_like(log_w, 1 / self.num_experts)
             loss = loss + self.lambda_expert / d * (w.t().flatten() * ce).sum() / len(y)
         if self._assignment is not None:  # the gate learns to route as the assignment does, from inputs alone
-            fit = (log_g * self._assignment).sum(1)
+            target = self._assignment
+            if self.route_target == "posterior":  # each input's own: which expert explains its label
+                log_p = -F.cross_entropy(logits.flatten(0, 1), y.repeat(self.num_experts), reduction="none")
+                target = (self._assignment.log() + log_p.view(self.num_experts, -1).t()).softmax(1).detach()
+            fit = (log_g * target).sum(1)
             weight = 1.0 if self._class_weight is None else self._class_weight[y]
             return loss - self.lambda_route * (weight * fit).mean()
         if self.lambda_bal:
