@@ -117,8 +117,9 @@ class Experiment:
         created = self.run_dir.prepare(overwrite=cfg.overwrite)
         try:
             self.setup(Fabric)
-        except UserError:  # refused after all: a directory made for nothing is not left behind
-            if created:
+        except BaseException as err:
+            self.run_dir.release()
+            if created and isinstance(err, UserError):  # refused after all: a directory made for nothing goes
                 self.run_dir.discard()
             raise
 
@@ -285,7 +286,10 @@ def run_experiment(parser: ArgumentParser, cfg: Namespace, trained_run: str | No
     run's directory) its final state is evaluated under this config instead of training."""
     job = Experiment(parser, cfg, trained_run)
     job.build()
-    summary = job.report(job.run())
+    try:
+        summary = job.report(job.run())
+    finally:
+        job.run_dir.release()
     if job.fabric.is_global_zero:  # stdout, terminal or not: what ran, its numbers and where they are
         print(result_line(summary, time.perf_counter() - job.started), flush=True)
     return summary

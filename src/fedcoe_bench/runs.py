@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -45,7 +46,7 @@ CHECKPOINT_NEUTRAL_KEYS = NEUTRAL_KEYS + SCHEDULE_KEYS
 EVALUATION_KEYS = ("loop.cold_start_steps", "loop.cold_start_lr")
 
 MARKER = ".fedbench-run"  # JSON: run id, fedbench version, created time; what makes a directory a run
-LOCK = ".sweep.lock"  # a sweep process's claim on the directory (see fedcoe_bench.sweep.claim), kept by --overwrite
+LOCK = ".fedbench.lock"  # host:pid of the process writing the run, or of the sweep about to start it (take_lock)
 # Everything fedbench writes into a run directory (W&B's offline files included, which go there too), each
 # also as the temporary file of an atomic write: all that --overwrite removes, so a user's file survives it.
 WRITTEN = ("config.yaml", "metrics.csv", "checkpoint.pt", "summary.json", "diverged.txt", "clients.csv",
@@ -211,17 +212,33 @@ class RunDir:
             raise RunError(f"{self.path} holds a run written by an older fedbench, which did not mark what it wrote; "
                            f"delete it by hand (rm -r {self.path}) or give a new --run_dir")
         try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock()
             if overwrite:
                 self._remove_written()
-            self.path.mkdir(parents=True, exist_ok=True)
             if overwrite or not (self.path / MARKER).exists():  # a new run gets a new id; a resumed one keeps its own
                 self._write_marker()
             probe = self.path / ".write_test"
             probe.write_text("")
             probe.unlink()
         except OSError as err:
+            self.release()
             raise RunError(f"run directory {self.path} is not writable ({err.strerror}); choose another --run_dir") from None
         return created
+
+    def lock(self) -> None:
+        """Hold :data:`LOCK` while this process writes the run: a second fit into the same directory would
+        interleave their checkpoints. A sweep's claim passes to the fit it started (its parent); several
+        ranks of one fit are one writer, rank 0."""
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            return
+        holder = take_lock(self.path / LOCK, heir_of=os.getppid())
+        if holder:
+            raise RunError(f"{self.path} is being written by another fedbench process ({holder}); wait for it to "
+                           f"finish or give another --run_dir (if that process is gone, delete {self.path / LOCK})")
+
+    def release(self) -> None:
+        release_lock(self.path / LOCK)
 
     def discard(self) -> None:
         """Undo a :meth:`prepare` that created the directory: remove what fedbench wrote, the marker and the
@@ -310,3 +327,45 @@ def never_a_run(path: Path) -> str | None:
     if (path / "pyproject.toml").exists():
         return "a Python project (it holds pyproject.toml)"
     return None
+
+
+def take_lock(path: Path, heir_of: int | None = None) -> str | None:
+    """Take the lock file ``path`` for this process: created atomically, holding ``host:pid``. Returns None
+    once this process holds it, else the ``host:pid`` of the process that does (one on another host
+    counts as alive: there we cannot tell). A lock whose holder died on this host is taken over, and so
+    is one held by the process ``heir_of`` (a sweep hands its claim to the fit it starts)."""
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            holder = path.read_text()
+        except FileNotFoundError:  # its holder released it in between: try again
+            return take_lock(path, heir_of)
+        host, _, pid = holder.partition(":")
+        if holder == me:
+            return None
+        if host != socket.gethostname() or not pid.isdigit() or (int(pid) != heir_of and _alive(int(pid))):
+            return holder
+        path.unlink(missing_ok=True)
+        return take_lock(path, heir_of)
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    return None
+
+
+def release_lock(path: Path) -> None:
+    """Remove the lock file ``path`` if this process holds it."""
+    with contextlib.suppress(OSError):  # none there, or no directory to hold one
+        if path.read_text() == f"{socket.gethostname()}:{os.getpid()}":
+            path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        pass
+    return True

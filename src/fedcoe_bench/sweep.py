@@ -28,7 +28,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,7 +39,7 @@ import yaml
 
 from fedcoe_bench.errors import UsageError, UserError
 from fedcoe_bench.results import result_line
-from fedcoe_bench.runs import LOCK, RunDir, config_diff, shown
+from fedcoe_bench.runs import LOCK, RunDir, config_diff, shown, take_lock
 
 
 class SweepError(UserError):
@@ -178,34 +177,10 @@ def check_finished(run: SweepRun) -> str:
 
 
 def claim(run: SweepRun) -> bool:
-    """Take ``run``'s lock (created atomically, holding ``host:pid``); False if another live sweep
-    process holds it. A lock left by a process that died on this host is taken over."""
-    lock = run.run_dir / LOCK
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            host, _, pid = lock.read_text().partition(":")
-        except FileNotFoundError:  # its holder released it in between: try again
-            return claim(run)
-        if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
-            return False  # held, or held on another host (where we cannot tell whether it lives)
-        lock.unlink(missing_ok=True)
-        return claim(run)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{socket.gethostname()}:{os.getpid()}")
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        pass
-    return True
+    """Take ``run``'s lock (:func:`~fedcoe_bench.runs.take_lock`; the fit started then holds it); False if
+    another live process holds it, a sweep's or a fit's."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    return take_lock(run.run_dir / LOCK) is None
 
 
 INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # the exit codes of a fit stopped by a signal
