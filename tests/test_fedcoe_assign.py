@@ -303,9 +303,10 @@ def test_an_overloaded_expert_is_split_into_the_idle_one_by_its_clients_update_d
     assert top == {0: 0, 1: 0, 2: 0, 3: 0, 4: 3, 5: 3, 6: 1, 7: 2}
 
 
-def test_no_split_while_every_expert_is_under_capacity_or_none_is_idle():
+def test_no_split_while_every_expert_is_under_capacity_or_none_is_under_its_inverse():
     """Three clusters on four experts (a third each) are not split to fill the fourth; an expert over
-    capacity is not split while every expert is some client's first choice."""
+    capacity (9 of 16 clients: 2.25 times its share) is not split while every other expert holds at
+    least 1 / capacity of its share (2 of 16 clients: one half)."""
     m = tiny(assignment="relative", split=True)
     server = m.flat["shared"].clone()
     size = m.span("experts.0.").stop - m.span("experts.0.").start
@@ -313,8 +314,11 @@ def test_no_split_while_every_expert_is_under_capacity_or_none_is_idle():
     new, scalars = split_round(m, server, [(k, 1.0, step()) for k in (0, 0, 0, 1, 1, 1, 2, 2, 2)])
     assert scalars["expert_split"] == 0.0
     m = tiny(assignment="relative", split=True)
-    new, scalars = split_round(m, server, [(k, 1.0, step()) for k in (0, 0, 0, 0, 0, 0, 1, 2, 3)])
+    new, scalars = split_round(m, server, [(k, 1.0, step()) for k in [0] * 9 + [1, 1, 2, 2, 3, 3, 3]])
     assert scalars["expert_split"] == 0.0
+    m = tiny(assignment="relative", split=True)  # one client fewer on expert 1: under half its share
+    new, scalars = split_round(m, server, [(k, 1.0, step()) for k in [0] * 10 + [1, 2, 2, 3, 3, 3]])
+    assert scalars["expert_split"] == 1.0
 
 
 @pytest.mark.parametrize("route_target", ["assignment", "posterior"])

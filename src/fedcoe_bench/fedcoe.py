@@ -79,8 +79,9 @@ class FedCoE(RoutingTable, FederatedMethod):
     pushes clients off a loaded expert, not towards the idle one. So the server splits, as k-means
     splits a codeword (Linde, Buzo and Gray, 1980) and clustered FL bipartitions a cluster by its
     clients' update directions (Sattler et al., 2020): when an expert k holds more than ``capacity``
-    times its share of the clients in R (the mean of R's rows) while another expert j is no client's
-    first choice, the round's clients whose assignment's largest weight is k are cut in two by the
+    times its share :math:`1/K` of the clients in R (the mean of R's rows) while another expert j
+    holds less than ``1 / capacity`` times its share (R is up to date only for the clients sampled
+    lately: an expert being deserted still has stale rows), the round's clients whose assignment's largest weight is k are cut in two by the
     sign of their unit update directions' first principal component; k becomes the larger side's
     weighted average and j the other side's, the gate's output for j starts as k's with half of
     k's mass (:math:`\log \tfrac12` off both logits) and the clients of j's side are moved to j in
@@ -390,11 +391,10 @@ class FedCoE(RoutingTable, FederatedMethod):
         """Split an overloaded expert into an idle one (class docstring, ``split``): writes both experts,
         the gate's output row and the assignment bias into ``new``, moves the assignment of the clients
         that went to the copy in R, and returns ``(overloaded, idle)``; None when nothing is split."""
-        table = torch.stack(list(self.routing.values())).to(server.dtype)
-        top = torch.bincount(table.argmax(1), minlength=self.num_experts)
-        k, j = int(table.mean(0).argmax()), int(top.argmin())
+        share = self.num_experts * torch.stack(list(self.routing.values())).to(server.dtype).mean(0)
+        k, j = int(share.argmax()), int(share.argmin())
         mine = [i for i, r in enumerate(profiles) if int(r.argmax()) == k]
-        if top[j] or self.num_experts * table[:, k].mean() <= self.capacity or len(mine) < 2:
+        if share[k] <= self.capacity or share[j] >= 1 / self.capacity or len(mine) < 2:
             return None
         span = self.span(f"experts.{k}.")
         moves = torch.stack([updates[i].shared[span] - server[span] for i in mine]).to(server.dtype)
