@@ -388,9 +388,9 @@ class FedCoE(RoutingTable, FederatedMethod):
     @torch.no_grad()
     def split_experts(self, new: torch.Tensor, server: torch.Tensor, updates: list[ClientUpdate],
                       profiles: torch.Tensor) -> tuple[int, int] | None:
-        """Split an overloaded expert into an idle one (class docstring, ``split``): writes both experts,
+        """Split an overloaded expert into a deserted one (class docstring, ``split``): writes both experts,
         the gate's output row and the assignment bias into ``new``, moves the assignment of the clients
-        that went to the copy in R, and returns ``(overloaded, idle)``; None when nothing is split."""
+        that went to the copy in R, and returns ``(overloaded, deserted)``; None when nothing is split."""
         share = self.num_experts * torch.stack(list(self.routing.values())).to(server.dtype).mean(0)
         k, j = int(share.argmax()), int(share.argmin())
         mine = [i for i, r in enumerate(profiles) if int(r.argmax()) == k]
@@ -399,9 +399,9 @@ class FedCoE(RoutingTable, FederatedMethod):
         span = self.span(f"experts.{k}.")
         moves = torch.stack([updates[i].shared[span] - server[span] for i in mine]).to(server.dtype)
         moves = F.normalize(moves, dim=1)
-        moves = moves - moves.mean(0)  # the principal direction of the update directions (CFL's cosine geometry)
-        side = moves @ torch.linalg.svd(moves, full_matrices=False).Vh[0] > 0
-        w = torch.tensor([updates[i].weight for i in mine], dtype=server.dtype) * profiles[mine, k]
+        moves = moves - moves.mean(0)  # the first principal component of the update directions (CFL's cosines)
+        side = torch.linalg.eigh(moves @ moves.t()).eigenvectors[:, -1] > 0
+        w = torch.tensor([updates[i].weight for i in mine], dtype=server.dtype, device=server.device) * profiles[mine, k]
         if side.all() or not side.any():
             return None
         if (w * side).sum() > (w * ~side).sum():  # the larger side stays on k
