@@ -617,3 +617,30 @@ def test_tune_v2_gives_every_method_the_same_lr_grid_and_at_most_one_knob_of_thr
         files = {r.params["config"] for r in rs}
         knobs = {k for f in files for k in yaml.safe_load(Path(f).read_text())["method"]["init_args"] if k != "lr"}
         assert len(knobs) <= 1 and len(files) <= 5 * 3, method
+
+
+def test_the_fit_a_sweep_starts_holds_the_runs_lock_so_a_sweep_killed_hard_leaves_no_run_to_start_twice(tmp_path):
+    """The sweep's claim passes to its child; while the child lives no other process can claim the run,
+    even once the sweep that started it is gone; a process that is not the holder's child cannot take it."""
+    import os
+    import socket
+    import subprocess
+
+    from fedcoe_bench.runs import take_lock
+
+    lock = tmp_path / "run" / sweep.LOCK
+    lock.parent.mkdir()
+    assert take_lock(lock) is None  # this process, as a sweep, claims the run
+    child = subprocess.Popen([sys.executable, "-c", "import os, sys, time; from pathlib import Path; "
+                              "from fedcoe_bench.runs import take_lock; "
+                              "print(take_lock(Path(sys.argv[1]), heir_of=os.getppid()), flush=True); time.sleep(60)",
+                              str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "None"  # the fit took the claim over
+        assert lock.read_text() == f"{socket.gethostname()}:{child.pid}"
+        assert take_lock(lock) == f"{socket.gethostname()}:{child.pid}"  # another sweep: held
+        assert take_lock(lock, heir_of=os.getpid() + 1) == f"{socket.gethostname()}:{child.pid}"
+    finally:
+        child.kill()
+        child.wait()
+    assert take_lock(lock) is None  # its holder died: taken over
