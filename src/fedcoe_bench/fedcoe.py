@@ -59,7 +59,7 @@ class FedCoE(RoutingTable, FederatedMethod):
     labels along with its domain; ``route_class_balanced`` weighs each input by
     :math:`n_i / (C_i\\, n_i(y))`, :math:`C_i` the classes the client holds, so that each of them
     teaches the gate alike. ``route_target: posterior`` gives each input a target of its own, the
-    posterior of each expert given its label, :math:`q_k(x, y) \propto a_{ik}\, p_k(y|x)` (a
+    posterior of each expert given its label, :math:`q_k(x, y) \\propto a_{ik}\\, p_k(y|x)` (a
     mixture of experts' E-step, Jordan and Jacobs, 1994): the server routes each image alone, so
     the gate should learn which expert classifies an image, not only which fits its client's data
     as a whole. The client reports :math:`a_i` (K label-derived scalars, like IFCA's
@@ -76,15 +76,15 @@ class FedCoE(RoutingTable, FederatedMethod):
     **Splitting a locked-in expert** (``split``, inferred). An assignment by fit locks in what it
     has: an expert that falls behind early fits no client better than a trained expert of another
     cluster, so no client ever picks it again, while two clusters share one expert. The capacity
-    pushes clients off a loaded expert, not towards the idle one. So the server splits, as k-means
+    pushes clients off a loaded expert, not towards the deserted one. So the server splits, as k-means
     splits a codeword (Linde, Buzo and Gray, 1980) and clustered FL bipartitions a cluster by its
     clients' update directions (Sattler et al., 2020): when an expert k holds more than ``capacity``
     times its share :math:`1/K` of the clients in R (the mean of R's rows) while another expert j
     holds less than ``1 / capacity`` times its share (R is up to date only for the clients sampled
-    lately: an expert being deserted still has stale rows), the round's clients whose assignment's largest weight is k are cut in two by the
-    sign of their unit update directions' first principal component; k becomes the larger side's
-    weighted average and j the other side's, the gate's output for j starts as k's with half of
-    k's mass (:math:`\log \tfrac12` off both logits) and the clients of j's side are moved to j in
+    lately: an expert being deserted still has stale rows), the round's clients whose assignment's
+    largest weight is k are cut in two by the sign of their unit update directions' first principal
+    component; k becomes the larger side's weighted average and j the other side's, the gate's
+    output for j starts as k's with half of k's mass (:math:`\\log \\tfrac12` off both logits) and the clients of j's side are moved to j in
     R. The clients choose again by fit when they are next sampled.
 
     **Local objective.** With :math:`w(x)` the training mixture weights (:math:`G(x)` or :math:`a_i`),
