@@ -263,18 +263,19 @@ def test_class_balanced_route_term_weighs_each_class_a_client_holds_alike():
     assert not torch.allclose(plain, balanced)
 
 
-def split_round(m: FedCoE, server: torch.Tensor, moves: list[tuple[int, float, torch.Tensor]]):
-    """One aggregation of clients ``(expert, n, direction)``: each is assigned to its expert alone and
-    moves that expert from the server state by ``direction`` (a vector the expert's size)."""
+def split_round(m: FedCoE, server: torch.Tensor, moves: list[tuple[int, float, torch.Tensor]], round: int = 20):
+    """Aggregation ``round`` (of 10 training clients) of clients ``(expert, n, direction)``: each is
+    assigned to its expert alone and moves that expert from the server state by ``direction``."""
     updates = []
     for cid, (k, n, direction) in enumerate(moves):
         shared = server.clone()
         shared[m.span(f"experts.{k}.")] += direction
+        assignment = 0.1 * torch.full((4,), 0.25) + 0.9 * F.one_hot(torch.tensor(k), 4).to(server.dtype)
         report = {"routing": torch.full((4,), 0.25), "gate_entropy": torch.tensor(1.0),
-                  "fusion_h": torch.tensor(0.5), "assignment": F.one_hot(torch.tensor(k), 4).float(),
+                  "fusion_h": torch.tensor(0.5), "assignment": assignment,
                   "calibration": torch.zeros(len(m.beta_grid)), "calibration_weight": torch.tensor(0.0)}
         updates.append(ClientUpdate(cid, n, shared, report))
-    return m.aggregate(server, updates, RoundContext(1, 10, len(updates)))
+    return m.aggregate(server, updates, RoundContext(round, 10, len(updates)))
 
 
 def test_an_overloaded_expert_is_split_into_the_idle_one_by_its_clients_update_directions():
@@ -301,6 +302,20 @@ def test_an_overloaded_expert_is_split_into_the_idle_one_by_its_clients_update_d
     torch.testing.assert_close((after[:, 0] + after[:, 3])[:, None] / after[:, 1:3], before[:, :1] / before[:, 1:3])
     top = {c: int(r.argmax()) for c, r in m.routing_profiles().items()}
     assert top == {0: 0, 1: 0, 2: 0, 3: 0, 4: 3, 5: 3, 6: 1, 7: 2}
+    torch.testing.assert_close(torch.stack(list(m.routing_profiles().values())).sum(1), torch.ones(8))
+    # R's rows from before the split are stale until every client could have been sampled (10 / 8 rounds)
+    assert split_round(m, new, moves, round=21)[1]["expert_split"] == 0.0
+    assert split_round(m, new, moves, round=22)[1]["expert_split"] == 1.0
+
+
+def test_a_split_runs_in_half_precision():
+    m = tiny(assignment="relative", split=True).to(torch.bfloat16)
+    m.flatten_parameters()
+    server = m.flat["shared"].clone()
+    size = m.span("experts.0.").stop - m.span("experts.0.").start
+    moves = [(0, 1.0, torch.randn(size, dtype=torch.bfloat16)) for _ in range(6)] + [(1, 1.0, torch.zeros(size, dtype=torch.bfloat16))]
+    new, scalars = split_round(m, server, moves)
+    assert scalars["expert_split"] == 1.0 and new.dtype == torch.bfloat16
 
 
 def test_no_split_while_every_expert_is_under_capacity_or_none_is_under_its_inverse():

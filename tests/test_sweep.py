@@ -639,7 +639,7 @@ def test_the_fit_a_sweep_starts_holds_the_runs_lock_so_a_sweep_killed_hard_leave
         assert child.stdout.readline().strip() == "None"  # the fit took the claim over
         assert lock.read_text() == f"{socket.gethostname()}:{child.pid}"
         assert take_lock(lock) == f"{socket.gethostname()}:{child.pid}"  # another sweep: held
-        assert take_lock(lock, heir_of=os.getpid() + 1) == f"{socket.gethostname()}:{child.pid}"
+        assert take_lock(lock, heir_of=os.getpid()) == f"{socket.gethostname()}:{child.pid}"  # not its heir
     finally:
         child.kill()
         child.wait()

@@ -54,7 +54,8 @@ class FedCoE(RoutingTable, FederatedMethod):
     is near 1, every expert still trains on every client. Its local objective and its personal
     prediction (it keeps :math:`a_i`, as IFCA's client keeps the model it chose) mix the experts by
     :math:`a_i` instead of :math:`G(x)`, and the gate learns to predict the assignment from inputs
-    alone, :math:`\\lambda_{route}\\, CE(G(x), a_i)`, so that new clients still route without labels.
+    alone, :math:`\\lambda_{route}\\, CE(G(x), a_i)` (or the posterior below), so that new clients still
+    route without labels.
     Every input of a client shares one target, so under label skew the gate can learn a client's
     labels along with its domain; ``route_class_balanced`` weighs each input by
     :math:`n_i / (C_i\\, n_i(y))`, :math:`C_i` the classes the client holds, so that each of them
@@ -84,14 +85,17 @@ class FedCoE(RoutingTable, FederatedMethod):
     lately: an expert being deserted still has stale rows), the round's clients whose assignment's
     largest weight is k are cut in two by the sign of their unit update directions' first principal
     component; k becomes the larger side's weighted average and j the other side's, the gate's
-    output for j starts as k's with half of k's mass (:math:`\\log \\tfrac12` off both logits) and the clients of j's side are moved to j in
-    R. The clients choose again by fit when they are next sampled.
+    output for j starts as k's with half of k's mass (:math:`\\log \\tfrac12` off both logits), j's
+    assignment bias as k's, and in R the rows of j's side swap their weights of k and j. The clients
+    choose again by fit when they are next sampled; no expert is split again until every client
+    could have been (N / m rounds for N training clients, m a round), since until then R still
+    holds the rows from before the split.
 
     **Local objective.** With :math:`w(x)` the training mixture weights (:math:`G(x)` or :math:`a_i`),
 
     .. math:: CE(p_i, y) + \\lambda_{glob} CE(p_{glob}, y) + \\lambda_{exp} \\sum_k \\mathrm{sg}(w(x)_k)\\,
               CE(E_k(x), y) + \\lambda_{bal}\\, \\mathrm{balance}(G) \\,[\\texttt{gate}]
-              + \\lambda_{route}\\, CE(G(x), a_i) \\,[\\text{by fit}] ,
+              + \\lambda_{route}\\, CE(G(x), a_i \\text{ or } q(x, y)) \\,[\\text{by fit}] ,
 
     where (``normalize_loss``) the gradient that reaches the global level through the first three
     terms is divided by :math:`d = 1 + \\lambda_{glob} + \\lambda_{exp}`: the experts' gradient
@@ -192,9 +196,10 @@ class FedCoE(RoutingTable, FederatedMethod):
                               f"gate (got {balance_rate}); with an assignment by fit, balance with assignment_balance")
         if assignment_balance < 0:
             raise ConfigError(f"method.init_args.assignment_balance must be >= 0 (got {assignment_balance})")
-        if split and assignment == "gate":
-            raise ConfigError("method.init_args.split must be false with assignment: gate (it splits the clients "
-                              "assigned to an expert); use assignment hard, soft or relative")
+        if split and (assignment == "gate" or not shared_gate):
+            raise ConfigError("method.init_args.split must be false with assignment: gate or shared_gate: false (it "
+                              "splits the clients assigned to an expert and the shared gate's output); use assignment "
+                              "hard, soft or relative with the shared gate")
         if capacity < 1:
             raise ConfigError(f"method.init_args.capacity must be >= 1, a multiple of an expert's share 1/K "
                               f"(got {capacity}); below 1 every expert would be over it")
@@ -221,6 +226,9 @@ class FedCoE(RoutingTable, FederatedMethod):
             self.fusion = Gate(self.in_channels, 2)  # h(x) = its first softmax output
             self.register_buffer("local_ready", torch.zeros(1))
             self.register_buffer("label_counts", torch.zeros(self.num_classes))
+        if split:  # server-only: the round of the last split
+            self.register_buffer("last_split", torch.zeros(1))
+            self.server_only = self.server_only + ("last_split",)
         # server-side statistics, filled by aggregate() from client reports (never sent to clients)
         self.register_buffer("calibration", torch.zeros(2, len(self.beta_grid)))  # [decayed sum, weight] x beta
         self._calibration: torch.Tensor | None = None  # this client's self-scores, from its validation split
@@ -363,7 +371,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         if assigned:  # an expert over its capacity becomes dearer to choose
             bias = self.span("assign_bias")
             new[bias] = (server[bias] + self.assignment_balance * (self.num_experts * load - self.capacity)).clamp_min(0)
-        split = self.split_experts(new, server, updates, profiles) if self.split else None
+        split = self.split_experts(new, server, updates, profiles, ctx) if self.split else None
         has = "calibration" in updates[0].report
         weights = torch.stack([u.report["calibration_weight"] for u in updates]).to(self.calibration) if has else None
         if has and weights.sum() > 0:  # the mean over the clients that scored a validation split
@@ -387,17 +395,19 @@ class FedCoE(RoutingTable, FederatedMethod):
 
     @torch.no_grad()
     def split_experts(self, new: torch.Tensor, server: torch.Tensor, updates: list[ClientUpdate],
-                      profiles: torch.Tensor) -> tuple[int, int] | None:
+                      profiles: torch.Tensor, ctx: RoundContext) -> tuple[int, int] | None:
         """Split an overloaded expert into a deserted one (class docstring, ``split``): writes both experts,
         the gate's output row and the assignment bias into ``new``, moves the assignment of the clients
         that went to the copy in R, and returns ``(overloaded, deserted)``; None when nothing is split."""
-        share = self.num_experts * torch.stack(list(self.routing.values())).to(server.dtype).mean(0)
+        if ctx.round - self.last_split < ctx.num_clients / ctx.clients:  # R is not yet refreshed since the last
+            return None
+        share = self.num_experts * torch.stack(list(self.routing.values())).float().mean(0)
         k, j = int(share.argmax()), int(share.argmin())
         mine = [i for i, r in enumerate(profiles) if int(r.argmax()) == k]
         if share[k] <= self.capacity or share[j] >= 1 / self.capacity or len(mine) < 2:
             return None
         span = self.span(f"experts.{k}.")
-        moves = torch.stack([updates[i].shared[span] - server[span] for i in mine]).to(server.dtype)
+        moves = torch.stack([updates[i].shared[span] - server[span] for i in mine]).float()  # eigh: no half precision
         moves = F.normalize(moves, dim=1)
         moves = moves - moves.mean(0)  # the first principal component of the update directions (CFL's cosines)
         side = torch.linalg.eigh(moves @ moves.t()).eigenvectors[:, -1] > 0
@@ -417,9 +427,9 @@ class FedCoE(RoutingTable, FederatedMethod):
         self.view_like(new, "assign_bias")[j] = self.view_like(new, "assign_bias")[k]
         for i in (i for i, s in zip(mine, side) if s):
             r = self.routing[updates[i].client].clone()
-            r[j] = r[k]
-            r[k] = 0.0
+            r[[j, k]] = r[[k, j]]
             self.record_routing(updates[i].client, r)
+        self.last_split.fill_(ctx.round)
         return k, j
 
     def start_finetune(self) -> tuple[str, ...]:

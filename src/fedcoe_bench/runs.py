@@ -230,10 +230,10 @@ class RunDir:
         """Hold :data:`LOCK` while this process writes the run: a second fit into the same directory would
         interleave their checkpoints. A sweep's claim passes to the fit it started (its parent); several
         ranks of one fit are one writer, rank 0."""
-        if os.environ.get("LOCAL_RANK", "0") != "0":
+        if any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")):
             return
         holder = take_lock(self.path / LOCK, heir_of=os.getppid())
-        if holder:
+        if holder is not None:
             raise RunError(f"{self.path} is being written by another fedbench process ({holder}); wait for it to "
                            f"finish or give another --run_dir (if that process is gone, delete {self.path / LOCK})")
 
@@ -330,28 +330,34 @@ def never_a_run(path: Path) -> str | None:
 
 
 def take_lock(path: Path, heir_of: int | None = None) -> str | None:
-    """Take the lock file ``path`` for this process: created atomically, holding ``host:pid``. Returns None
-    once this process holds it, else the ``host:pid`` of the process that does (one on another host
-    counts as alive: there we cannot tell). A lock whose holder died on this host is taken over, and so
-    is one held by the process ``heir_of`` (a sweep hands its claim to the fit it starts)."""
+    """Take the lock file ``path`` for this process: it holds ``host:pid`` from the instant it exists
+    (linked from a file written first). Returns None once this process holds it, else the
+    ``host:pid`` of the process that does (one on another host counts as alive: there we cannot
+    tell). A lock whose holder died on this host is taken over, and so is one held by the process
+    ``heir_of`` (a sweep hands its claim to the fit it starts), each by one atomic replace."""
     me = f"{socket.gethostname()}:{os.getpid()}"
+    mine = path.with_name(f"{path.name}.{os.getpid()}")
+    mine.write_text(me)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            holder = path.read_text()
-        except FileNotFoundError:  # its holder released it in between: try again
-            return take_lock(path, heir_of)
-        host, _, pid = holder.partition(":")
-        if holder == me:
+        while True:
+            try:
+                os.link(mine, path)
+                return None
+            except FileExistsError:
+                pass
+            try:
+                holder = path.read_text()
+            except FileNotFoundError:  # its holder released it in between: try again
+                continue
+            if holder == me:
+                return None
+            host, _, pid = holder.partition(":")
+            if host != socket.gethostname() or not pid.isdigit() or (int(pid) != heir_of and _alive(int(pid))):
+                return holder
+            os.replace(mine, path)
             return None
-        if host != socket.gethostname() or not pid.isdigit() or (int(pid) != heir_of and _alive(int(pid))):
-            return holder
-        path.unlink(missing_ok=True)
-        return take_lock(path, heir_of)
-    with os.fdopen(fd, "w") as f:
-        f.write(me)
-    return None
+    finally:
+        mine.unlink(missing_ok=True)
 
 
 def release_lock(path: Path) -> None:

@@ -39,7 +39,7 @@ import yaml
 
 from fedcoe_bench.errors import UsageError, UserError
 from fedcoe_bench.results import result_line
-from fedcoe_bench.runs import LOCK, RunDir, config_diff, shown, take_lock
+from fedcoe_bench.runs import LOCK, RunDir, config_diff, release_lock, shown, take_lock
 
 
 class SweepError(UserError):
@@ -239,7 +239,7 @@ def run_sweep(runs: list[SweepRun], dry_run: bool = False, runner=None) -> int:
             t0 = time.perf_counter()
             code = runner(r.fit_args)
         finally:
-            (r.run_dir / LOCK).unlink(missing_ok=True)
+            release_lock(r.run_dir / LOCK)  # ours unless the fit took it over (then it released it, or died)
         if code in INTERRUPTED:  # the run said what it kept; the sweep stops with it
             print(f"fedbench sweep: interrupted in run {r.index} of {n} ({r.run_dir}); run the same command to "
                   f"resume the sweep", file=sys.stderr, flush=True)
