@@ -128,8 +128,6 @@ def test_partition_accepts_a_benchmark_config(tmp_path, run_cli):
 
 
 def test_overwrite_removes_what_fedbench_wrote_and_refuses_a_directory_that_is_no_run(tmp_path, fit_argv, run_cli):
-    from fedcoe_bench.runs import LOCK
-
     run = tmp_path / "run"
     assert run_cli(fit_argv("run", "--method", "fedcoe", "--method.init_args.num_experts", "2"))[0] == 0
     assert (run / "routing.csv").exists()
@@ -337,6 +335,7 @@ def test_a_run_directory_being_written_by_a_live_process_is_refused_and_left_alo
     assert rc == 1 and len(lines) == 1 and "being written by another fedbench process" in lines[0], err
     assert str(writer.pid) in lines[0] and "--run_dir" in lines[0]
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name != LOCK} == before
+    assert (run / LOCK).read_text() == f"{socket.gethostname()}:{writer.pid}"  # the holder's, not taken
     rc, _, err = run_cli(fit_argv("run", "--method", "fedprox", "--overwrite", "true"))  # its holder died
     assert rc == 0, err
     assert read_summary(run)["method"] == "fedprox" and not (run / LOCK).exists()

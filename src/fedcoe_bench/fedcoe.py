@@ -137,7 +137,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         assignment_balance: :math:`\\gamma` of the assignment's bias (every assignment by fit).
         capacity: the multiple of its share :math:`1/K` of the clients an expert may take before its
             bias grows (Switch Transformer's capacity factor, Fedus et al., 2022).
-        split: split an overloaded expert into an idle one (above; an assignment by fit only).
+        split: split an overloaded expert into a deserted one (above; an assignment by fit and the shared gate only).
         coordinated: routing-weighted expert aggregation; false: plain n-weighted averaging.
         coordination_eps: the epsilon above (0 is the literal rule).
         shared_gate: one gate aggregated on the server; false: a personal gate per client (the server
