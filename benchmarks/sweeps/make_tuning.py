@@ -13,19 +13,20 @@ from pathlib import Path
 import yaml
 
 LRS = (0.003, 0.01, 0.03, 0.1, 0.3)
-METHODS = {  # short name -> (class path, knob, values)
+CORE_LRS = (0.01, 0.03, 0.1)  # run first; an edge value chosen here is what the outer values decide
+METHODS = {  # cheapest first; short name -> (class path, knob, values)
     "fedavg": ("fedcoe_bench.baselines.fedavg.FedAvg", None, ()),
-    "fedprox": ("fedcoe_bench.baselines.fedprox.FedProx", "mu", (0.001, 0.01, 0.1)),
-    "scaffold": ("fedcoe_bench.baselines.scaffold.SCAFFOLD", None, ()),
+    "local": ("fedcoe_bench.baselines.local.Local", None, ()),
     "fedper": ("fedcoe_bench.baselines.fedper.FedPer", None, ()),
+    "scaffold": ("fedcoe_bench.baselines.scaffold.SCAFFOLD", None, ()),
+    "fedprox": ("fedcoe_bench.baselines.fedprox.FedProx", "mu", (0.001, 0.01, 0.1)),
     "fedrep": ("fedcoe_bench.baselines.fedrep.FedRep", "head_share", (0.25, 0.5, 0.75)),
     "ditto": ("fedcoe_bench.baselines.ditto.Ditto", "lam", (0.1, 0.5, 1.0)),
     "pfedmoe": ("fedcoe_bench.baselines.pfedmoe.PFedMoE", None, ()),
-    "local": ("fedcoe_bench.baselines.local.Local", None, ()),
-    "ensemble": ("fedcoe_bench.baselines.ensemble.Ensemble", None, ()),  # K = 4, FedCoE's: the capacity control
     "ifca": ("fedcoe_bench.baselines.ifca.IFCA", "num_experts", (2, 4)),
     "fedem": ("fedcoe_bench.baselines.fedem.FedEM", "num_experts", (2, 4)),
     "fedmix": ("fedcoe_bench.baselines.fedmix.FedMix", "num_experts", (2, 4)),
+    "ensemble": ("fedcoe_bench.baselines.ensemble.Ensemble", None, ()),  # K = 4, FedCoE's: the capacity control
     "fedcoe": ("fedcoe_bench.fedcoe.FedCoE", "assignment", ("gate", "hard", "soft")),
 }
 HERE = Path(__file__).parent
@@ -54,6 +55,21 @@ def main() -> None:
               f"at most one knob of at most three values).\n# On 2 cores:\n#   for i in 1 2; do OMP_NUM_THREADS=1 "
               f"fedbench sweep benchmarks/sweeps/tune_v2.yaml --sweep_dir runs/tune & done; wait\n")
     (HERE / "tune_v2.yaml").write_text(header + yaml.safe_dump(sweep, sort_keys=False))
+
+    # The same runs (same names, same run directories), the core learning rates first and one method's
+    # runs together, cheapest method first: on 2 cores the grid takes several sessions, and a method
+    # whose runs are all in can be read off before the next starts.
+    core = [f for f in files if any(f"-lr{lr}-" in f or f.endswith(f"-lr{lr}.yaml") for lr in CORE_LRS)]
+    core.sort(key=lambda f: list(METHODS).index(Path(f).stem.split("-")[0]))
+    staged = {**sweep, "name": "tune-v2-core",
+              "parameters": {"config": {"values": core}, "data.alpha": {"values": [0.1, 0.3]},
+                             "seed": {"values": [1, 4]}, "loop.rounds": {"value": 50}}}
+    (HERE / "tune_v2_core.yaml").write_text(
+        f"# tune_v2.yaml's runs at lr {list(CORE_LRS)} ({4 * len(core)} runs), one method after another in the "
+        f"order of their cost (written by make_tuning.py).\n# Same run directories as tune_v2.yaml: run this "
+        f"first, then tune_v2.yaml finishes the outer learning rates.\n# On 2 cores:\n#   for i in 1 2; do "
+        f"OMP_NUM_THREADS=1 fedbench sweep benchmarks/sweeps/tune_v2_core.yaml --sweep_dir runs/tune & done; wait\n"
+        + yaml.safe_dump(staged, sort_keys=False))
 
 
 if __name__ == "__main__":
