@@ -49,9 +49,10 @@ def test_plot_writes_nonempty_pngs(runs, tmp_path, run_cli):
     code, stdout, err = run_cli(["plot", str(runs), "--out", str(out)])
     assert code == 0, err
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["synthetic_dirichlet0.3_3r_clients.png", "synthetic_dirichlet0.3_3r_curves.png",
-                     "synthetic_dirichlet0.3_3r_partition.png"]
+    assert names == ["synthetic_dirichlet0.3_3r_clients.png", "synthetic_dirichlet0.3_3r_cost.png",
+                     "synthetic_dirichlet0.3_3r_curves.png", "synthetic_dirichlet0.3_3r_partition.png"]
     assert stdout.split() == [str(out / n) for n in ("synthetic_dirichlet0.3_3r_curves.png",
+                                                     "synthetic_dirichlet0.3_3r_cost.png",
                                                      "synthetic_dirichlet0.3_3r_clients.png",
                                                      "synthetic_dirichlet0.3_3r_partition.png")]
     for name in names:
@@ -85,6 +86,25 @@ def test_a_method_without_a_server_model_draws_no_server_curve(runs, fit_argv, r
     assert "local" in series["personal_acc"] and "fedavg" in series["global_acc"]
     assert "local" not in series["global_acc"] and "local" not in series["cold_start_acc"]
     assert len(series["global_acc"]["fedavg"]) == 2  # one curve per seed
+
+
+def test_the_cost_figure_plots_the_tables_accuracy_against_the_summaries_cost(runs, fit_argv, run_cli):
+    """Each point is a table row: x the cost its runs recorded, y its mean over seeds; Local has no
+    server point, as its table cell is n/a."""
+    from fedcoe_bench.plots import cost_points
+    from fedcoe_bench.results import load_runs
+
+    code, _, err = run_cli(fit_argv(str(runs / "local" / "seed0"), "--method", "local", "--loop.rounds", "3"))
+    assert code == 0, err
+    points = cost_points([r for r in load_runs(runs) if r.finished])
+    summaries = [json.loads((runs / "fedavg" / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+    cost, mean, std = points["global_acc"]["fedavg"]
+    assert cost["client_params"] == summaries[0]["cost"]["client_params"]
+    assert cost["round_time_x"] == 1.0  # FedAvg is the unit of the time axis
+    assert mean == pytest.approx(50.0 * (summaries[0]["global_acc"] + summaries[1]["global_acc"]))
+    assert std is not None and "fedper" in points["global_acc"]
+    assert "local" in points["personal_acc"] and "local" not in points["global_acc"]
+    assert "local" not in points["cold_start_acc"]
 
 
 def test_plot_of_nothing_is_one_line(tmp_path, run_cli):

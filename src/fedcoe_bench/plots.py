@@ -2,6 +2,8 @@
 
 - ``*_curves.png``: global / personalized / cold-start accuracy (%) against the round, one line
   per method (mean over seeds, band: ± one sample std), from each run's ``metrics.csv``;
+- ``*_cost.png``: each method's accuracy (mean ± std over seeds, the table's numbers) against what it
+  costs: parameters per client and training time per round relative to FedAvg (the cost table's);
 - ``*_clients.png``: the spread of per-client accuracy (%) per method, all seeds pooled, from each
   run's ``clients.csv`` (written by ``fedbench fit`` at the final evaluation);
 - ``*_partition.png``: how the partition deals classes to clients (the run config's
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from fedcoe_bench.results import (SERVER_METRICS, Run, finite_float, fmt_alpha, group_title, load_runs, method_sort_key,
                                   read_history)
-from fedcoe_bench.tables import mean_std
+from fedcoe_bench.tables import COSTS, build_tables, mean_std
 
 CURVE_METRICS = (("global_acc", "global (server model, global test set)"),
                  ("personal_acc", "personalized (own model, own test split)"),
@@ -116,6 +118,54 @@ def plot_curves(runs: list[Run], title: str, out: Path) -> bool:
                 names.append(n)
     fig.legend(handles, names, loc="outside right upper", title="method (seeds)", fontsize=9)
     fig.suptitle(f"{title}: accuracy vs round (mean over seeds, band ± 1 std)")
+    fig.savefig(out)
+    return True
+
+
+COST_AXES = ("client_params", "round_time_x")  # keys of tables.COSTS: the figure's x axes
+
+
+def cost_points(runs: list[Run]) -> dict[str, dict[str, tuple[dict, float, float | None]]]:
+    """``{metric: {label: (cost, mean, std)}}``: the rows of the group's table that recorded a cost,
+    their accuracy in % as the table prints it (a server metric left out where the table says n/a)."""
+    (table,) = build_tables(runs)
+    points: dict[str, dict[str, tuple[dict, float, float | None]]] = {}
+    for metric, _ in CURVE_METRICS:
+        for row in table.rows:
+            cell = row.cells[metric]
+            if row.cost and cell.mean is not None and cell.model != "none":
+                points.setdefault(metric, {})[row.label] = (row.cost, cell.mean, cell.std)
+    return points
+
+
+def plot_cost(runs: list[Run], title: str, out: Path) -> bool:
+    points = cost_points(runs)
+    labels = sorted({label for by_label in points.values() for label in by_label}, key=method_sort_key)
+    if not labels:
+        return False
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2, 3, 10 on the log axis, not 2 x 10^0
+    colors = _colors(labels)
+    fig = _figure(5.0 * len(CURVE_METRICS), 3.8 * len(COST_AXES))
+    axes = fig.subplots(len(COST_AXES), len(CURVE_METRICS), squeeze=False)
+    for row_axes, key in zip(axes, COST_AXES):
+        name, scale, _ = COSTS[key]
+        for ax, (metric, metric_name) in zip(row_axes, CURVE_METRICS):
+            for label, (cost, mean, std) in points.get(metric, {}).items():
+                if cost.get(key) is None:
+                    continue
+                ax.errorbar(scale * cost[key], mean, yerr=std or 0.0, fmt="o", color=colors[label], capsize=3,
+                            label=label)
+                ax.annotate(label, (scale * cost[key], mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
+            ax.set_title(metric_name, fontsize=10)
+            ax.set_xlabel(name)
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{title}: accuracy against cost (mean ± 1 std over seeds)")
     fig.savefig(out)
     return True
 
@@ -341,6 +391,8 @@ def make_plots(runs_dir: str | Path, out_dir: str | Path | None = None) -> list[
         for name, shown in figure_sets(slug, members):
             if plot_curves(shown, title, out / f"{name}_curves.png"):
                 written.append(out / f"{name}_curves.png")
+            if plot_cost(shown, title, out / f"{name}_cost.png"):
+                written.append(out / f"{name}_cost.png")
             if plot_clients(shown, title, out / f"{name}_clients.png"):
                 written.append(out / f"{name}_clients.png")
             else:

@@ -36,6 +36,29 @@ class Selection:
     settings: int  # how many settings competed
     unfinished: int = 0  # runs of the group without a finished summary: nothing is chosen then
     diverged: int = 0  # settings out of the running because one of their runs diverged
+    lr_edge: str = ""  # "lowest" / "highest" when the chosen lr is an end of the lrs the group tried
+
+
+def learning_rate(run: SweepRun) -> float | None:
+    """The method's learning rate in the run's resolved config (None when it has none)."""
+    lr = ((run.config.get("method") or {}).get("init_args") or {}).get("lr")
+    return float(lr) if isinstance(lr, (int, float)) else None
+
+
+def lr_edge(chosen: SweepRun, tried: list[SweepRun]) -> str:
+    """Whether the chosen learning rate is the lowest or highest of two or more tried (every setting
+    counts, diverged ones too: a grid whose top diverged has found its edge). An edge choice says
+    the optimum may lie outside the grid, which is widened on that side until the choice is inside.
+
+    >>> runs = [SweepRun(i, {}, [], Path(), {"method": {"init_args": {"lr": lr}}}) for i, lr in enumerate((0.01, 0.1))]
+    >>> lr_edge(runs[1], runs), lr_edge(runs[0], runs), lr_edge(runs[0], runs[:1])
+    ('highest', 'lowest', '')
+    """
+    lrs = {x for x in map(learning_rate, tried) if x is not None}
+    lr = learning_rate(chosen)
+    if lr is None or len(lrs) < 2:
+        return ""
+    return "highest" if lr == max(lrs) else "lowest" if lr == min(lrs) else ""
 
 
 def selection_metric(config: dict) -> tuple[str, str] | None:
@@ -93,7 +116,8 @@ def select(runs: list[SweepRun], metric: str, goal: str = "maximize") -> list[Se
                 best, best_key = (same, score), key
         chosen, score = best
         setting = {k: v for k, v in chosen[0].params.items() if k not in NOT_A_SETTING}
-        out.append(Selection(group, setting, score, chosen, len(settings), 0, len(failed)))
+        tried = [r for same in settings.values() for r in same]
+        out.append(Selection(group, setting, score, chosen, len(settings), 0, len(failed), lr_edge(chosen[0], tried)))
     return out
 
 
@@ -122,7 +146,8 @@ def render_selection(selections: list[Selection], metric: str, goal: str) -> str
             conventions += [method] * (tested[0].global_model == "convention")
             chosen = ", ".join(f"{k}={v}" for k, v in sel.setting.items()) or "(the only one)"
             diverged = f", {sel.diverged} diverged" if sel.diverged else ""
-            row = [f"{chosen} (of {sel.settings}{diverged})", f"{100.0 * sel.score:.2f}", *cells,
+            edge = f"; lr the {sel.lr_edge} tried: widen the grid" if sel.lr_edge else ""
+            row = [f"{chosen} (of {sel.settings}{diverged}{edge})", f"{100.0 * sel.score:.2f}", *cells,
                    " ".join(str(r.config.get("seed")) for r in sel.runs)]
         lines.append("| " + " | ".join([title, method, *row]) + " |")
     if conventions:
