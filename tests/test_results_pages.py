@@ -1,6 +1,8 @@
 """Every published table is rebuilt from the repository by the command its page names, equal to what
 the page prints: each ``fedbench table benchmarks/results/runs/...`` command of README.md and
-benchmarks/results/*.md runs on the committed records, and every table line it prints is in the page."""
+benchmarks/results/*.md, and each tuning selection (``fedbench sweep FILE --sweep_dir
+benchmarks/results/runs/... --dry-run``), runs on the committed records, and every table line it
+prints is in the page."""
 
 from __future__ import annotations
 
@@ -27,10 +29,12 @@ def table_commands(text: str) -> list[str]:
     candidates += re.findall(r"(?<!`)`([^`\n]+)`(?!`)", text)
     commands = []
     for command in candidates:
-        if not command.startswith("fedbench table "):
+        if not command.startswith(("fedbench table ", "fedbench sweep ")):
             continue
         argv = shlex.split(command)
-        if argv[:2] != ["fedbench", "table"] or not any(a.startswith(RECORDS) for a in argv[2:]):
+        if not any(a.startswith(RECORDS) for a in argv[2:]):
+            continue
+        if argv[1] == "sweep" and "--dry-run" not in argv:  # a sweep that would run: not a page's rebuild
             continue
         if any(a.endswith("/...") for a in argv):  # README's placeholder for "a directory of records"
             continue
@@ -54,10 +58,10 @@ def ignored_files(directory: str) -> list[str]:
 
 
 @pytest.mark.parametrize("page,command", CASES,
-                         ids=[f"{page.name}:{command.split()[-1]}" for page, command in CASES])
+                         ids=[f"{page.name}:{command.split()[1]}:{command.split()[-1]}" for page, command in CASES])
 def test_page_prints_what_its_table_command_rebuilds(page, command, run_cli, monkeypatch):
     argv = shlex.split(command)[1:]
-    directory = next(a for a in argv[1:] if a.startswith(RECORDS))
+    directory = next(a for a in argv[2:] if a.startswith(RECORDS))
     # the records must be in the repository: a missing directory fails, never skips
     assert (REPO / directory).is_dir(), f"{page.name} names {directory}, which is not in the repository"
     assert any((REPO / directory).rglob("summary.json")), f"{directory} holds no run record"

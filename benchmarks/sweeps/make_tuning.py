@@ -48,22 +48,19 @@ def main() -> None:
     sweep = {"name": "tune-v2", "project": "fedcoe-bench", "program": "fedbench", "method": "grid",
              "metric": {"name": "val_personal_acc", "goal": "maximize"},
              "command": ["fedbench", "fit", "--config", "benchmarks/mnist10k_dir0.3.yaml", "--logger", "wandb", "${args}"],
-             "parameters": {"seed": {"values": [1, 4]}, "data.alpha": {"values": [0.1, 0.3]},
-                            "config": {"values": files}, "loop.rounds": {"value": 50}}}
+             # one method's runs together, cheapest method first: a method is complete before the next starts
+             "parameters": {"config": {"values": files}, "data.alpha": {"values": [0.1, 0.3]},
+                            "seed": {"values": [1, 4]}, "loop.rounds": {"value": 50}}}
     header = (f"# Issue #29's tuning protocol on MNIST-10k: {len(files)} settings x 2 alphas x seeds 1 and 4 = "
               f"{4 * len(files)} runs of 50 rounds (written by make_tuning.py; every method: lr in {list(LRS)}, "
               f"at most one knob of at most three values).\n# On 2 cores:\n#   for i in 1 2; do OMP_NUM_THREADS=1 "
               f"fedbench sweep benchmarks/sweeps/tune_v2.yaml --sweep_dir runs/tune & done; wait\n")
     (HERE / "tune_v2.yaml").write_text(header + yaml.safe_dump(sweep, sort_keys=False))
 
-    # The same runs (same names, same run directories), the core learning rates first and one method's
-    # runs together, cheapest method first: on 2 cores the grid takes several sessions, and a method
-    # whose runs are all in can be read off before the next starts.
+    # The same runs (same names, same run directories) at the core learning rates only: on 2 cores the
+    # whole grid takes several sessions, and the core shows early which methods choose an edge rate.
     core = [f for f in files if any(f"-lr{lr}-" in f or f.endswith(f"-lr{lr}.yaml") for lr in CORE_LRS)]
-    core.sort(key=lambda f: list(METHODS).index(Path(f).stem.split("-")[0]))
-    staged = {**sweep, "name": "tune-v2-core",
-              "parameters": {"config": {"values": core}, "data.alpha": {"values": [0.1, 0.3]},
-                             "seed": {"values": [1, 4]}, "loop.rounds": {"value": 50}}}
+    staged = {**sweep, "name": "tune-v2-core", "parameters": {**sweep["parameters"], "config": {"values": core}}}
     (HERE / "tune_v2_core.yaml").write_text(
         f"# tune_v2.yaml's runs at lr {list(CORE_LRS)} ({4 * len(core)} runs), one method after another in the "
         f"order of their cost (written by make_tuning.py).\n# Same run directories as tune_v2.yaml: run this "
