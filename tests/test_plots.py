@@ -1,4 +1,5 @@
-"""fedbench plot: the three figures of a group of runs are non-empty PNGs; clients.csv holds per-client accuracies."""
+"""fedbench plot: the figures of a group of runs are non-empty PNGs that draw what the tables print; clients.csv
+holds per-client accuracies."""
 
 from __future__ import annotations
 
@@ -88,23 +89,43 @@ def test_a_method_without_a_server_model_draws_no_server_curve(runs, fit_argv, r
     assert len(series["global_acc"]["fedavg"]) == 2  # one curve per seed
 
 
-def test_the_cost_figure_plots_the_tables_accuracy_against_the_summaries_cost(runs, fit_argv, run_cli):
-    """Each point is a table row: x the cost its runs recorded, y its mean over seeds; Local has no
-    server point, as its table cell is n/a."""
-    from fedcoe_bench.plots import cost_points
+def test_the_cost_figure_plots_the_tables_accuracy_against_the_summaries_cost(runs, fit_argv, run_cli, tmp_path,
+                                                                              monkeypatch):
+    """Each point is a table row: x the cost its runs recorded (time over the group's FedAvg, even where
+    FedAvg is not drawn), y its mean over seeds; Local has no server point, as its table cell is n/a."""
+    from matplotlib.axes import Axes
+
+    from fedcoe_bench.plots import cost_points, plot_cost
     from fedcoe_bench.results import load_runs
 
     code, _, err = run_cli(fit_argv(str(runs / "local" / "seed0"), "--method", "local", "--loop.rounds", "3"))
     assert code == 0, err
-    points = cost_points([r for r in load_runs(runs) if r.finished])
-    summaries = [json.loads((runs / "fedavg" / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+    finished = [r for r in load_runs(runs) if r.finished]
+    points = cost_points(finished)
+    summary = {(m, s): json.loads((runs / m / f"seed{s}" / "summary.json").read_text())
+               for m, s in (("fedavg", 0), ("fedavg", 1), ("fedper", 0))}
     cost, mean, std = points["global_acc"]["fedavg"]
-    assert cost["client_params"] == summaries[0]["cost"]["client_params"]
-    assert cost["round_time_x"] == 1.0  # FedAvg is the unit of the time axis
-    assert mean == pytest.approx(50.0 * (summaries[0]["global_acc"] + summaries[1]["global_acc"]))
-    assert std is not None and "fedper" in points["global_acc"]
-    assert "local" in points["personal_acc"] and "local" not in points["global_acc"]
-    assert "local" not in points["cold_start_acc"]
+    assert cost["client_params"] == summary["fedavg", 0]["cost"]["client_params"]
+    assert mean == pytest.approx(50.0 * (summary["fedavg", 0]["global_acc"] + summary["fedavg", 1]["global_acc"]))
+    fedavg_time = (summary["fedavg", 0]["cost"]["round_time_s"] + summary["fedavg", 1]["cost"]["round_time_s"]) / 2
+    fedper = points["personal_acc"]["fedper"][0]
+    assert fedper["round_time_x"] == pytest.approx(summary["fedper", 0]["cost"]["round_time_s"] / fedavg_time)
+    assert std is not None and "local" in points["personal_acc"]
+    assert "local" not in points["global_acc"] and "local" not in points["cold_start_acc"]
+    # FedAvg not drawn: FedPer's time is still relative to it; without FedAvg's runs there is no unit
+    only_fedper = cost_points(finished, {"fedper"})
+    assert set(only_fedper["global_acc"]) == {"fedper"}
+    assert only_fedper["global_acc"]["fedper"][0]["round_time_x"] == pytest.approx(fedper["round_time_x"])
+    assert cost_points([r for r in finished if r.label == "fedper"])["global_acc"]["fedper"][0]["round_time_x"] is None
+
+    drawn = []
+    monkeypatch.setattr(Axes, "errorbar", lambda self, x, y, **kw: drawn.append((kw["label"], x, y)))
+    shown = [r for r in finished if r.label == "fedper"]
+    assert plot_cost(shown, "t", tmp_path / "cost.png", group_runs=finished)
+    # 3 accuracies x 2 cost axes, each FedPer's point at the table's numbers
+    assert sorted(drawn) == sorted(
+        [("fedper", 1e-6 * fedper["client_params"], points[m]["fedper"][1]) for m in points]
+        + [("fedper", fedper["round_time_x"], points[m]["fedper"][1]) for m in points])
 
 
 def test_plot_of_nothing_is_one_line(tmp_path, run_cli):

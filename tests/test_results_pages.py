@@ -20,9 +20,22 @@ RECORDS = "benchmarks/results/runs"
 PAGES = [REPO / "README.md", *sorted((REPO / "benchmarks" / "results").glob("*.md"))]
 
 
-def table_commands(text: str) -> list[str]:
-    """The ``fedbench table`` commands over the committed records that ``text`` names: lines of its
-    fenced code blocks (a trailing ``# comment`` dropped) and inline code spans."""
+def records_dir(argv: list[str]) -> str | None:
+    """The records directory a rebuild command reads (``argv`` from ``table`` or ``sweep`` on): the
+    table's first positional argument, the sweep's ``--sweep_dir``; None outside the records."""
+    if argv[0] == "table":
+        directory = next((a for a in argv[1:] if not a.startswith("-")), None)
+    else:
+        flags = dict(a.split("=", 1) for a in argv if a.startswith("--sweep_dir="))
+        after = [b for a, b in zip(argv, argv[1:]) if a == "--sweep_dir"]
+        directory = flags.get("--sweep_dir") or (after[0] if after else None)
+    return directory if directory and (directory + "/").startswith(RECORDS + "/") else None
+
+
+def rebuild_commands(text: str) -> list[str]:
+    """The commands that rebuild a table from the committed records that ``text`` names: ``fedbench
+    table DIR`` and the tuning selection ``fedbench sweep FILE --sweep_dir DIR --dry-run``; lines of
+    its fenced code blocks (a trailing ``# comment`` dropped) and inline code spans."""
     candidates = []
     for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.DOTALL | re.MULTILINE):
         candidates += [line.split(" #")[0].strip() for line in block.splitlines()]
@@ -31,10 +44,10 @@ def table_commands(text: str) -> list[str]:
     for command in candidates:
         if not command.startswith(("fedbench table ", "fedbench sweep ")):
             continue
-        argv = shlex.split(command)
-        if not any(a.startswith(RECORDS) for a in argv[2:]):
+        argv = shlex.split(command)[1:]
+        if records_dir(argv) is None:
             continue
-        if argv[1] == "sweep" and "--dry-run" not in argv:  # a sweep that would run: not a page's rebuild
+        if argv[0] == "sweep" and not {"--dry-run", "--dry_run"} & set(argv):  # it would run the sweep
             continue
         if any(a.endswith("/...") for a in argv):  # README's placeholder for "a directory of records"
             continue
@@ -43,11 +56,25 @@ def table_commands(text: str) -> list[str]:
     return commands
 
 
-CASES = [(page, command) for page in PAGES for command in table_commands(page.read_text())]
+def without_export(argv: list[str]) -> list[str]:
+    """``argv`` less ``--export DIR``: a page's selection command may write configs; the test writes none."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--export":
+            skip = True
+        elif not a.startswith("--export="):
+            out.append(a)
+    return out
 
 
-def test_the_pages_name_table_commands():
-    assert len(CASES) >= 4, CASES  # the collection itself works (at least the pages known to name one)
+CASES = [(page, command) for page in PAGES for command in rebuild_commands(page.read_text())]
+
+
+def test_the_pages_name_rebuild_commands():
+    # the collection itself works (at least the pages known to name one of each kind)
+    assert len(CASES) >= 4 and any(c.startswith("fedbench sweep ") for _, c in CASES), CASES
 
 
 def ignored_files(directory: str) -> list[str]:
@@ -57,11 +84,11 @@ def ignored_files(directory: str) -> list[str]:
     return out.splitlines()
 
 
-@pytest.mark.parametrize("page,command", CASES,
-                         ids=[f"{page.name}:{command.split()[1]}:{command.split()[-1]}" for page, command in CASES])
-def test_page_prints_what_its_table_command_rebuilds(page, command, run_cli, monkeypatch):
-    argv = shlex.split(command)[1:]
-    directory = next(a for a in argv[2:] if a.startswith(RECORDS))
+@pytest.mark.parametrize("page,command", CASES, ids=[
+    f"{page.name}:{command.split()[1]}:{records_dir(shlex.split(command)[1:])}" for page, command in CASES])
+def test_page_prints_what_its_command_rebuilds(page, command, run_cli, monkeypatch):
+    argv = without_export(shlex.split(command)[1:])
+    directory = records_dir(argv)
     # the records must be in the repository: a missing directory fails, never skips
     assert (REPO / directory).is_dir(), f"{page.name} names {directory}, which is not in the repository"
     assert any((REPO / directory).rglob("summary.json")), f"{directory} holds no run record"
@@ -71,7 +98,8 @@ def test_page_prints_what_its_table_command_rebuilds(page, command, run_cli, mon
     monkeypatch.chdir(REPO)  # the page's relative paths; main() puts the cwd on sys.path: restore it after
     monkeypatch.setattr(sys, "path", list(sys.path))
     rc, out, err = run_cli(argv)
-    assert rc == 0, err
+    # a sweep's dry run exits 1 when a run diverged (a failed setting the selection shows), 0 otherwise
+    assert rc == 0 or (argv[0] == "sweep" and rc == 1 and " 0 in conflict" in out), err
 
     rows = [line for line in out.splitlines() if line.startswith("|") and not re.fullmatch(r"\|(-*:?\|)+", line)]
     assert rows, f"`{command}` printed no table"

@@ -35,7 +35,7 @@ HERE = Path(__file__).parent
 def main() -> None:
     folder = HERE / "tune_v2"
     folder.mkdir(exist_ok=True)
-    files = []
+    files, core = [], []
     for method, (path, knob, values) in METHODS.items():
         for lr in LRS:
             for value in values or (None,):
@@ -45,6 +45,8 @@ def main() -> None:
                     f"# tune_v2.yaml: {method} at lr {lr}" + (f", {knob} {value}" if knob else "") + "\n"
                     + yaml.safe_dump({"name": name, "method": {"class_path": path, "init_args": args}}, sort_keys=False))
                 files.append(f"benchmarks/sweeps/tune_v2/{name}.yaml")
+                if lr in CORE_LRS:
+                    core.append(files[-1])
     sweep = {"name": "tune-v2", "project": "fedcoe-bench", "program": "fedbench", "method": "grid",
              "metric": {"name": "val_personal_acc", "goal": "maximize"},
              "command": ["fedbench", "fit", "--config", "benchmarks/mnist10k_dir0.3.yaml", "--logger", "wandb", "${args}"],
@@ -59,7 +61,6 @@ def main() -> None:
 
     # The same runs (same names, same run directories) at the core learning rates only: on 2 cores the
     # whole grid takes several sessions, and the core shows early which methods choose an edge rate.
-    core = [f for f in files if any(f"-lr{lr}-" in f or f.endswith(f"-lr{lr}.yaml") for lr in CORE_LRS)]
     staged = {**sweep, "name": "tune-v2-core", "parameters": {**sweep["parameters"], "config": {"values": core}}}
     (HERE / "tune_v2_core.yaml").write_text(
         f"# tune_v2.yaml's runs at lr {list(CORE_LRS)} ({4 * len(core)} runs), one method after another in the "

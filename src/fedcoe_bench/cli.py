@@ -176,7 +176,7 @@ COMMANDS = {
     "sweep": Command("run a W&B grid-sweep file locally, one run after another", sweep_parser, _run_sweep),
     "table": Command("results table: methods x accuracies, mean ± std over seeds", table_parser,
                      _results_command("fedcoe_bench.tables")),
-    "plot": Command("figures: accuracy curves, per-client spread, partitions", plot_parser,
+    "plot": Command("figures: accuracy curves, accuracy against cost, per-client spread, partitions", plot_parser,
                     _results_command("fedcoe_bench.plots")),
     "records": Command("copy finished runs' small records (no checkpoints) for the repository", records_parser,
                        lambda parser, cfg, argv: importlib.import_module("fedcoe_bench.results").records_command(cfg)),

@@ -125,46 +125,66 @@ def plot_curves(runs: list[Run], title: str, out: Path) -> bool:
 COST_AXES = ("client_params", "round_time_x")  # keys of tables.COSTS: the figure's x axes
 
 
-def cost_points(runs: list[Run]) -> dict[str, dict[str, tuple[dict, float, float | None]]]:
-    """``{metric: {label: (cost, mean, std)}}``: the rows of the group's table that recorded a cost,
-    their accuracy in % as the table prints it (a server metric left out where the table says n/a)."""
-    (table,) = build_tables(runs)
+def cost_points(runs: list[Run], shown: set[str] | None = None) -> dict[str, dict[str, tuple[dict, float, float | None]]]:
+    """``{metric: {label: (cost, mean, std)}}``: the rows (``shown`` labels only, default all) of the
+    table of ``runs``, one group, that recorded a cost, their accuracy in % as the table prints it (a
+    server metric left out where the table says n/a). The round time is relative to the group's FedAvg
+    row, as in the table, whether or not FedAvg is shown."""
+    tables = build_tables(runs)
+    if len(tables) != 1:
+        raise ValueError(f"cost_points takes the runs of one group (got {len(tables)})")
     points: dict[str, dict[str, tuple[dict, float, float | None]]] = {}
     for metric, _ in CURVE_METRICS:
-        for row in table.rows:
+        for row in tables[0].rows:
             cell = row.cells[metric]
-            if row.cost and cell.mean is not None and cell.model != "none":
+            if row.cost and cell.mean is not None and cell.model != "none" and (shown is None or row.label in shown):
                 points.setdefault(metric, {})[row.label] = (row.cost, cell.mean, cell.std)
     return points
 
 
-def plot_cost(runs: list[Run], title: str, out: Path) -> bool:
-    points = cost_points(runs)
-    labels = sorted({label for by_label in points.values() for label in by_label}, key=method_sort_key)
-    if not labels:
+def plot_cost(runs: list[Run], title: str, out: Path, group_runs: list[Run] | None = None) -> bool:
+    """``runs``' points; their costs read from the table of ``group_runs`` (default ``runs``), the
+    whole group, so that the time axis has the group's FedAvg as its unit."""
+    points = cost_points(group_runs or runs, {r.label for r in runs})
+    if not points:
         return False
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import LogFormatter
 
-    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2, 3, 10 on the log axis, not 2 x 10^0
-    colors = _colors(labels)
+    labels = sorted({r.label for r in runs}, key=method_sort_key)
+    colors = _colors(labels)  # the curves figure's colours
     fig = _figure(5.0 * len(CURVE_METRICS), 3.8 * len(COST_AXES))
     axes = fig.subplots(len(COST_AXES), len(CURVE_METRICS), squeeze=False)
     for row_axes, key in zip(axes, COST_AXES):
         name, scale, _ = COSTS[key]
         for ax, (metric, metric_name) in zip(row_axes, CURVE_METRICS):
+            drawn = 0
             for label, (cost, mean, std) in points.get(metric, {}).items():
-                if cost.get(key) is None:
+                if cost.get(key) is None or cost[key] <= 0:  # no FedAvg row: no relative time
                     continue
                 ax.errorbar(scale * cost[key], mean, yerr=std or 0.0, fmt="o", color=colors[label], capsize=3,
                             label=label)
-                ax.annotate(label, (scale * cost[key], mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
-            ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(plain)
-            ax.xaxis.set_minor_formatter(plain)
+                drawn += 1
             ax.set_title(metric_name, fontsize=10)
             ax.set_xlabel(name)
             ax.set_ylabel("accuracy (%)")
+            if not drawn:
+                ax.text(0.5, 0.5, "no cost recorded" if key != "round_time_x" else "no FedAvg row: no relative time",
+                        ha="center", va="center", transform=ax.transAxes)
+                continue
+            ax.set_xscale("log")
+            # plain numbers (2, 3, 10, not 2 x 10^0), minor ones only where the axis spans few decades
+            for set_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+                set_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
             ax.grid(alpha=0.3, which="both")
+    handles, names = [], []
+    for ax in axes.flat:
+        for h, n in zip(*ax.get_legend_handles_labels()):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    order = sorted(range(len(names)), key=lambda i: method_sort_key(names[i]))
+    fig.legend([handles[i] for i in order], [names[i] for i in order], loc="outside right upper", title="method",
+               fontsize=9)
     fig.suptitle(f"{title}: accuracy against cost (mean ± 1 std over seeds)")
     fig.savefig(out)
     return True
@@ -391,7 +411,7 @@ def make_plots(runs_dir: str | Path, out_dir: str | Path | None = None) -> list[
         for name, shown in figure_sets(slug, members):
             if plot_curves(shown, title, out / f"{name}_curves.png"):
                 written.append(out / f"{name}_curves.png")
-            if plot_cost(shown, title, out / f"{name}_cost.png"):
+            if plot_cost(shown, title, out / f"{name}_cost.png", group_runs=members):
                 written.append(out / f"{name}_cost.png")
             if plot_clients(shown, title, out / f"{name}_clients.png"):
                 written.append(out / f"{name}_clients.png")

@@ -50,9 +50,12 @@ def lr_edge(chosen: SweepRun, tried: list[SweepRun]) -> str:
     counts, diverged ones too: a grid whose top diverged has found its edge). An edge choice says
     the optimum may lie outside the grid, which is widened on that side until the choice is inside.
 
-    >>> runs = [SweepRun(i, {}, [], Path(), {"method": {"init_args": {"lr": lr}}}) for i, lr in enumerate((0.01, 0.1))]
-    >>> lr_edge(runs[1], runs), lr_edge(runs[0], runs), lr_edge(runs[0], runs[:1])
+    >>> low, mid, top = [SweepRun(i, {}, [], Path(), {"method": {"init_args": {"lr": lr}}})
+    ...                  for i, lr in enumerate((0.01, 0.03, 0.1))]
+    >>> lr_edge(top, [low, top]), lr_edge(low, [low, top]), lr_edge(low, [low])
     ('highest', 'lowest', '')
+    >>> lr_edge(mid, [low, mid, top])  # also when the top one diverged: it was tried
+    ''
     """
     lrs = {x for x in map(learning_rate, tried) if x is not None}
     lr = learning_rate(chosen)
@@ -105,7 +108,7 @@ def select(runs: list[SweepRun], metric: str, goal: str = "maximize") -> list[Se
         failed = {k for k, same in settings.items() if any(r.state.startswith("diverged") for r in same)}
         unfinished = sum(r.state != "finished" for k, same in settings.items() if k not in failed for r in same)
         if unfinished or len(failed) == len(settings):
-            out.append(Selection(group, {}, None, [], len(settings), unfinished, len(failed)))
+            out.append(Selection(group, {}, None, [], len(settings), unfinished=unfinished, diverged=len(failed)))
             continue
         sign = 1.0 if goal == "maximize" else -1.0
         best, best_key = None, None
@@ -117,7 +120,8 @@ def select(runs: list[SweepRun], metric: str, goal: str = "maximize") -> list[Se
         chosen, score = best
         setting = {k: v for k, v in chosen[0].params.items() if k not in NOT_A_SETTING}
         tried = [r for same in settings.values() for r in same]
-        out.append(Selection(group, setting, score, chosen, len(settings), 0, len(failed), lr_edge(chosen[0], tried)))
+        out.append(Selection(group, setting, score, chosen, len(settings), unfinished=0, diverged=len(failed),
+                             lr_edge=lr_edge(chosen[0], tried)))
     return out
 
 
