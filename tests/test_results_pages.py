@@ -107,3 +107,26 @@ def test_page_prints_what_its_command_rebuilds(page, command, run_cli, monkeypat
     missing = [row for row in rows if row not in lines]
     assert not missing, (f"{page.relative_to(REPO)} does not print these rows of `{command}`:\n"
                          + "\n".join(missing))
+
+
+def test_refresh_rewrites_only_a_marked_block_with_what_its_command_prints(tmp_path, run_cli, monkeypatch):
+    """benchmarks/results/refresh.py replaces a stale block between a command's marker and ``<!-- end -->``
+    with that command's table lines, and leaves the page's own text alone."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("refresh", REPO / "benchmarks" / "results" / "refresh.py")
+    refresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refresh)
+    command = f"fedbench table {RECORDS}/cifar10-jpeg"
+    page = tmp_path / "page.md"
+    page.write_text(f"# Title\n\nwritten by hand\n\n<!-- {command} -->\n| stale | row |\n<!-- end -->\n\nafter\n")
+    assert refresh.refresh(page)
+    text = page.read_text()
+    assert text.startswith("# Title\n\nwritten by hand\n\n") and text.endswith("<!-- end -->\n\nafter\n")
+    assert "| stale | row |" not in text
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    _, out, _ = run_cli(shlex.split(command)[1:])
+    rows = [line for line in out.splitlines() if line.startswith("|")]
+    assert rows and all(row in text.splitlines() for row in rows)
+    assert not refresh.refresh(page)  # nothing new: the page is left as it is
