@@ -7,6 +7,16 @@ import torch
 from fedcoe_bench.method import ClientContext, ClientUpdate, FederatedMethod, RoundContext, weighted_mean
 
 
+def unit_path(steps: int, momentum: float) -> float:
+    """How far ``steps`` steps of SGD with ``momentum`` (heavy ball, fresh buffer, lr 1) move under a
+    constant unit gradient: the buffer after step k is :math:`(1 - \\beta^k) / (1 - \\beta)`.
+
+    >>> unit_path(5, 0.0), round(unit_path(5, 0.9), 4)
+    (5.0, 13.1441)
+    """
+    return float(sum((1 - momentum**k) / (1 - momentum) if momentum else 1.0 for k in range(1, steps + 1)))
+
+
 class SCAFFOLD(FederatedMethod):
     """FedAvg with control variates that correct client drift. The server keeps a control variate
     :math:`c` and every client one of its own, :math:`c_i` (0 before it first trains). A sampled
@@ -28,9 +38,12 @@ class SCAFFOLD(FederatedMethod):
 
     Where our reading departs from the paper: the model mean is weighted by :math:`n_i` (the
     paper's is unweighted, with a global step size :math:`\\eta_g = 1`) so that with :math:`c = c_i
-    = 0` SCAFFOLD is this suite's FedAvg; and the local optimizer is the suite's SGD with momentum,
-    through which the correction passes like the gradient (the paper's analysis is for plain SGD,
-    :math:`K \\eta_l` then the length of the local path).
+    = 0` SCAFFOLD is this suite's FedAvg; and the local optimizer is the suite's SGD with momentum
+    :math:`\\beta`, through which the correction passes like the gradient. Option II divides the
+    local path by how far :math:`K` steps move under a unit gradient: :math:`K \\eta_l` for plain SGD
+    (the paper's), :math:`\\eta_l \\sum_{k=1}^{K} (1 - \\beta^k) / (1 - \\beta)` with momentum from a
+    fresh buffer, so that :math:`c_i` estimates the client's gradient, not up to :math:`1/(1-\\beta)`
+    times it (an overcorrection that drives the clients apart).
 
     The correction enters the local objective as the linear term :math:`\\langle y, c - c_i \\rangle`,
     whose gradient is :math:`c - c_i`. :math:`c` is shared state the clients receive and never
@@ -68,7 +81,8 @@ class SCAFFOLD(FederatedMethod):
     @torch.no_grad()
     def on_client_end(self, x: torch.Tensor, ctx: ClientContext) -> dict[str, torch.Tensor]:
         local = self.flat["shared"][self.span("net.")]  # y after K steps
-        updated = self.client_control - self.control + (self._received - local) / (max(ctx.steps, 1) * self.lr)
+        path = self.lr * unit_path(max(ctx.steps, 1), self.momentum)
+        updated = self.client_control - self.control + (self._received - local) / path
         delta = updated - self.client_control
         self.client_control.copy_(updated)  # kept: the personal state after this hook is the client's
         return {"control_delta": delta}

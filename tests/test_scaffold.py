@@ -68,3 +68,25 @@ def test_a_local_step_is_corrected_by_c_minus_ci_and_ci_follows_option_two(fed):
     want = ci - c + (x0s - y_scaffold) / (1 * 0.1)
     torch.testing.assert_close(m.client_control, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(report["control_delta"], want - ci, rtol=1e-5, atol=1e-5)
+
+
+def test_with_momentum_the_client_control_is_the_gradient_under_a_constant_gradient(fed):
+    """Option II's c_i is the mean gradient of the local path: under a constant gradient g it is g, for
+    plain SGD as with momentum (whose K steps move further than K lr g)."""
+    client = fed.clients[0]
+    x, y = fed.prepare(fed.pool_x[client.train][:8]), fed.pool_y[client.train][:8]
+    for momentum in (0.0, 0.9):
+        m = build(SCAFFOLD, momentum=momentum, lr=0.05)
+        m.flatten_parameters()
+        ctx = ClientContext(1, 6, 3, steps=5)
+        m.on_client_start(x, y, ctx)
+        g = torch.randn(m.client_control.shape, generator=torch.Generator().manual_seed(2))
+        params = list(m.net.parameters())  # the control's layout: the model's parameters in order
+        grads = [part.view_as(p) for part, p in zip(g.split([p.numel() for p in params]), params)]
+        opt = m.configure_optimizers()
+        for _ in range(ctx.steps):
+            for p, grad in zip(params, grads):
+                p.grad = grad.clone()
+            opt.step()
+        m.on_client_end(x, ctx)
+        torch.testing.assert_close(m.client_control, g, rtol=1e-4, atol=1e-4)
