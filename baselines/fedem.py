@@ -39,8 +39,9 @@ class FedEM(RoutingTable, FederatedMethod):
     Departures and conventions:
 
     - :math:`q` is recomputed on every mini-batch from the current components' (detached) losses and
-      :math:`\\pi_i`, in the forward pass the loss needs anyway; the paper fixes :math:`q` per sample
-      at the round's start, which would need a second pass over the client's data. Each sample's
+      the :math:`\\pi_i` the round's E-step started from, in the forward pass the loss needs anyway;
+      the paper fixes :math:`q` per sample at the round's start, which would need a second pass over
+      the client's data. Each sample's
       weights sum to 1, so the step has one model's gradient scale at the same lr.
     - Global and cold-start prediction have no rule in the paper (``global_model = "convention"``):
       the mixture with :math:`\\bar\\pi = \\sum_{i \\in T} n_i \\pi_i / \\sum_{i \\in T} n_i`, the n-weighted
@@ -93,7 +94,8 @@ class FedEM(RoutingTable, FederatedMethod):
         x, y = batch
         ce = F.cross_entropy(self.experts(x).flatten(0, 1), y.repeat(self.num_experts), reduction="none")
         ce = ce.view(self.num_experts, -1)
-        q = (self.pi.log()[:, None] - ce.detach()).softmax(0)
+        prior = self._previous[0]  # the E-step's: q_t from pi_{t-1}; pi_t = mean q_t would count the data twice
+        q = (prior.float().log()[:, None] - ce.detach()).softmax(0).to(ce.dtype)
         return (q * ce).sum(0).mean()
 
     def start_finetune(self) -> tuple[str, ...]:

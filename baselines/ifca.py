@@ -41,6 +41,9 @@ class IFCA(RoutingTable, FederatedMethod):
 
     Departures and conventions:
 
+    - The cluster models are averaged by client size :math:`n_i`, as every model average in this
+      suite (FedAvg's); the paper's option II averages the clients that chose a model uniformly, the
+      same where clients are of one size, as in its experiments.
     - Global and cold-start prediction have no rule in the paper (``global_model = "convention"``):
       global, per input, the model of lowest predictive entropy :math:`H(\\mathrm{softmax}(\\theta_k(x)))`;
       cold start, the one model of lowest mean predictive entropy on the new client's unlabeled inputs.

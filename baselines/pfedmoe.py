@@ -101,8 +101,10 @@ class PFedMoE(LatestHeads, FederatedMethod):
         return server, {**scalars, "global_weight": global_weight}
 
     def start_finetune(self) -> tuple[str, ...]:
-        """A new client fine-tunes its gate and its head (from the evaluation head :math:`\\bar h`)."""
-        return (*super().start_finetune(), "gate.")
+        """A new client fine-tunes what a client trains as its own: its local expert (from its
+        initialization: it has none yet), its gate and its head (from the evaluation head :math:`\\bar h`);
+        without the local expert the personal mixture would keep an untrained extractor in it."""
+        return (*super().start_finetune(), "gate.", "local_expert.")
 
     @torch.no_grad()
     def predict_global(self, x: torch.Tensor) -> torch.Tensor:

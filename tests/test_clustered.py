@@ -133,16 +133,25 @@ def test_fedem_em_update_keeps_pi_a_distribution_and_never_lowers_the_likelihood
     assert int(m.pi.argmax()) == 0 and float(m.pi[1]) < 0.1  # the component that fits least loses weight
 
 
-def test_fedem_m_step_weights_each_sample_by_its_posterior():
+def test_fedem_m_step_weights_each_sample_by_its_e_step_posterior():
+    """The M-step's weights are the E-step's posteriors, from the pi the round started with (q_t from
+    pi_{t-1}), not from the pi the E-step has just computed from the same data."""
     torch.manual_seed(0)
     m = FedEM(num_experts=2, **DIMS)
     m.flatten_parameters()
     x, y = batch()
     with torch.no_grad():
+        for p in m.experts[1].parameters():
+            p.mul_(4.0)  # confident and mostly wrong: the components' losses differ, so the E-step moves pi
         m.pi.copy_(torch.tensor([0.2, 0.8]))
+        m.on_client_start(x, y, ClientContext(1, 6, 3, steps=1))
     ce = torch.stack([F.cross_entropy(e(x), y, reduction="none") for e in m.experts])
-    q = (m.pi.log()[:, None] - ce).softmax(0)
-    torch.testing.assert_close(m.training_step((x, y), 0), (q * ce).sum(0).mean())
+    loss = {}
+    for when, pi in (("before", torch.tensor([0.2, 0.8])), ("after", m.pi.clone())):
+        q = (pi.log()[:, None] - ce).softmax(0)
+        loss[when] = (q * ce).sum(0).mean()
+    assert abs(loss["before"] - loss["after"]) > 1e-2  # the two readings differ
+    torch.testing.assert_close(m.training_step((x, y), 0), loss["before"])
 
 
 def test_fedem_averages_each_component_by_client_size_and_tracks_the_clients_pi():

@@ -72,7 +72,7 @@ def test_finetuning_reads_the_shots_labels_only(indexed_fed, fabric):
 
 
 @pytest.mark.parametrize("cls, kwargs, tuned", [
-    (FedAvg, {}, ("",)), (Local, {}, ("net.",)), (FedPer, {}, ("net.head.",)), (PFedMoE, {}, ("head.", "gate.")),
+    (FedAvg, {}, ("",)), (Local, {}, ("net.",)), (FedPer, {}, ("net.head.",)), (PFedMoE, {}, ("head.", "gate.", "local_expert.")),
     (FedMix, {"num_experts": 2}, ("gate.",)), (FedCoE, {"num_experts": 2}, ("local.", "fusion.")),
 ])
 def test_only_the_named_parameters_change_and_training_state_is_untouched(indexed_fed, fabric, cls, kwargs, tuned):
