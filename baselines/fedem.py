@@ -67,6 +67,7 @@ class FedEM(RoutingTable, FederatedMethod):
     personal = ("pi",)  # pi and pi_weight
     server_only = ("server_pi",)
     global_model = "convention"
+    exact_personal_state = True  # server_pi_sum replaces each client's previous n_i pi_i
 
     def __init__(self, num_experts: int = 4, **kwargs):
         super().__init__(**kwargs)

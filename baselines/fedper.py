@@ -36,6 +36,7 @@ class LatestHeads:
     """
 
     head_prefix: str
+    exact_personal_state = True
 
     def init_eval_head(self, head: nn.Module) -> None:
         """The evaluation head (a copy of ``head``), the server's running sums and the client's ``head_weight``."""

@@ -93,6 +93,15 @@ def test_memory_store_under_several_processes_is_refused_in_one_line():
         FederatedLoop(client_state_dtype="float16")
 
 
+@pytest.mark.parametrize("method", ["fedper", "fedem"])
+def test_a_rounding_store_is_refused_where_the_server_keeps_running_sums_of_client_states(method, fit_argv, run_cli):
+    """FedPer's evaluation head and FedEM's mean pi replace each client's earlier contribution, read back from
+    its stored state: a bfloat16 store would return another number than the one added (347 reads 348)."""
+    assert float(torch.tensor(347.0).to(torch.bfloat16)) != 347.0
+    rc, _, err = run_cli(fit_argv("run", "--method", method, "--loop.client_state_dtype", "bfloat16"))
+    assert rc == 1 and err.count("\n") == 1 and "--loop.client_state_dtype float32" in err
+
+
 # ------------------------------------------------------------------ SIGKILL inside a round
 KILLER = """
 import os, signal, sys

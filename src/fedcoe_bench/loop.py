@@ -115,7 +115,8 @@ class FederatedLoop:
         client_store_dir: directory of the ``disk`` store (default ``RUN_DIR/clients``), one run's only;
             processes on several nodes need one they all reach.
         client_state_dtype: ``float32`` or ``bfloat16``, how personal states are stored (training and
-            evaluation compute in the method's dtype).
+            evaluation compute in the method's dtype); a method whose server keeps running sums of
+            its clients' states (``exact_personal_state``: FedPer, FedRep, pFedMoE, FedEM) refuses ``bfloat16``.
         cold_start_steps: local steps (mini-batches of ``batch_size``) a new client fine-tunes on its
             labelled shots (``data.cold_start_shots``) for the ``cold_start_ft_acc`` column, measured at the
             last evaluation only (fine-tuning every new client costs a few rounds' time); 0: no
@@ -312,6 +313,9 @@ class FederatedLoop:
         evaluator = Evaluator(fed, self.eval_batch_size, self.eval_clients, seed, precision, memory_format,
                               finetune_steps=self.cold_start_steps, finetune_batch_size=self.batch_size,
                               finetune_lr=self.cold_start_lr)
+        if method.exact_personal_state and self.client_state_dtype != "float32":
+            raise ConfigError(f"{type(method).__name__} needs its clients' states stored exactly (its server replaces "
+                              f"each client's earlier contribution to a running sum); use --loop.client_state_dtype float32")
         store = self._open_store(fabric, run_dir, init_personal.numel())
         run = _Run(method, fed, seed, server, init_personal, store, evaluator, precision.precision, memory_format)
         if state is not None:

@@ -150,6 +150,10 @@ class FederatedMethod(L.LightningModule):
     # training_step (a mean cross-entropy, plus terms of the state) and the client hooks read only the loaded state and data.
     # Read from the class itself, never inherited: a subclass whose hooks keep per-client state on self would be wrong.
     batchable: bool = False
+    # The server keeps running sums over clients and subtracts what a client's stored personal state says
+    # it added before (FedPer's evaluation head, FedEM's mean pi): a store that rounds the state
+    # (loop.client_state_dtype=bfloat16) would leave part of every old contribution in the sums.
+    exact_personal_state: bool = False
 
     def __init__(self, backbone: str = "cnn", lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
                  num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
