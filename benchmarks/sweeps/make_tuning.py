@@ -18,7 +18,8 @@ METHODS = {  # cheapest first; short name -> (class path, knob, values)
     "fedavg": ("fedcoe_bench.baselines.fedavg.FedAvg", None, ()),
     "local": ("fedcoe_bench.baselines.local.Local", None, ()),
     "fedper": ("fedcoe_bench.baselines.fedper.FedPer", None, ()),
-    "scaffold": ("fedcoe_bench.baselines.scaffold.SCAFFOLD", None, ()),
+    # None: the method's default (momentum 0.9, every method's), no suffix; 0.0: plain SGD, the paper's optimizer
+    "scaffold": ("fedcoe_bench.baselines.scaffold.SCAFFOLD", "momentum", (None, 0.0)),
     "fedprox": ("fedcoe_bench.baselines.fedprox.FedProx", "mu", (0.001, 0.01, 0.1)),
     "fedrep": ("fedcoe_bench.baselines.fedrep.FedRep", "head_share", (0.25, 0.5, 0.75)),
     "ditto": ("fedcoe_bench.baselines.ditto.Ditto", "lam", (0.1, 0.5, 1.0)),
@@ -39,10 +40,11 @@ def main() -> None:
     for method, (path, knob, values) in METHODS.items():
         for lr in LRS:
             for value in values or (None,):
-                name = f"{method}-lr{lr}" + (f"-{knob.replace('_', '')}{value}" if knob else "")
-                args = {"lr": lr, **({knob: value} if knob else {})}
+                named = knob is not None and value is not None
+                name = f"{method}-lr{lr}" + (f"-{knob.replace('_', '')}{value}" if named else "")
+                args = {"lr": lr, **({knob: value} if named else {})}
                 (folder / f"{name}.yaml").write_text(
-                    f"# tune_v2.yaml: {method} at lr {lr}" + (f", {knob} {value}" if knob else "") + "\n"
+                    f"# tune_v2.yaml: {method} at lr {lr}" + (f", {knob} {value}" if named else "") + "\n"
                     + yaml.safe_dump({"name": name, "method": {"class_path": path, "init_args": args}}, sort_keys=False))
                 files.append(f"benchmarks/sweeps/tune_v2/{name}.yaml")
                 if lr in CORE_LRS:
