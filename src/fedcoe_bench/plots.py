@@ -170,6 +170,8 @@ def plot_cost(runs: list[Run], title: str, out: Path, group_runs: list[Run] | No
             if not drawn:
                 ax.text(0.5, 0.5, "no cost recorded" if key != "round_time_x" else "no FedAvg row: no relative time",
                         ha="center", va="center", transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
                 continue
             ax.set_xscale("log")
             # plain numbers (2, 3, 10, not 2 x 10^0), minor ones only where the axis spans few decades
