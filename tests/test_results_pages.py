@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from fedcoe_bench.sweep import drop_flag
+
 REPO = Path(__file__).parents[1]
 RECORDS = "benchmarks/results/runs"
 PAGES = [REPO / "README.md", *sorted((REPO / "benchmarks" / "results").glob("*.md"))]
@@ -56,19 +58,6 @@ def rebuild_commands(text: str) -> list[str]:
     return commands
 
 
-def without_export(argv: list[str]) -> list[str]:
-    """``argv`` less ``--export DIR``: a page's selection command may write configs; the test writes none."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--export":
-            skip = True
-        elif not a.startswith("--export="):
-            out.append(a)
-    return out
-
-
 CASES = [(page, command) for page in PAGES for command in rebuild_commands(page.read_text())]
 
 
@@ -87,7 +76,7 @@ def ignored_files(directory: str) -> list[str]:
 @pytest.mark.parametrize("page,command", CASES, ids=[
     f"{page.name}:{command.split()[1]}:{records_dir(shlex.split(command)[1:])}" for page, command in CASES])
 def test_page_prints_what_its_command_rebuilds(page, command, run_cli, monkeypatch):
-    argv = without_export(shlex.split(command)[1:])
+    argv = drop_flag(shlex.split(command)[1:], "--export")  # a page's selection may write configs; the test none
     directory = records_dir(argv)
     # the records must be in the repository: a missing directory fails, never skips
     assert (REPO / directory).is_dir(), f"{page.name} names {directory}, which is not in the repository"

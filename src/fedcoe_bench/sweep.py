@@ -113,15 +113,22 @@ def command_args(config: dict, params: dict) -> list[str]:
             tokens.append(tok)
     if "fit" not in tokens:
         raise SweepError(f"the sweep's command must run `fedbench fit` (got: {shlex.join(tokens)})")
-    args = tokens[tokens.index("fit") + 1 :]
-    # the local sweep logs to CSV only: drop the command's --logger
+    return drop_flag(tokens[tokens.index("fit") + 1 :], "--logger")  # the local sweep logs to CSV only
+
+
+def drop_flag(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag`` and its value (``flag VALUE`` or ``flag=VALUE``).
+
+    >>> drop_flag(["--a", "1", "--logger", "wandb", "--logger=csv", "--b"], "--logger")
+    ['--a', '1', '--b']
+    """
     out, skip = [], False
-    for a in args:
+    for a in argv:
         if skip:
             skip = False
-        elif a == "--logger":
+        elif a == flag:
             skip = True
-        elif not a.startswith("--logger="):
+        elif not a.startswith(flag + "="):
             out.append(a)
     return out
 
