@@ -44,6 +44,18 @@ def _colors(labels: list[str]) -> dict[str, tuple]:
     return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
 
+def legend_entries(axes) -> tuple[list, list[str]]:
+    """Every panel's legend entries once each, in the order the panels first show them: one figure
+    legend for panels that each draw some of the methods."""
+    handles, names = [], []
+    for ax in axes.flat:
+        for h, n in zip(*ax.get_legend_handles_labels()):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    return handles, names
+
+
 def read_curve(run_dir: str | Path) -> dict[str, dict[int, float]]:
     """metric -> {round: accuracy} from ``metrics.csv`` (rounds without an evaluation are left out)."""
     return read_history(run_dir, [m for m, _ in CURVE_METRICS])
@@ -110,12 +122,7 @@ def plot_curves(runs: list[Run], title: str, out: Path) -> bool:
         ax.grid(alpha=0.3)
         lo, hi = ax.get_ylim()
         ax.set_ylim(max(0.0, lo), min(100.0, hi))
-    handles, names = axes[0].get_legend_handles_labels()
-    for ax in axes[1:]:
-        for h, n in zip(*ax.get_legend_handles_labels()):
-            if n not in names:
-                handles.append(h)
-                names.append(n)
+    handles, names = legend_entries(axes)
     fig.legend(handles, names, loc="outside right upper", title="method (seeds)", fontsize=9)
     fig.suptitle(f"{title}: accuracy vs round (mean over seeds, band ± 1 std)")
     fig.savefig(out)
@@ -178,12 +185,7 @@ def plot_cost(runs: list[Run], title: str, out: Path, group_runs: list[Run] | No
             for set_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
                 set_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
             ax.grid(alpha=0.3, which="both")
-    handles, names = [], []
-    for ax in axes.flat:
-        for h, n in zip(*ax.get_legend_handles_labels()):
-            if n not in names:
-                handles.append(h)
-                names.append(n)
+    handles, names = legend_entries(axes)
     order = sorted(range(len(names)), key=lambda i: method_sort_key(names[i]))
     fig.legend([handles[i] for i in order], [names[i] for i in order], loc="outside right upper", title="method",
                fontsize=9)
