@@ -598,8 +598,8 @@ def test_export_writes_each_chosen_setting_as_a_config_that_pins_its_row(tuning_
     assert code != 0 and "--export needs a tuning sweep" in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_sweep_reports_each_run_with_an_eta_and_stops_with_an_interrupted_run(small_sweep, tmp_path, capsys):
-    """Each finished run: its result, its time and the time left; a run stopped by a signal (exit 130 or
+def test_a_sweep_reports_each_run_and_stops_with_an_interrupted_run(small_sweep, tmp_path, capsys):
+    """Each finished run: its result, its time and the runs left; a run stopped by a signal (exit 130 or
     143, having said what it kept) ends the sweep in one line with the same code, the rest not started."""
     runs = sweep.plan(small_sweep, tmp_path / "out")
     called = []
@@ -620,7 +620,7 @@ def test_a_sweep_reports_each_run_with_an_eta_and_stops_with_an_interrupted_run(
     done = [line for line in out.splitlines() if "global 50.00%" in line]
     assert len(done) == 2 and len(called) == 3
     assert str(runs[0].run_dir) in done[0] and "personal 25.00%" in done[0] and "cold-start 12.50%" in done[0]
-    assert "so far" in done[0] and "left for 7 more" in done[0] and "left for 6 more" in done[1]
+    assert "so far" in done[0] and "7 of its runs not started" in done[0] and "6 of its runs not started" in done[1]
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "interrupted in run 3 of 8" in lines[0] and "resume" in lines[0], err
     assert not any((r.run_dir / sweep.LOCK).exists() for r in runs)

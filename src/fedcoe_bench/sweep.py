@@ -256,10 +256,11 @@ def run_sweep(runs: list[SweepRun], dry_run: bool = False, runner=None) -> int:
             print(f"[{r.index}/{n}] failed (exit code {code}): {r.run_dir}", file=sys.stderr, flush=True)
         else:
             ran += 1
-            elapsed, left = time.perf_counter() - started, len(todo) - position
-            eta = f", about {_duration(elapsed / ran * left)} left for {left} more" if left else ""
+            # No time-left estimate: runs differ several-fold by method, resumed ones take seconds, and
+            # other sweep processes take some of those left; an estimate from the pace so far was off 10x.
+            left = len(todo) - position
             print(f"[{r.index}/{n}] {_result(r)}; took {_duration(time.perf_counter() - t0)}, sweep "
-                  f"{_duration(elapsed)} so far{eta}", flush=True)
+                  f"{_duration(time.perf_counter() - started)} so far, {left} of its runs not started", flush=True)
     print(f"sweep: {n} runs: {ran} run now, {len(finished)} already finished, {len(elsewhere)} run by another "
           f"sweep process, {len(failed)} failed, {len(diverged)} diverged (not rerun), {len(conflicts)} in conflict",
           flush=True)
