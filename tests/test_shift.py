@@ -55,6 +55,41 @@ def test_every_image_a_client_holds_carries_its_clusters_transform(tmp_path, shi
     assert torch.equal(fed.test_x, raw.test_x), "the untransformed global test split is kept"
 
 
+def test_a_concept_shift_moves_every_label_a_client_holds_and_the_global_labels_per_cluster(tmp_path):
+    data = make(tmp_path, shift="relabel")
+    original = data.source.load()
+    fed, again = data.setup(seed=0), data.setup(seed=0)
+    k_classes = fed.num_classes
+    assert torch.equal(fed.pool_y, again.pool_y), "setting up twice moves labels once"
+    assert torch.equal(data.source.load().train_y, original.train_y), "the source's labels are left as they were"
+    assert torch.equal(fed.pool_x, original.train_x), "images stay as they are"
+    moved = 0
+    for c in everyone(fed):
+        for split in ("train", "val", "test"):
+            idx = getattr(c, split)
+            assert torch.equal(fed.pool_y[idx], (original.train_y[idx] + c.cluster) % k_classes), (c.id, split)
+            moved += int((fed.pool_y[idx] != original.train_y[idx]).sum())
+    assert moved > 0
+    server_val = torch.from_numpy(np.flatnonzero(data.split(original.train_y.numpy(), 0, len(original.test_y)).client == SERVER))
+    assert torch.equal(fed.val_y, original.train_y[server_val]) and torch.equal(fed.test_y, original.test_y)
+    for k in range(4):
+        assert torch.equal(fed.test_y_by_cluster[k], (original.test_y + k) % k_classes)
+        assert torch.equal(fed.val_y_by_cluster[k], (original.train_y[server_val] + k) % k_classes)
+
+
+def test_a_users_label_transform_that_returns_bad_labels_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "my_concept.py").write_text(
+        "class Overflow:\n"
+        "    def __call__(self, x, cluster, clusters, seed):\n"
+        "        return x\n"
+        "    def labels(self, y, cluster, clusters, num_classes):\n"
+        "        return y + num_classes * cluster\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(DataError, match=r"data.shift 'my_concept.Overflow'.labels returned .* in \[0, 10\)") as info:
+        make(tmp_path, shift="my_concept.Overflow").setup(seed=0)
+    assert "\n" not in str(info.value)
+
+
 def test_clusters_are_balanced_seeded_and_come_after_the_label_skew(tmp_path):
     assert np.bincount(assign_clusters(14, 4, seed=0)).tolist() in ([4, 4, 3, 3],)
     assert not np.array_equal(assign_clusters(14, 4, seed=0), assign_clusters(14, 4, seed=1))
@@ -179,6 +214,13 @@ def test_the_global_test_is_scored_under_every_cluster_and_new_domains_get_their
     assert new and len(new) < len(rows)
     assert out["cold_start_acc_new_domain"] == pytest.approx(sum(r["acc"] for r in new) / len(new))
     assert out["cold_start_lp_acc_new_domain"] == pytest.approx(sum(r["lp_acc"] for r in new) / len(new))
+
+
+def test_under_a_concept_shift_each_cluster_is_scored_against_its_own_labels(tmp_path):
+    fed = make(tmp_path, source=IndexedSynthetic(**SOURCE), shift="relabel").setup(seed=0)
+    method = Oracle(fed)  # the original label of every test image: right in cluster 0 only
+    out = Evaluator(fed)(method, as_is(method))
+    assert [out[f"global_acc_cluster_{k}"] for k in range(4)] == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_without_clusters_there_is_one_global_number(indexed_fed):

@@ -199,9 +199,10 @@ class Evaluator:
         colds = [torch.cat([cl.test, cl.val, cl.train]) for cl in (self.cold_clients[j] for j in my_cold)]
 
         load(None)  # the server state: the global model, and every cold-start client's starting point
-        out = self._over_clusters(method.predict_global, fed.test_x_by_cluster, fed.test_y, "global_acc")
+        out = self._over_clusters(method.predict_global, fed.test_x_by_cluster, fed.test_y_by_cluster, "global_acc")
         if len(fed.val_y):
-            out.update(self._over_clusters(method.predict_global, fed.val_x_by_cluster, fed.val_y, "val_global_acc"))
+            out.update(self._over_clusters(method.predict_global, fed.val_x_by_cluster, fed.val_y_by_cluster,
+                                           "val_global_acc"))
         shared = self._pooled(method.predict_global, (tests if personal_is_global else []) + (colds if cold_is_global else []))
         cold_probs = shared[len(shared) - len(colds):] if cold_is_global else [
             self._cold_start(method, self.cold_clients[j]) for j in my_cold]
@@ -297,10 +298,10 @@ class Evaluator:
         method.train(was_training)
         return out
 
-    def _over_clusters(self, fn, views: list[torch.Tensor], y: torch.Tensor, name: str) -> dict[str, float]:
-        """Accuracy of ``fn`` on one split seen under every cluster's transform (``views``): ``name``
-        is the mean over clusters, ``name_cluster_k`` each cluster's (with more than one)."""
-        accs = [_accuracy(self._batched(fn, x), y, self.fed.num_classes)[0] for x in views]
+    def _over_clusters(self, fn, views: list[torch.Tensor], labels: list[torch.Tensor], name: str) -> dict[str, float]:
+        """Accuracy of ``fn`` on one split seen under every cluster's transform (``views``, ``labels``):
+        ``name`` is the mean over clusters, ``name_cluster_k`` each cluster's (with more than one)."""
+        accs = [_accuracy(self._batched(fn, x), y, self.fed.num_classes)[0] for x, y in zip(views, labels)]
         out = {name: sum(accs) / len(accs)}
         if len(accs) > 1:
             out.update({f"{name}_cluster_{k}": a for k, a in enumerate(accs)})

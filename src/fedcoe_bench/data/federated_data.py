@@ -57,7 +57,8 @@ class FederatedData:
             0 = sizes set by the scheme alone. Applies to ``dirichlet``, ``classes`` and ``iid``.
         shift: ``none``, ``rotate`` (cluster k of C rotated by 360 k / C degrees: 0/90/180/270 for
             C = 4), ``invert`` (255 - x in odd clusters), ``noise`` (Gaussian noise, std 100 k / (C - 1)
-            grey levels, fixed per sample by the seed), or the path of a user's transform: a function
+            grey levels, fixed per sample by the seed), ``relabel`` (a concept shift: images unchanged,
+            cluster k's labels moved to (y + k) mod K), or the path of a user's transform: a function
             ``f(images, cluster, clusters, seed) -> images`` on uint8 ``[N, C, H, W]`` tensors (or a
             class whose instances, made without arguments, are one); see :mod:`fedcoe_bench.data.shift`.
         clusters: C, the number of clusters (with ``shift``).

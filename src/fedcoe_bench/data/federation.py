@@ -56,7 +56,8 @@ class Federation:
 
     With feature shift (:meth:`apply_shift`) the pool holds every sample as its owner's cluster
     sees it, and ``test_x_by_cluster`` / ``val_x_by_cluster`` hold the global test and server
-    validation splits under every cluster's transform (``test_x``, ``val_x``: untransformed).
+    validation splits under every cluster's transform (``test_x``, ``val_x``: untransformed), with
+    their labels ``test_y_by_cluster`` / ``val_y_by_cluster`` (moved only by a concept shift).
     Without it there is one cluster, whose views are ``test_x`` and ``val_x`` themselves.
 
     A cold-start client labels ``cold_start_shots`` samples per class of its local train split
@@ -78,6 +79,7 @@ class Federation:
         self.num_classes = num_classes
         self.num_clusters, self.held_out_clusters = 1, ()
         self.test_x_by_cluster, self.val_x_by_cluster = [self.test_x], [self.val_x]
+        self.test_y_by_cluster, self.val_y_by_cluster = [self.test_y], [self.val_y]
         everyone = clients + new_clients
         self.client_cluster = torch.zeros(max((c.id for c in everyone), default=-1) + 1, dtype=torch.long)  # by id
         self.client_cluster[[c.id for c in everyone]] = torch.tensor([c.cluster for c in everyone], dtype=torch.long)
@@ -90,16 +92,21 @@ class Federation:
                     held_out_clusters=()) -> None:
         """Transform, once, every pool sample by its owner's cluster (``sample_cluster``: one per
         pool sample, -1 for the server's validation split, which no client owns) and make the
-        global test and server validation splits under every cluster's transform."""
+        global test and server validation splits under every cluster's transform; labels too, where
+        the transform moves them (:mod:`fedcoe_bench.data.shift`)."""
         self.num_clusters, self.held_out_clusters = num_clusters, tuple(held_out_clusters)
         sample_cluster = sample_cluster.to(self.device)
         run = lambda x, k, part: shifts.apply(transform, x, k, num_clusters, shifts.derived_seed(seed, part), name)
+        label = lambda y, k: shifts.apply_labels(transform, y, k, num_clusters, self.num_classes, name)
         for k in range(num_clusters):
             mask = sample_cluster == k
             if mask.any():
                 self.pool_x[mask] = run(self.pool_x[mask], k, 0)
+                self.pool_y[mask] = label(self.pool_y[mask], k)
         self.test_x_by_cluster = [run(self.test_x, k, 1) for k in range(num_clusters)]
         self.val_x_by_cluster = [run(self.val_x, k, 2) for k in range(num_clusters)]
+        self.test_y_by_cluster = [label(self.test_y, k) for k in range(num_clusters)]
+        self.val_y_by_cluster = [label(self.val_y, k) for k in range(num_clusters)]
 
     def clusters_of(self, client_ids) -> torch.Tensor:
         """The clusters of the clients with these ids (int64, on CPU)."""

@@ -6,13 +6,21 @@ A *transform* is any callable ``f(x, cluster, clusters, seed) -> x'`` that takes
 :class:`~fedcoe_bench.data.FederatedData` applies it once, when the federation is built (every
 pool sample by its owner's cluster, the global test and server validation splits under every
 cluster), never per training step. A user's transform is given by its path (``my_module.my_shift``,
-or a class whose instances, made without arguments, are such callables)::
+or a class whose instances, made without arguments, are such callables).
+
+A transform may also move labels (a *concept* shift): if it has a method ``labels(y, cluster,
+clusters, num_classes) -> y'`` (int64 labels in ``[0, num_classes)``, same shape), every label a
+client of ``cluster`` holds and the global test and server validation labels under that cluster
+become ``y'``. Then the same image means different classes in different clusters, which no single
+model can serve: only what knows a client's cluster (a personal model, an assignment by fit) can::
 
     >>> x = torch.arange(4, dtype=torch.uint8).view(1, 1, 2, 2)
     >>> rotate(x, 1, 4, seed=0).flatten().tolist()  # 90 degrees counter-clockwise
     [1, 3, 0, 2]
     >>> invert(x, 1, 2, seed=0).flatten().tolist(), invert(x, 0, 2, seed=0).flatten().tolist()
     ([255, 254, 253, 252], [0, 1, 2, 3])
+    >>> relabel.labels(torch.tensor([0, 1, 9]), 2, 4, num_classes=10).tolist()  # cluster 2: y + 2 mod 10
+    [2, 3, 1]
 """
 
 from __future__ import annotations
@@ -56,7 +64,20 @@ def noise(x: torch.Tensor, cluster: int, clusters: int, seed: int) -> torch.Tens
     return (x.float() + std * eps).round_().clamp_(0, 255).to(torch.uint8)
 
 
-SHIFTS: dict[str, Transform] = {"rotate": rotate, "invert": invert, "noise": noise}
+class Relabel:
+    """Concept shift: images unchanged, cluster k's labels moved by k, :math:`y \\to (y + k) \\bmod K`
+    for K classes (every label of every cluster but 0 changes while k < K), as clustered FL's label
+    swaps (Sattler et al., 2020): the benchmark on which one model cannot fit every cluster."""
+
+    def __call__(self, x: torch.Tensor, cluster: int, clusters: int, seed: int) -> torch.Tensor:
+        return x
+
+    def labels(self, y: torch.Tensor, cluster: int, clusters: int, num_classes: int) -> torch.Tensor:
+        return (y + cluster) % num_classes
+
+
+relabel = Relabel()
+SHIFTS: dict[str, Transform] = {"rotate": rotate, "invert": invert, "noise": noise, "relabel": relabel}
 
 
 def derived_seed(*parts: int) -> int:
@@ -93,6 +114,22 @@ def apply(transform: Transform, x: torch.Tensor, cluster: int, clusters: int, se
         got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise DataError(f"data.shift '{name}' returned {got} for uint8 {tuple(x.shape)}; a transform must "
                         f"return uint8 images of the shape it was given")
+    return out
+
+
+def apply_labels(transform, y: torch.Tensor, cluster: int, clusters: int, num_classes: int,
+                 name: str) -> torch.Tensor:
+    """``transform.labels(y, cluster, clusters, num_classes)`` where the transform moves labels (else
+    ``y``), checked to return labels of ``y``'s shape in ``[0, num_classes)``."""
+    move = getattr(transform, "labels", None)
+    if move is None:
+        return y
+    out = move(y, cluster, clusters, num_classes)
+    if not (isinstance(out, torch.Tensor) and out.dtype == torch.int64 and out.shape == y.shape
+            and (not len(out) or 0 <= int(out.min()) <= int(out.max()) < num_classes)):
+        got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DataError(f"data.shift '{name}'.labels returned {got} for int64 {tuple(y.shape)}; it must return "
+                        f"int64 labels of the shape it was given, in [0, {num_classes})")
     return out
 
 
