@@ -60,11 +60,13 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, fit_argv, run_
     assert len(rows) == 1 + 3, "the resumed run's metrics.csv must hold one row per round, no duplicates"
 
 
+@pytest.mark.parametrize("closing_error", [False, True])
 def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_leaves_no_partial_file(tmp_path, fit_argv, run_cli,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, closing_error):
     """The disk fills while round 2's checkpoint is written: one line naming the file and what to do,
     round 1's checkpoint kept whole, no half-written temporary file taking space; run again, the run
-    resumes to the numbers of an uninterrupted one."""
+    resumes to the numbers of an uninterrupted one. ``closing_error``: as torch's zip writer does, a
+    RuntimeError raised while closing the file, over the OSError (a sweep printed its traceback)."""
     import errno
 
     import torch
@@ -77,7 +79,11 @@ def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_leaves_no_partial
         saves.append(1)
         if len(saves) == 2:
             f.write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")  # what torch's zip writer raises: no file name
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")  # what torch's zip writer raises: no file name
+            finally:
+                if closing_error:
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 113119296 vs 113119224")
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", disk_fills_on_the_second)

@@ -156,15 +156,25 @@ def atomic_open(path: Path):
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)  # a full disk must not keep a half checkpoint's worth of space
-        # name the file where the writer did not (torch.save's does not)
-        if isinstance(err, OSError) and err.errno is not None and err.filename is None:
-            raise OSError(err.errno, err.strerror, str(path)) from err
+        # torch.save's zip writer, closing after a failed write, raises a RuntimeError over the OSError
+        cause = next((e for e in _chain(err) if isinstance(e, OSError) and e.errno is not None), None)
+        if cause is not None and (cause is not err or cause.filename is None):  # name the file, as torch does not
+            raise OSError(cause.errno, cause.strerror, str(path)) from err
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _chain(err: BaseException):
+    """``err`` and the exceptions it was raised from or while handling, innermost last."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 class RunDir:
