@@ -521,12 +521,13 @@ def test_a_learning_rate_chosen_at_an_end_of_the_grid_is_flagged_for_widening(tu
     assert "lr the highest tried: widen the grid" in tuning.render_selection(selections, "val_personal_acc", "maximize")
 
 
-def test_the_core_tuning_grid_runs_a_subset_of_tune_v2_into_the_same_directories(monkeypatch):
+@pytest.mark.parametrize("stem", ["tune_v2", "tune_cifar10"])
+def test_the_core_tuning_grid_runs_a_subset_of_tune_v2_into_the_same_directories(monkeypatch, stem):
     """tune_v2_core.yaml is tune_v2.yaml's inner learning rates, reordered: every run it makes is one
     tune_v2 makes, in the same directory, so the full grid later adds only the outer rates."""
     monkeypatch.chdir(REPO)
-    full = {r.run_dir: r.config for r in sweep.plan("benchmarks/sweeps/tune_v2.yaml", "runs/tune")}
-    core = sweep.plan("benchmarks/sweeps/tune_v2_core.yaml", "runs/tune")
+    full = {r.run_dir: r.config for r in sweep.plan(f"benchmarks/sweeps/{stem}.yaml", "runs/tune")}
+    core = sweep.plan(f"benchmarks/sweeps/{stem}_core.yaml", "runs/tune")
     assert all(full[r.run_dir] == r.config for r in core)
     assert {r.run_dir for r in core} == {d for d, c in full.items() if c["method"]["init_args"]["lr"] in (0.01, 0.03, 0.1)}
     methods = [r.config["method"]["class_path"] for r in core]
@@ -626,19 +627,22 @@ def test_a_sweep_reports_each_run_and_stops_with_an_interrupted_run(small_sweep,
     assert not any((r.run_dir / sweep.LOCK).exists() for r in runs)
 
 
-def test_tune_v2_gives_every_method_the_same_lr_grid_and_at_most_one_knob_of_three(monkeypatch):
+@pytest.mark.parametrize(("stem", "source", "alphas"), [("tune_v2", "mnist10k", (0.1, 0.3)), ("tune_cifar10", "cifar10", (0.1, 0.5))])
+def test_tune_v2_gives_every_method_the_same_lr_grid_and_at_most_one_knob_of_three(monkeypatch, stem, source, alphas):
     """Issue #29's budget: lr in {0.003, 0.01, 0.03, 0.1, 0.3} for all 13 methods, one knob <= 3 values, seeds 1
-    and 4, both alphas, validation only."""
+    and 4, both alphas, validation only; CIFAR-10 tuned with the very same setting files on its own data."""
     monkeypatch.chdir(REPO)
-    runs = sweep.plan("benchmarks/sweeps/tune_v2.yaml", "runs/tune")
-    assert tuning.selection_metric(sweep.load_sweep("benchmarks/sweeps/tune_v2.yaml"))[0].startswith("val_")
+    runs = sweep.plan(f"benchmarks/sweeps/{stem}.yaml", "runs/tune")
+    assert tuning.selection_metric(sweep.load_sweep(f"benchmarks/sweeps/{stem}.yaml"))[0].startswith("val_")
+    assert {str(r.run_dir).split("/")[2] for r in runs} == {source}
+    assert {r.params["config"] for r in runs} == {r.params["config"] for r in sweep.plan("benchmarks/sweeps/tune_v2.yaml", "runs/tune")}
     by_method: dict = {}
     for r in runs:
         by_method.setdefault(r.config["method"]["class_path"].rsplit(".", 1)[-1].lower(), []).append(r)
     assert len(by_method) == 13
     for method, rs in by_method.items():
         assert {r.config["method"]["init_args"]["lr"] for r in rs} == {0.003, 0.01, 0.03, 0.1, 0.3}, method
-        assert {(r.config["seed"], r.config["data"]["alpha"]) for r in rs} == {(s, a) for s in (1, 4) for a in (0.1, 0.3)}
+        assert {(r.config["seed"], r.config["data"]["alpha"]) for r in rs} == {(s, a) for s in (1, 4) for a in alphas}
         files = {r.params["config"] for r in rs}
         knobs = {k for f in files for k in yaml.safe_load(Path(f).read_text())["method"]["init_args"] if k != "lr"}
         assert len(knobs) <= 1 and len(files) <= 5 * 3, method

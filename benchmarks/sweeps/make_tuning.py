@@ -1,4 +1,5 @@
-"""Write the tuning grid of issue #29: every method the same budget (tune_v2.yaml, tune_v2/*.yaml).
+"""Write the tuning grids of issue #29: every method the same budget (tune_v2/*.yaml, one file per setting),
+run on MNIST-10k (tune_v2.yaml) and on CIFAR-10 (tune_cifar10.yaml), each on its own validation splits.
 
 The learning rate in {0.003, 0.01, 0.03, 0.1, 0.3} for every method (0.3: FedCoE with its normalized loss
 chose it on the rotation clusters, issue #28), and at most one method-specific knob
@@ -36,8 +37,16 @@ METHODS = {  # cheapest first; short name -> (class path, knob, values)
 HERE = Path(__file__).parent
 
 
-def main() -> None:
-    folder = HERE / "tune_v2"
+BENCHMARKS = {  # sweep file -> (base config, alphas, rounds, other fixed parameters)
+    "tune_v2": ("benchmarks/mnist10k_dir0.3.yaml", [0.1, 0.3], 50, {}),
+    # CIFAR-10 (JPEG copy) is tuned on its own validation splits with the same settings, at half its
+    # table's 20 rounds, as benchmarks/cifar10_dir0.1.yaml's cost estimate plans
+    "tune_cifar10": ("benchmarks/cifar10_dir0.1.yaml", [0.1, 0.5], 10, {"data.source.root": "../shared/data/cifar10-jpeg"}),
+}
+
+
+def write_settings(folder: Path) -> tuple[list[str], list[str]]:
+    """One small config file per setting (name + method); the sweeps of every benchmark list them."""
     folder.mkdir(exist_ok=True)
     files, core = [], []
     for method, (path, knob, values) in METHODS.items():
@@ -52,27 +61,39 @@ def main() -> None:
                 files.append(f"benchmarks/sweeps/tune_v2/{name}.yaml")
                 if lr in CORE_LRS:
                     core.append(files[-1])
-    sweep = {"name": "tune-v2", "project": "fedcoe-bench", "program": "fedbench", "method": "grid",
+    return files, core
+
+
+def write_sweeps(stem: str, base: str, alphas: list[float], rounds: int, fixed: dict, files: list[str], core: list[str]) -> None:
+    sweep = {"name": stem.replace("_", "-"), "project": "fedcoe-bench", "program": "fedbench", "method": "grid",
              "metric": {"name": "val_personal_acc", "goal": "maximize"},
-             "command": ["fedbench", "fit", "--config", "benchmarks/mnist10k_dir0.3.yaml", "--logger", "wandb", "${args}"],
+             "command": ["fedbench", "fit", "--config", base, "--logger", "wandb", "${args}"],
              # one method's runs together, cheapest method first: a method is complete before the next starts
-             "parameters": {"config": {"values": files}, "data.alpha": {"values": [0.1, 0.3]},
-                            "seed": {"values": [1, 4]}, "loop.rounds": {"value": 50}}}
-    header = (f"# Issue #29's tuning protocol on MNIST-10k: {len(files)} settings x 2 alphas x seeds 1 and 4 = "
-              f"{4 * len(files)} runs of 50 rounds (written by make_tuning.py; every method: lr in {list(LRS)}, "
+             "parameters": {**{k: {"value": v} for k, v in fixed.items()},
+                            "config": {"values": files}, "data.alpha": {"values": alphas},
+                            "seed": {"values": [1, 4]}, "loop.rounds": {"value": rounds}}}
+    runs = 2 * len(alphas)
+    header = (f"# Issue #29's tuning protocol on {base}: {len(files)} settings x {len(alphas)} alphas x seeds 1 and 4 = "
+              f"{runs * len(files)} runs of {rounds} rounds (written by make_tuning.py; every method: lr in {list(LRS)}, "
               f"at most one knob of at most three values).\n# On 2 cores:\n#   for i in 1 2; do OMP_NUM_THREADS=1 "
-              f"fedbench sweep benchmarks/sweeps/tune_v2.yaml --sweep_dir runs/tune & done; wait\n")
-    (HERE / "tune_v2.yaml").write_text(header + yaml.safe_dump(sweep, sort_keys=False))
+              f"fedbench sweep benchmarks/sweeps/{stem}.yaml --sweep_dir runs/tune & done; wait\n")
+    (HERE / f"{stem}.yaml").write_text(header + yaml.safe_dump(sweep, sort_keys=False))
 
     # The same runs (same names, same run directories) at the core learning rates only: on 2 cores the
     # whole grid takes several sessions, and the core shows early which methods choose an edge rate.
-    staged = {**sweep, "name": "tune-v2-core", "parameters": {**sweep["parameters"], "config": {"values": core}}}
-    (HERE / "tune_v2_core.yaml").write_text(
-        f"# tune_v2.yaml's runs at lr {list(CORE_LRS)} ({4 * len(core)} runs), one method after another in the "
-        f"order of their cost (written by make_tuning.py).\n# Same run directories as tune_v2.yaml: run this "
-        f"first, then tune_v2.yaml finishes the outer learning rates.\n# On 2 cores:\n#   for i in 1 2; do "
-        f"OMP_NUM_THREADS=1 fedbench sweep benchmarks/sweeps/tune_v2_core.yaml --sweep_dir runs/tune & done; wait\n"
+    staged = {**sweep, "name": f"{sweep['name']}-core", "parameters": {**sweep["parameters"], "config": {"values": core}}}
+    (HERE / f"{stem}_core.yaml").write_text(
+        f"# {stem}.yaml's runs at lr {list(CORE_LRS)} ({runs * len(core)} runs), one method after another in the "
+        f"order of their cost (written by make_tuning.py).\n# Same run directories as {stem}.yaml: run this "
+        f"first, then {stem}.yaml finishes the outer learning rates.\n# On 2 cores:\n#   for i in 1 2; do "
+        f"OMP_NUM_THREADS=1 fedbench sweep benchmarks/sweeps/{stem}_core.yaml --sweep_dir runs/tune & done; wait\n"
         + yaml.safe_dump(staged, sort_keys=False))
+
+
+def main() -> None:
+    files, core = write_settings(HERE / "tune_v2")
+    for stem, (base, alphas, rounds, fixed) in BENCHMARKS.items():
+        write_sweeps(stem, base, alphas, rounds, fixed, files, core)
 
 
 if __name__ == "__main__":
