@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import read_summary
 
 from fedcoe_bench.loop import FederatedLoop
@@ -54,6 +55,8 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, fit_argv, run_
     assert run_cli(fit_argv("parts", *args))[0] == 0
     whole, parts = read_summary(tmp_path / "whole"), read_summary(tmp_path / "parts")
     assert parts["resumed_from_round"] == 2
+    # what bitwise equality depends on, besides the code: the CPU's kernel family and the thread count
+    assert parts["cpu"] == {"capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
     for key in METRICS:
         assert parts[key] == whole[key], key
     rows = (tmp_path / "parts" / "metrics.csv").read_text().strip().splitlines()
