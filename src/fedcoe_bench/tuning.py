@@ -37,6 +37,7 @@ class Selection:
     unfinished: int = 0  # runs of the group without a finished summary: nothing is chosen then
     diverged: int = 0  # settings out of the running because one of their runs diverged
     lr_edge: str = ""  # "lowest" / "highest" when the chosen lr is an end of the lrs the group tried
+    knob_edges: tuple[str, ...] = ()  # e.g. "lam the highest": another argument chosen at an end of its range
 
 
 def learning_rate(run: SweepRun) -> float | None:
@@ -62,6 +63,30 @@ def lr_edge(chosen: SweepRun, tried: list[SweepRun]) -> str:
     if lr is None or len(lrs) < 2:
         return ""
     return "highest" if lr == max(lrs) else "lowest" if lr == min(lrs) else ""
+
+
+def knob_edges(chosen: SweepRun, tried: list[SweepRun]) -> tuple[str, ...]:
+    """The method's numeric arguments other than lr that the group tried at three or more values and
+    chose at an end of them (with two values every choice is an end, which says nothing). The
+    budget caps a knob at three values, so such an edge is reported, not widened.
+
+    >>> runs = [SweepRun(i, {}, [], Path(), {"method": {"init_args": {"lr": 0.1, "lam": lam, "k": k}}})
+    ...         for i, (lam, k) in enumerate(((0.1, 2), (0.5, 4), (1.0, 2)))]
+    >>> knob_edges(runs[2], runs), knob_edges(runs[1], runs)
+    (('lam the highest',), ())
+    """
+    def args(run: SweepRun) -> dict:
+        return ((run.config.get("method") or {}).get("init_args") or {})
+
+    edges = []
+    for name, value in args(chosen).items():
+        values = {a.get(name) for a in map(args, tried)}
+        if name == "lr" or isinstance(value, bool) or not isinstance(value, (int, float)) or len(values) < 3 \
+                or not all(isinstance(v, (int, float)) for v in values):
+            continue
+        if value in (min(values), max(values)):
+            edges.append(f"{name} the {'highest' if value == max(values) else 'lowest'}")
+    return tuple(edges)
 
 
 def selection_metric(config: dict) -> tuple[str, str] | None:
@@ -121,7 +146,7 @@ def select(runs: list[SweepRun], metric: str, goal: str = "maximize") -> list[Se
         setting = {k: v for k, v in chosen[0].params.items() if k not in NOT_A_SETTING}
         tried = [r for same in settings.values() for r in same]
         out.append(Selection(group, setting, score, chosen, len(settings), unfinished=0, diverged=len(failed),
-                             lr_edge=lr_edge(chosen[0], tried)))
+                             lr_edge=lr_edge(chosen[0], tried), knob_edges=knob_edges(chosen[0], tried)))
     return out
 
 
@@ -151,6 +176,7 @@ def render_selection(selections: list[Selection], metric: str, goal: str) -> str
             chosen = ", ".join(f"{k}={v}" for k, v in sel.setting.items()) or "(the only one)"
             diverged = f", {sel.diverged} diverged" if sel.diverged else ""
             edge = f"; lr the {sel.lr_edge} tried: widen the grid" if sel.lr_edge else ""
+            edge += "".join(f"; {knob} of its values" for knob in sel.knob_edges)
             row = [f"{chosen} (of {sel.settings}{diverged}{edge})", f"{100.0 * sel.score:.2f}", *cells,
                    " ".join(str(r.config.get("seed")) for r in sel.runs)]
         lines.append("| " + " | ".join([title, method, *row]) + " |")
