@@ -63,3 +63,11 @@ def test_tables_show_cost_and_round_time_relative_to_fedavg():
     assert costs["fedavg"]["round_time_x"] == pytest.approx(1.0)
     text = render_md([table])
     assert "| fedcoe | 4.00 | 32.0 | 4.00 | 1.0 |" in text
+
+    # runs named by their setting (a sweep's): FedAvg is found by method, its named rows averaged
+    named = [Run(**{**vars(r), "name": f"{r.method}-lr{lr}", "path": f"{r.path}-{lr}"}) for r in runs for lr in (0.1, 0.3)
+             if r.method == "fedavg" or lr == 0.1]
+    named[2].cost = {**named[2].cost, "round_time_s": 5.0}  # fedavg-lr0.1 seed 1: its rows' means are 3 and 2
+    [table] = build_tables(assign_labels(named))
+    costs = {r.label: r.cost for r in table.rows}
+    assert costs["fedcoe-lr0.1"]["round_time_x"] == pytest.approx(8.0 / 2.5)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from dataclasses import dataclass, field
 
@@ -66,6 +67,7 @@ class Row:
     cells: dict[str, Cell]
     bold: set = field(default_factory=set)
     cost: dict = field(default_factory=dict)  # cost_of(): what the method costs, next to what it scores
+    method: str = ""  # the runs' method (short name), whatever the row's label
 
 
 @dataclass
@@ -138,7 +140,7 @@ def build_tables(runs: list[Run], split: str = "test") -> list[Table]:
                 mean, std = mean_std(values)
                 cells[m] = Cell(mean, std, len(values), model if m.removeprefix("val_") in SERVER_METRICS else "trained", digits)
             rows.append(Row(label, sorted(seed_runs, key=str), [r.path for r in seed_runs.values()], cells,
-                            cost=cost_of(list(seed_runs.values()))))
+                            cost=cost_of(list(seed_runs.values())), method=next(iter(seed_runs.values())).method))
         relative_time(rows)
         for m in columns:
             ranked = [r for r in rows if r.cells[m].mean is not None and r.cells[m].model != "none"]
@@ -167,15 +169,18 @@ def cost_of(runs: list[Run]) -> dict:
     if not costs:
         return {}
     c = costs[0]
-    times = [x["round_time_s"] for x in costs if isinstance(x.get("round_time_s"), (int, float))]
+    # finite only: a run evaluated from a trained one trains no round (its summary says NaN)
+    times = [x["round_time_s"] for x in costs if isinstance(x.get("round_time_s"), (int, float)) and math.isfinite(x["round_time_s"])]
     return {"client_params": c.get("client_params"), "round_bytes": c.get("bytes_sent", 0) + c.get("bytes_received", 0),
             "prediction_flops": c.get("personal_prediction_flops"),
             "round_time_s": statistics.fmean(times) if times else None}
 
 
 def relative_time(rows: list[Row]) -> None:
-    """Each row's round time over FedAvg's in the same table (none without a FedAvg row)."""
-    base = next((r.cost.get("round_time_s") for r in rows if r.label == "fedavg" and r.cost), None)
+    """Each row's round time over FedAvg's in the same table: the mean of its FedAvg rows, whatever
+    they are named (``fedavg-lr0.1``), as a FedAvg round costs the same at any setting; none without one."""
+    times = [r.cost["round_time_s"] for r in rows if r.method == "fedavg" and r.cost.get("round_time_s")]
+    base = statistics.fmean(times) if times else None
     for r in rows:
         if r.cost:
             r.cost["round_time_x"] = r.cost["round_time_s"] / base if base and r.cost.get("round_time_s") else None
