@@ -72,8 +72,6 @@ def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_leaves_no_partial
     RuntimeError raised while closing the file, over the OSError (a sweep printed its traceback)."""
     import errno
 
-    import torch
-
     args = ("--loop.rounds", "3", "--loop.checkpoint_every", "1", "--loop.eval_every", "1")
     assert run_cli(fit_argv("whole", *args))[0] == 0
     real_save, saves = torch.save, []

@@ -40,9 +40,14 @@ class Selection:
     knob_edges: tuple[str, ...] = ()  # e.g. "lam the highest": another argument chosen at an end of its range
 
 
+def method_args(run: SweepRun) -> dict:
+    """The method's arguments in the run's resolved config."""
+    return (run.config.get("method") or {}).get("init_args") or {}
+
+
 def learning_rate(run: SweepRun) -> float | None:
     """The method's learning rate in the run's resolved config (None when it has none)."""
-    lr = ((run.config.get("method") or {}).get("init_args") or {}).get("lr")
+    lr = method_args(run).get("lr")
     return float(lr) if isinstance(lr, (int, float)) else None
 
 
@@ -75,12 +80,9 @@ def knob_edges(chosen: SweepRun, tried: list[SweepRun]) -> tuple[str, ...]:
     >>> knob_edges(runs[2], runs), knob_edges(runs[1], runs)
     (('lam the highest',), ())
     """
-    def args(run: SweepRun) -> dict:
-        return ((run.config.get("method") or {}).get("init_args") or {})
-
     edges = []
-    for name, value in args(chosen).items():
-        values = {a.get(name) for a in map(args, tried)}
+    for name, value in method_args(chosen).items():
+        values = {a.get(name) for a in map(method_args, tried)}
         if name == "lr" or isinstance(value, bool) or not isinstance(value, (int, float)) or len(values) < 3 \
                 or not all(isinstance(v, (int, float)) for v in values):
             continue
