@@ -673,3 +673,38 @@ def test_the_fit_a_sweep_starts_holds_the_runs_lock_so_a_sweep_killed_hard_leave
         child.kill()
         child.wait()
     assert take_lock(lock) is None  # its holder died: taken over
+
+
+def load_make_tuning():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tuning", REPO / "benchmarks" / "sweeps" / "make_tuning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_widening_adds_the_next_rate_past_each_edge_choice_with_every_knob_value():
+    make_tuning = load_make_tuning()
+
+    def chosen(method, alpha, lr, edge):
+        run = sweep.SweepRun(0, {}, [], Path(), {"method": {"init_args": {"lr": lr}}})
+        return tuning.Selection(("mnist10k", "dirichlet", alpha, 50, method), {}, 90.0, [run], 9, lr_edge=edge)
+
+    widen, beyond = make_tuning.widening([chosen("fedprox", 0.3, 0.1, "highest"), chosen("ditto", 0.1, 0.01, "lowest"),
+                                          chosen("fedavg", 0.1, 0.03, ""), chosen("local", 0.3, 0.3, "highest")])
+    files = "benchmarks/sweeps/tune_v2/{}.yaml".format
+    assert widen == {0.3: [files(f"fedprox-lr0.3-mu{mu}") for mu in (0.001, 0.01, 0.1)],
+                     0.1: [files(f"ditto-lr0.003-lam{lam}") for lam in (0.1, 0.5, 1.0)]}
+    assert beyond == ["local at alpha 0.3: lr 0.3, the highest of LRS"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "benchmarks" / "sweeps").glob("*_widen_dir*.yaml")), ids=lambda p: p.name)
+def test_a_widening_sweep_runs_outer_rates_of_its_grid_into_the_same_directories(monkeypatch, path):
+    monkeypatch.chdir(REPO)
+    stem = path.name.split("_widen_dir")[0]
+    full = {r.run_dir: r.config for r in sweep.plan(f"benchmarks/sweeps/{stem}.yaml", "runs/tune")}
+    widen = sweep.plan(path, "runs/tune")
+    assert widen and all(full[r.run_dir] == r.config for r in widen)
+    assert {r.config["method"]["init_args"]["lr"] for r in widen} <= {0.003, 0.3}
+    assert {r.config["data"]["alpha"] for r in widen} == {float(path.stem.split("_widen_dir")[1])}

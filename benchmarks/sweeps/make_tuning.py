@@ -5,13 +5,18 @@ The learning rate in {0.003, 0.01, 0.03, 0.1, 0.3} for every method (0.3: FedCoE
 chose it on the rotation clusters, issue #28), and at most one method-specific knob
 with at most three values (FedCoE's inferred switches are fixed a priori; its assignment is its
 knob, counted like FedProx's mu); seeds 1 and 4 (the tables report 0, 2, 3); 50 rounds; the
-selection reads val_personal_acc only, and a setting with a diverged run is out. Run once to
-regenerate the files: python benchmarks/sweeps/make_tuning.py
+selection reads val_personal_acc only, and a setting with a diverged run is out. The core rates run
+first (*_core.yaml); *_widen_dir<alpha>.yaml then add an outer rate only where a choice sits at an
+edge, read from the committed records. Run from the repository root to regenerate the files (again after
+each batch of records): python benchmarks/sweeps/make_tuning.py
 """
 
 from pathlib import Path
 
 import yaml
+
+from fedcoe_bench.sweep import SweepRun, plan
+from fedcoe_bench.tuning import Selection, learning_rate, select
 
 LRS = (0.003, 0.01, 0.03, 0.1, 0.3)
 CORE_LRS = (0.01, 0.03, 0.1)  # run first; an edge value chosen here is what the outer values decide
@@ -35,6 +40,7 @@ METHODS = {  # cheapest first; short name -> (class path, knob, values)
     "fedcoe": ("fedcoe_bench.fedcoe.FedCoE", "assignment", ("gate", "soft", "relative")),
 }
 HERE = Path(__file__).parent
+RECORDS = Path("benchmarks/results/runs")  # committed run records, one folder per tuning sweep (run from the repo root)
 
 
 BENCHMARKS = {  # sweep file -> (base config, alphas, rounds, other fixed parameters)
@@ -45,6 +51,15 @@ BENCHMARKS = {  # sweep file -> (base config, alphas, rounds, other fixed parame
 }
 
 
+def setting_name(method: str, lr: float, value=None) -> str:
+    knob = METHODS[method][1]
+    return f"{method}-lr{lr}" + (f"-{knob.replace('_', '')}{value}" if knob is not None and value is not None else "")
+
+
+def setting_file(method: str, lr: float, value=None) -> str:
+    return f"benchmarks/sweeps/tune_v2/{setting_name(method, lr, value)}.yaml"
+
+
 def write_settings(folder: Path) -> tuple[list[str], list[str]]:
     """One small config file per setting (name + method); the sweeps of every benchmark list them."""
     folder.mkdir(exist_ok=True)
@@ -53,15 +68,54 @@ def write_settings(folder: Path) -> tuple[list[str], list[str]]:
         for lr in LRS:
             for value in values or (None,):
                 named = knob is not None and value is not None
-                name = f"{method}-lr{lr}" + (f"-{knob.replace('_', '')}{value}" if named else "")
+                name = setting_name(method, lr, value)
                 args = {"lr": lr, **({knob: value} if named else {})}
                 (folder / f"{name}.yaml").write_text(
                     f"# tune_v2.yaml: {method} at lr {lr}" + (f", {knob} {value}" if named else "") + "\n"
                     + yaml.safe_dump({"name": name, "method": {"class_path": path, "init_args": args}}, sort_keys=False))
-                files.append(f"benchmarks/sweeps/tune_v2/{name}.yaml")
+                files.append(setting_file(method, lr, value))
                 if lr in CORE_LRS:
                     core.append(files[-1])
     return files, core
+
+
+def widening(selections: list[Selection]) -> tuple[dict[float, list[str]], list[str]]:
+    """Per alpha, every setting of a method at the next learning rate past the one it chose at an end of
+    the rates it tried (its knob at each of its values), and the groups already at an end of LRS.
+
+    The grid is widened only where a choice sits at its edge: on 2 cores the full grid's outer rates
+    take a session, and a rate beyond the far side of an inner choice would have to beat the rate
+    between them to change anything.
+
+    >>> chosen = SweepRun(0, {}, [], Path(), {"method": {"init_args": {"lr": 0.1}}})
+    >>> widen, beyond = widening([Selection(("mnist10k", "dirichlet", 0.3, 50, "ifca"), {}, 96.7, [chosen], 6,
+    ...                                     lr_edge="highest")])
+    >>> widen, beyond
+    ({0.3: ['benchmarks/sweeps/tune_v2/ifca-lr0.3-numexperts2.yaml', 'benchmarks/sweeps/tune_v2/ifca-lr0.3-numexperts4.yaml']}, [])
+    """
+    widen, beyond = {}, []
+    for s in selections:
+        if not s.lr_edge:
+            continue
+        *_, alpha, _, method = s.group
+        i = LRS.index(learning_rate(s.runs[0])) + (1 if s.lr_edge == "highest" else -1)
+        if not 0 <= i < len(LRS):
+            beyond.append(f"{method} at alpha {alpha}: lr {learning_rate(s.runs[0])}, the {s.lr_edge} of LRS")
+            continue
+        widen.setdefault(alpha, []).extend(setting_file(method, LRS[i], v) for v in METHODS[method][2] or (None,))
+    return widen, beyond
+
+
+def made_runs(stem: str, records: Path) -> list[SweepRun]:
+    """The core's runs (an unfinished core group chooses nothing) and the outer settings whose runs are
+    all made, finished or diverged, from the run records under ``records``."""
+    core = plan(HERE / f"{stem}_core.yaml", records)
+    inner = {r.run_dir for r in core}
+    outer: dict[tuple, list[SweepRun]] = {}
+    for r in plan(HERE / f"{stem}.yaml", records):
+        if r.run_dir not in inner:
+            outer.setdefault((r.config["name"], r.config["data"]["alpha"]), []).append(r)
+    return core + [r for same in outer.values() if all(r.state != "todo" for r in same) for r in same]
 
 
 def write_sweeps(stem: str, base: str, alphas: list[float], rounds: int, fixed: dict, files: list[str], core: list[str]) -> None:
@@ -90,10 +144,31 @@ def write_sweeps(stem: str, base: str, alphas: list[float], rounds: int, fixed: 
         + yaml.safe_dump(staged, sort_keys=False))
 
 
+def write_widening(stem: str, records: Path) -> None:
+    """{stem}_widen_dir<alpha>.yaml: the next outer rates the records call for (see :func:`widening`)."""
+    sweep = yaml.safe_load((HERE / f"{stem}.yaml").read_text())
+    widen, beyond = widening(select(made_runs(stem, records), sweep["metric"]["name"], sweep["metric"]["goal"]))
+    for old in HERE.glob(f"{stem}_widen_dir*.yaml"):
+        old.unlink()
+    for alpha, files in widen.items():
+        name = f"{stem}_widen_dir{alpha}"
+        params = {**sweep["parameters"], "config": {"values": files}, "data.alpha": {"value": alpha}}
+        (HERE / f"{name}.yaml").write_text(
+            f"# {stem}.yaml's settings at the learning rate past each edge choice at Dirichlet {alpha}, read from "
+            f"{records} (written by make_tuning.py;\n# run it again after these runs: a choice that moves to the new "
+            f"rate widens once more).\n# On 2 cores:\n#   for i in 1 2; do OMP_NUM_THREADS=1 fedbench sweep "
+            f"benchmarks/sweeps/{name}.yaml --sweep_dir runs/tune & done; wait\n"
+            + yaml.safe_dump({**sweep, "name": name.replace("_", "-"), "parameters": params}, sort_keys=False))
+    for line in beyond:
+        print(f"make_tuning: {line}: add the next rate to LRS")
+
+
 def main() -> None:
     files, core = write_settings(HERE / "tune_v2")
     for stem, (base, alphas, rounds, fixed) in BENCHMARKS.items():
         write_sweeps(stem, base, alphas, rounds, fixed, files, core)
+        if (RECORDS / stem).is_dir():
+            write_widening(stem, RECORDS / stem)
 
 
 if __name__ == "__main__":
