@@ -708,3 +708,38 @@ def test_a_widening_sweep_runs_outer_rates_of_its_grid_into_the_same_directories
     assert widen and all(full[r.run_dir] == r.config for r in widen)
     assert {r.config["method"]["init_args"]["lr"] for r in widen} <= {0.003, 0.3}
     assert {r.config["data"]["alpha"] for r in widen} == {float(path.stem.split("_widen_dir")[1])}
+
+
+def test_several_sweep_files_plan_as_one_and_a_directory_planned_twice_runs_once(tuning_sweep, small_sweep, tmp_path):
+    spec = yaml.safe_load(tuning_sweep.read_text())
+    files = spec["parameters"]["config"]["values"]
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    for path, values in ((first, files[:3]), (second, files[2:])):  # files[2] in both
+        path.write_text(yaml.safe_dump({**spec, "parameters": {**spec["parameters"], "config": {"values": values}}}))
+    runs = sweep.plan_all([first, second], tmp_path / "out")
+    whole = sweep.plan(tuning_sweep, tmp_path / "out")
+    assert len(runs) == len(whole) and {r.run_dir for r in runs} == {r.run_dir for r in whole}
+    assert [r.index for r in runs] == list(range(1, len(runs) + 1))
+    other = yaml.safe_load(Path(files[2]).read_text())
+    other["method"]["init_args"]["lr"] = 0.5  # same name, so the same directories, another config
+    clash = tmp_path / "clash.yaml"
+    clash.write_text(yaml.safe_dump(other))
+    second.write_text(yaml.safe_dump({**spec, "parameters": {**spec["parameters"], "config": {"values": [str(clash)]}}}))
+    with pytest.raises(sweep.SweepError, match="with another config than an earlier file"):
+        sweep.plan_all([first, second], tmp_path / "out")
+
+
+def test_several_tuning_files_choose_as_one_by_the_metric_they_share(tuning_sweep, small_sweep, tmp_path, capsys):
+    spec = yaml.safe_load(tuning_sweep.read_text())
+    files = spec["parameters"]["config"]["values"]
+    low, high = tmp_path / "low.yaml", tmp_path / "high.yaml"
+    for path, values in ((low, [f for f in files if "lr0.01" in f]), (high, [f for f in files if "lr0.1" in f])):
+        path.write_text(yaml.safe_dump({**spec, "parameters": {**spec["parameters"], "config": {"values": values}}}))
+    runs = sweep.plan_all([low, high], tmp_path / "out")
+    finish(runs)
+    tuning.report_selection([low, high], runs)
+    whole = sweep.plan(tuning_sweep, tmp_path / "out")
+    assert capsys.readouterr().out == tuning.render_selection(tuning.select(whole, "val_personal_acc"), "val_personal_acc", "maximize")
+    high.write_text(yaml.safe_dump({**yaml.safe_load(high.read_text()), "metric": {"name": "val_global_acc"}}))
+    with pytest.raises(sweep.SweepError, match="choose by different metrics"):
+        tuning.report_selection([low, high], runs)

@@ -2,7 +2,7 @@
 
 A page marks a block it does not write by hand with the command that prints it:
 
-    <!-- fedbench sweep benchmarks/sweeps/tune_v2.yaml --sweep_dir benchmarks/results/runs/tune_v2 --dry-run -->
+    <!-- fedbench sweep benchmarks/sweeps/tune_v2_core.yaml --sweep_dir benchmarks/results/runs/tune_v2 --dry-run -->
     ...
     <!-- end -->
 

@@ -106,16 +106,24 @@ def widening(selections: list[Selection]) -> tuple[dict[float, list[str]], list[
     return widen, beyond
 
 
-def made_runs(stem: str, records: Path) -> list[SweepRun]:
-    """The core's runs (an unfinished core group chooses nothing) and the outer settings whose runs are
-    all made, finished or diverged, from the run records under ``records``."""
-    core = plan(HERE / f"{stem}_core.yaml", records)
-    inner = {r.run_dir for r in core}
-    outer: dict[tuple, list[SweepRun]] = {}
+def widened(stem: str, records: Path) -> tuple[dict[float, list[str]], list[str]]:
+    """Widen the core one step at a time (:func:`widening`), choosing each time over the core and the
+    steps so far, while the runs of a step are made (finished or diverged) in ``records``: every rate
+    a choice has called for, per alpha, and the groups already at an end of LRS."""
+    sweep = yaml.safe_load((HERE / f"{stem}.yaml").read_text())
+    metric = sweep["metric"]["name"], sweep["metric"]["goal"]
+    planned: dict[tuple, list[SweepRun]] = {}
     for r in plan(HERE / f"{stem}.yaml", records):
-        if r.run_dir not in inner:
-            outer.setdefault((r.config["name"], r.config["data"]["alpha"]), []).append(r)
-    return core + [r for same in outer.values() if all(r.state != "todo" for r in same) for r in same]
+        planned.setdefault((r.params["config"], r.params["data.alpha"]), []).append(r)
+    runs, widen = plan(HERE / f"{stem}_core.yaml", records), {}
+    while True:
+        step, beyond = widening(select(runs, *metric))
+        new = [(alpha, f) for alpha, files in step.items() for f in files if f not in widen.get(alpha, [])]
+        if not new:
+            return widen, beyond
+        for alpha, f in new:
+            widen.setdefault(alpha, []).append(f)
+            runs += planned[(f, alpha)]
 
 
 def write_sweeps(stem: str, base: str, alphas: list[float], rounds: int, fixed: dict, files: list[str], core: list[str]) -> None:
@@ -147,17 +155,18 @@ def write_sweeps(stem: str, base: str, alphas: list[float], rounds: int, fixed: 
 def write_widening(stem: str, records: Path) -> None:
     """{stem}_widen_dir<alpha>.yaml: the next outer rates the records call for (see :func:`widening`)."""
     sweep = yaml.safe_load((HERE / f"{stem}.yaml").read_text())
-    widen, beyond = widening(select(made_runs(stem, records), sweep["metric"]["name"], sweep["metric"]["goal"]))
+    widen, beyond = widened(stem, records)
     for old in HERE.glob(f"{stem}_widen_dir*.yaml"):
         old.unlink()
     for alpha, files in widen.items():
         name = f"{stem}_widen_dir{alpha}"
         params = {**sweep["parameters"], "config": {"values": files}, "data.alpha": {"value": alpha}}
         (HERE / f"{name}.yaml").write_text(
-            f"# {stem}.yaml's settings at the learning rate past each edge choice at Dirichlet {alpha}, read from "
-            f"{records} (written by make_tuning.py;\n# run it again after these runs: a choice that moves to the new "
-            f"rate widens once more).\n# On 2 cores:\n#   for i in 1 2; do OMP_NUM_THREADS=1 fedbench sweep "
-            f"benchmarks/sweeps/{name}.yaml --sweep_dir runs/tune & done; wait\n"
+            f"# {stem}.yaml's settings at the learning rates past the edge choices at Dirichlet {alpha}, read from "
+            f"{records} (written by make_tuning.py;\n# run it again after these runs: a choice that moves to a new "
+            f"rate widens once more).\n# The tuning is {stem}_core.yaml and these files, chosen as one; on 2 cores:\n"
+            f"#   for i in 1 2; do OMP_NUM_THREADS=1 fedbench sweep benchmarks/sweeps/{stem}_core.yaml "
+            f"benchmarks/sweeps/{stem}_widen_dir*.yaml --sweep_dir runs/tune & done; wait\n"
             + yaml.safe_dump({**sweep, "name": name.replace("_", "-"), "parameters": params}, sort_keys=False))
     for line in beyond:
         print(f"make_tuning: {line}: add the next rate to LRS")

@@ -43,7 +43,8 @@ def sweep_parser() -> ArgumentParser:
     p = ArgumentParser(description="Run a W&B grid-sweep definition locally, without W&B: one `fedbench fit` per "
                        "grid point, each in SWEEP_DIR/<dataset>/<scheme><alpha>/<name or method>/seed<seed>; "
                        "finished runs are skipped.", exit_on_error=False, allow_abbrev=False)
-    p.add_argument("file", type=str, help="sweep YAML, e.g. benchmarks/sweeps/mnist10k.yaml")
+    p.add_argument("files", type=str, nargs="+", help="sweep YAML, e.g. benchmarks/sweeps/mnist10k.yaml; several "
+                   "run (and choose) as one")
     p.add_argument("--sweep_dir", type=str, default="runs", help="where the run directories go")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print the commands only")
     p.add_argument("--logger", type=Literal["csv", "wandb"], default="csv", help="logger of every run")
@@ -157,9 +158,9 @@ def _run_sweep(parser: ArgumentParser, cfg: Namespace, argv: list[str]) -> int:
     (:mod:`fedcoe_bench.tuning`; printed, and with ``--export`` written as configs)."""
     from fedcoe_bench import sweep, tuning
 
-    runs = sweep.plan(cfg.file, cfg.sweep_dir, cfg.logger)
+    runs = sweep.plan_all(cfg.files, cfg.sweep_dir, cfg.logger)
     code = sweep.run_sweep(runs, dry_run=cfg.dry_run)
-    tuning.report_selection(cfg.file, runs, cfg.export)
+    tuning.report_selection(cfg.files, runs, cfg.export)
     return code
 
 

@@ -164,6 +164,22 @@ def plan(path: str | os.PathLike, sweep_dir: str | os.PathLike = "runs", logger:
     return runs
 
 
+def plan_all(paths: list, sweep_dir: str | os.PathLike = "runs", logger: str = "csv") -> list[SweepRun]:
+    """The runs of several sweep files in order, as one sweep (a tuning grown in steps: a core grid, then
+    the rates that widen it); a run directory two files plan alike is run once, planned with two
+    configs it is an error."""
+    runs: dict[Path, SweepRun] = {}
+    for path in paths:
+        for r in plan(path, sweep_dir, logger):
+            first = runs.setdefault(r.run_dir, r)
+            if first is not r and config_diff(first.config, r.config):
+                raise SweepError(f"{path} plans {r.run_dir} with another config than an earlier file "
+                                 f"({shown(config_diff(first.config, r.config))}); give one of them another 'name'")
+    for i, r in enumerate(runs.values(), 1):
+        r.index = i
+    return list(runs.values())
+
+
 def check_finished(run: SweepRun) -> str:
     """``finished`` when the run directory holds a finished run of this config, ``conflict: ...`` when it
     holds a finished run of another config, ``diverged: <its error>`` when it holds a run stopped by a

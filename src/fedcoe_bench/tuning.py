@@ -241,10 +241,15 @@ def export_selection(selections: list[Selection], directory: str | os.PathLike, 
     return written
 
 
-def report_selection(path: str | os.PathLike, runs: list[SweepRun], export: str | None = None) -> None:
-    """Print the selection of a tuning sweep (one whose metric is a validation metric), and with
-    ``export`` write it as config files (:func:`export_selection`); nothing for another sweep."""
-    chosen_by = selection_metric(load_sweep(path))
+def report_selection(paths: list, runs: list[SweepRun], export: str | None = None) -> None:
+    """Print the selection of a tuning sweep (one whose metric is a validation metric; several files
+    choose as one, by the metric they share), and with ``export`` write it as config files
+    (:func:`export_selection`); nothing for another sweep."""
+    metrics = {str(path): selection_metric(load_sweep(path)) for path in paths}
+    if len(set(metrics.values())) > 1:
+        raise SweepError(f"the sweep files choose by different metrics ({', '.join(f'{p}: {m}' for p, m in metrics.items())}); "
+                         f"give them one metric, or run them apart")
+    chosen_by, path = next(iter(metrics.values())), " ".join(metrics)
     if chosen_by is None:
         if export is not None:
             raise SweepError(f"--export needs a tuning sweep: {path}'s metric.name is not a validation (val_*) metric")
