@@ -743,3 +743,29 @@ def test_several_tuning_files_choose_as_one_by_the_metric_they_share(tuning_swee
     high.write_text(yaml.safe_dump({**yaml.safe_load(high.read_text()), "metric": {"name": "val_global_acc"}}))
     with pytest.raises(sweep.SweepError, match="choose by different metrics"):
         tuning.report_selection([low, high], runs)
+
+
+def test_once_every_group_has_chosen_the_table_sweeps_run_the_chosen_settings_at_the_test_seeds(
+        tuning_sweep, tmp_path, monkeypatch):
+    make_tuning = load_make_tuning()
+    monkeypatch.chdir(tmp_path)
+    shift = tmp_path / "shift.yaml"
+    shift.write_text(yaml.safe_dump({**yaml.safe_load((tmp_path / "base.yaml").read_text()), "data": {
+        **yaml.safe_load((tmp_path / "base.yaml").read_text())["data"], "alpha": 0.5}}))
+    monkeypatch.setitem(make_tuning.TABLES, "t", ("tables", str(tmp_path / "base.yaml"), 7, str(shift)))
+    runs = sweep.plan(tuning_sweep, tmp_path / "out")
+    finish(runs[:-1])
+    assert make_tuning.write_tables("t", tuning.select(runs, "val_personal_acc"), tmp_path) == []  # one group open
+    finish(runs)
+    selections = tuning.select(runs, "val_personal_acc")
+    make_tuning.write_tables("t", selections, tmp_path)
+    main_runs = sweep.plan(tmp_path / "tables.yaml", tmp_path / "main")
+    got = {(r.config["method"]["class_path"].rsplit(".", 1)[-1].lower(), r.config["data"]["alpha"]): r.config["name"]
+           for r in main_runs}
+    assert got == chosen(selections) == CHOSEN
+    assert {r.config["seed"] for r in main_runs} == {0, 2, 3} and len(main_runs) == 3 * len(selections)
+    assert {r.config["loop"]["rounds"] for r in main_runs} == {7}
+    assert all(r.config["loop"]["cold_start_lr"] == make_tuning.FT_LRS for r in main_runs)
+    shifted = sweep.plan(tmp_path / "tables_shift.yaml", tmp_path / "shift")
+    assert {r.config["name"] for r in shifted} == {name for (m, a), name in chosen(selections).items() if a == 0.5}
+    assert {r.config["data"]["alpha"] for r in shifted} == {0.5}

@@ -7,16 +7,19 @@ with at most three values (FedCoE's inferred switches are fixed a priori; its as
 knob, counted like FedProx's mu); seeds 1 and 4 (the tables report 0, 2, 3); 50 rounds; the
 selection reads val_personal_acc only, and a setting with a diverged run is out. The core rates run
 first (*_core.yaml); *_widen_dir<alpha>.yaml then add an outer rate only where a choice sits at an
-edge, read from the committed records. Run from the repository root to regenerate the files (again after
-each batch of records): python benchmarks/sweeps/make_tuning.py
+edge, read from the committed records. Once every group has chosen, it exports the chosen settings
+(mnist10k_v2/) and writes the sweeps of the tables that run them at the test seeds (mnist10k_v2.yaml,
+mnist10k_v2_shift.yaml). Run from the repository root to regenerate the files (again after each batch
+of records): python benchmarks/sweeps/make_tuning.py
 """
 
+import os
 from pathlib import Path
 
 import yaml
 
 from fedcoe_bench.sweep import SweepRun, plan
-from fedcoe_bench.tuning import Selection, learning_rate, select
+from fedcoe_bench.tuning import Selection, export_selection, learning_rate, select
 
 LRS = (0.003, 0.01, 0.03, 0.1, 0.3)
 CORE_LRS = (0.01, 0.03, 0.1)  # run first; an edge value chosen here is what the outer values decide
@@ -40,6 +43,10 @@ METHODS = {  # cheapest first; short name -> (class path, knob, values)
     "fedcoe": ("fedcoe_bench.fedcoe.FedCoE", "assignment", ("gate", "soft", "relative")),
 }
 HERE = Path(__file__).parent
+FT_LRS = [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03]  # `+ ft`'s step sizes, one chosen on validation (results/mnist10k.md)
+TABLES = {  # tuning -> (the tables' name, main table's base config, rounds, shift table's base config)
+    "tune_v2": ("mnist10k_v2", "benchmarks/mnist10k_dir0.3.yaml", 100, "benchmarks/mnist10k_shift.yaml"),
+}
 RECORDS = Path("benchmarks/results/runs")  # committed run records, one folder per tuning sweep (run from the repo root)
 
 
@@ -106,10 +113,10 @@ def widening(selections: list[Selection]) -> tuple[dict[float, list[str]], list[
     return widen, beyond
 
 
-def widened(stem: str, records: Path) -> tuple[dict[float, list[str]], list[str]]:
+def widened(stem: str, records: Path) -> tuple[dict[float, list[str]], list[str], list[Selection]]:
     """Widen the core one step at a time (:func:`widening`), choosing each time over the core and the
     steps so far, while the runs of a step are made (finished or diverged) in ``records``: every rate
-    a choice has called for, per alpha, and the groups already at an end of LRS."""
+    a choice has called for, per alpha, the groups already at an end of LRS, and the last choice."""
     sweep = yaml.safe_load((HERE / f"{stem}.yaml").read_text())
     metric = sweep["metric"]["name"], sweep["metric"]["goal"]
     planned: dict[tuple, list[SweepRun]] = {}
@@ -117,10 +124,11 @@ def widened(stem: str, records: Path) -> tuple[dict[float, list[str]], list[str]
         planned.setdefault((r.params["config"], r.params["data.alpha"]), []).append(r)
     runs, widen = plan(HERE / f"{stem}_core.yaml", records), {}
     while True:
-        step, beyond = widening(select(runs, *metric))
+        selections = select(runs, *metric)
+        step, beyond = widening(selections)
         new = [(alpha, f) for alpha, files in step.items() for f in files if f not in widen.get(alpha, [])]
         if not new:
-            return widen, beyond
+            return widen, beyond, selections
         for alpha, f in new:
             widen.setdefault(alpha, []).append(f)
             runs += planned[(f, alpha)]
@@ -152,10 +160,11 @@ def write_sweeps(stem: str, base: str, alphas: list[float], rounds: int, fixed: 
         + yaml.safe_dump(staged, sort_keys=False))
 
 
-def write_widening(stem: str, records: Path) -> None:
-    """{stem}_widen_dir<alpha>.yaml: the next outer rates the records call for (see :func:`widening`)."""
+def write_widening(stem: str, records: Path) -> list[Selection]:
+    """{stem}_widen_dir<alpha>.yaml: the next outer rates the records call for (see :func:`widening`);
+    returns the choice so far."""
     sweep = yaml.safe_load((HERE / f"{stem}.yaml").read_text())
-    widen, beyond = widened(stem, records)
+    widen, beyond, selections = widened(stem, records)
     for old in HERE.glob(f"{stem}_widen_dir*.yaml"):
         old.unlink()
     for alpha, files in widen.items():
@@ -170,6 +179,42 @@ def write_widening(stem: str, records: Path) -> None:
             + yaml.safe_dump({**sweep, "name": name.replace("_", "-"), "parameters": params}, sort_keys=False))
     for line in beyond:
         print(f"make_tuning: {line}: add the next rate to LRS")
+    return selections
+
+
+def table_sweep(name: str, base: str, configs: list[str], rounds: int, comment: str) -> str:
+    """A sweep running ``configs`` (each a setting given after ``base``) at the test seeds, every new
+    client's `+ ft` step size chosen on validation from FT_LRS."""
+    sweep = {"name": name, "project": "fedcoe-bench", "program": "fedbench", "method": "grid",
+             "metric": {"name": "personal_acc", "goal": "maximize"},
+             "command": ["fedbench", "fit", "--config", base, "--logger", "wandb", "${args}"],
+             "parameters": {"seed": {"values": [0, 2, 3]}, "config": {"values": configs},
+                            "loop.rounds": {"value": rounds}, "loop.cold_start_lr": {"value": FT_LRS}}}
+    return (f"# {comment} (written by make_tuning.py).\n# On 2 cores:\n#   for i in 1 2; do OMP_NUM_THREADS=1 "
+            f"fedbench sweep benchmarks/sweeps/{name}.yaml & done; wait\n" + yaml.safe_dump(sweep, sort_keys=False))
+
+
+def write_tables(stem: str, selections: list[Selection], folder: Path = HERE) -> list[Path]:
+    """Once every group has chosen: the chosen settings, one file per alpha and method (``--export``'s),
+    and the sweeps of the tables that run them at the test seeds: the main table, and the shift table,
+    where each method runs the setting it chose at the shift benchmark's alpha."""
+    table, base, rounds, shift = TABLES[stem]
+    waiting = [s for s in selections if s.score is None]
+    if waiting:
+        print(f"make_tuning: {stem}: {len(waiting)} groups have not chosen yet: no table sweeps written")
+        return []
+    source = f"benchmarks/sweeps/{stem}_core.yaml benchmarks/sweeps/{stem}_widen_dir*.yaml"
+    exported = export_selection(selections, folder / table, "val_personal_acc", source)
+    out = [folder / f"{table}.yaml"]
+    out[0].write_text(table_sweep(table.replace("_", "-"), base, [os.path.relpath(p) for p in exported],
+                                  rounds, f"The main table of issue #29: each method at the setting {stem} chose on validation"))
+    if shift:
+        alpha = yaml.safe_load(Path(shift).read_text())["data"]["alpha"]
+        settings = [s.setting["config"] for s in selections if s.group[2] == alpha]
+        out.append(folder / f"{table}_shift.yaml")
+        out[1].write_text(table_sweep(f"{table}-shift".replace("_", "-"), shift, settings, rounds,
+                                      f"The shift table of issue #29: each method at the setting {stem} chose at Dirichlet {alpha}"))
+    return exported + out
 
 
 def main() -> None:
@@ -177,7 +222,7 @@ def main() -> None:
     for stem, (base, alphas, rounds, fixed) in BENCHMARKS.items():
         write_sweeps(stem, base, alphas, rounds, fixed, files, core)
         if (RECORDS / stem).is_dir():
-            write_widening(stem, RECORDS / stem)
+            write_tables(stem, write_widening(stem, RECORDS / stem))
 
 
 if __name__ == "__main__":
