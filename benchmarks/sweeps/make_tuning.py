@@ -46,6 +46,7 @@ HERE = Path(__file__).parent
 FT_LRS = [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03]  # `+ ft`'s step sizes, one chosen on validation (results/mnist10k.md)
 TABLES = {  # tuning -> (the tables' name, main table's base config, rounds, shift table's base config)
     "tune_v2": ("mnist10k_v2", "benchmarks/mnist10k_dir0.3.yaml", 100, "benchmarks/mnist10k_shift.yaml"),
+    "tune_cifar10": ("cifar10_v2", "benchmarks/cifar10_dir0.1.yaml", 20, None),  # the JPEG copy: its root is in each export
 }
 RECORDS = Path("benchmarks/results/runs")  # committed run records, one folder per tuning sweep (run from the repo root)
 
