@@ -710,7 +710,7 @@ def test_a_widening_sweep_runs_outer_rates_of_its_grid_into_the_same_directories
     assert {r.config["data"]["alpha"] for r in widen} == {float(path.stem.split("_widen_dir")[1])}
 
 
-def test_several_sweep_files_plan_as_one_and_a_directory_planned_twice_runs_once(tuning_sweep, small_sweep, tmp_path):
+def test_several_sweep_files_plan_as_one_and_a_directory_planned_twice_runs_once(tuning_sweep, tmp_path):
     spec = yaml.safe_load(tuning_sweep.read_text())
     files = spec["parameters"]["config"]["values"]
     first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
@@ -725,24 +725,27 @@ def test_several_sweep_files_plan_as_one_and_a_directory_planned_twice_runs_once
     clash = tmp_path / "clash.yaml"
     clash.write_text(yaml.safe_dump(other))
     second.write_text(yaml.safe_dump({**spec, "parameters": {**spec["parameters"], "config": {"values": [str(clash)]}}}))
-    with pytest.raises(sweep.SweepError, match="with another config than an earlier file"):
+    with pytest.raises(sweep.SweepError, match=f"{second} and {first} plan .* with different configs"):
         sweep.plan_all([first, second], tmp_path / "out")
 
 
-def test_several_tuning_files_choose_as_one_by_the_metric_they_share(tuning_sweep, small_sweep, tmp_path, capsys):
+def test_several_tuning_files_choose_as_one_by_the_metric_they_share(tuning_sweep, tmp_path, capsys):
     spec = yaml.safe_load(tuning_sweep.read_text())
     files = spec["parameters"]["config"]["values"]
     low, high = tmp_path / "low.yaml", tmp_path / "high.yaml"
     for path, values in ((low, [f for f in files if "lr0.01" in f]), (high, [f for f in files if "lr0.1" in f])):
         path.write_text(yaml.safe_dump({**spec, "parameters": {**spec["parameters"], "config": {"values": values}}}))
-    runs = sweep.plan_all([low, high], tmp_path / "out")
-    finish(runs)
-    tuning.report_selection([low, high], runs)
+    finish(sweep.plan_all([low, high], tmp_path / "out"))
+    assert main(["sweep", str(low), str(high), "--sweep_dir", str(tmp_path / "out"), "--dry-run"]) == 0
     whole = sweep.plan(tuning_sweep, tmp_path / "out")
-    assert capsys.readouterr().out == tuning.render_selection(tuning.select(whole, "val_personal_acc"), "val_personal_acc", "maximize")
-    high.write_text(yaml.safe_dump({**yaml.safe_load(high.read_text()), "metric": {"name": "val_global_acc"}}))
-    with pytest.raises(sweep.SweepError, match="choose by different metrics"):
-        tuning.report_selection([low, high], runs)
+    assert capsys.readouterr().out.split(" in conflict\n", 1)[1] == tuning.render_selection(
+        tuning.select(whole, "val_personal_acc"), "val_personal_acc", "maximize")
+    high.write_text(yaml.safe_dump({**yaml.safe_load(high.read_text()), "metric": {"name": "personal_acc"}}))
+    with pytest.raises(sweep.SweepError, match=f"choose by different metrics .*{high}: no val_. metric"):
+        tuning.sweeps_metric([low, high])
+    (tmp_path / "out").rename(tmp_path / "kept")  # a sweep that cannot choose must stop before it runs anything
+    assert main(["sweep", str(low), str(high), "--sweep_dir", str(tmp_path / "out")]) != 0
+    assert not (tmp_path / "out").exists()
 
 
 def test_once_every_group_has_chosen_the_table_sweeps_run_the_chosen_settings_at_the_test_seeds(
@@ -755,10 +758,14 @@ def test_once_every_group_has_chosen_the_table_sweeps_run_the_chosen_settings_at
     monkeypatch.setitem(make_tuning.TABLES, "t", ("tables", str(tmp_path / "base.yaml"), 7, str(shift)))
     runs = sweep.plan(tuning_sweep, tmp_path / "out")
     finish(runs[:-1])
-    assert make_tuning.write_tables("t", tuning.select(runs, "val_personal_acc"), tmp_path) == []  # one group open
+    assert make_tuning.write_tables("t", tuning.select(runs, "val_personal_acc"), "val_personal_acc", tmp_path) == []
     finish(runs)
     selections = tuning.select(runs, "val_personal_acc")
-    make_tuning.write_tables("t", selections, tmp_path)
+    assert {s.lr_edge for s in selections} == {"highest", "lowest"}  # every choice at an end: nothing is final
+    assert make_tuning.write_tables("t", selections, "val_personal_acc", tmp_path) == []
+    for s in selections:
+        s.lr_edge = ""  # as if widened past each
+    make_tuning.write_tables("t", selections, "val_personal_acc", tmp_path)
     main_runs = sweep.plan(tmp_path / "tables.yaml", tmp_path / "main")
     got = {(r.config["method"]["class_path"].rsplit(".", 1)[-1].lower(), r.config["data"]["alpha"]): r.config["name"]
            for r in main_runs}
@@ -769,3 +776,14 @@ def test_once_every_group_has_chosen_the_table_sweeps_run_the_chosen_settings_at
     shifted = sweep.plan(tmp_path / "tables_shift.yaml", tmp_path / "shift")
     assert {r.config["name"] for r in shifted} == {name for (m, a), name in chosen(selections).items() if a == 0.5}
     assert {r.config["data"]["alpha"] for r in shifted} == {0.5}
+
+
+def test_the_committed_widening_is_what_the_committed_records_call_for(monkeypatch):
+    """tune_v2_widen_dir*.yaml are make_tuning.py's output from benchmarks/results/runs/tune_v2: after new
+    records, rerun it (python benchmarks/sweeps/make_tuning.py)."""
+    monkeypatch.chdir(REPO)
+    make_tuning = load_make_tuning()
+    widen, _, _ = make_tuning.widened("tune_v2", make_tuning.RECORDS / "tune_v2")
+    committed = {float(p.stem.split("_widen_dir")[1]): sweep.load_sweep(p)["parameters"]["config"]["values"]
+                 for p in (REPO / "benchmarks" / "sweeps").glob("tune_v2_widen_dir*.yaml")}
+    assert committed == widen

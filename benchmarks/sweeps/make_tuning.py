@@ -122,8 +122,10 @@ def widened(stem: str, records: Path) -> tuple[dict[float, list[str]], list[str]
     metric = sweep["metric"]["name"], sweep["metric"]["goal"]
     planned: dict[tuple, list[SweepRun]] = {}
     for r in plan(HERE / f"{stem}.yaml", records):
-        planned.setdefault((r.params["config"], r.params["data.alpha"]), []).append(r)
+        planned.setdefault((r.params["config"], r.config["data"]["alpha"]), []).append(r)
     runs, widen = plan(HERE / f"{stem}_core.yaml", records), {}
+    # Ends: each pass adds settings not added before, or returns; a group with a step's runs still to
+    # make chooses nothing (select), so it has no edge and widens no further until they are made.
     while True:
         selections = select(runs, *metric)
         step, beyond = widening(selections)
@@ -161,9 +163,9 @@ def write_sweeps(stem: str, base: str, alphas: list[float], rounds: int, fixed: 
         + yaml.safe_dump(staged, sort_keys=False))
 
 
-def write_widening(stem: str, records: Path) -> list[Selection]:
+def write_widening(stem: str, records: Path) -> tuple[list[Selection], str]:
     """{stem}_widen_dir<alpha>.yaml: the next outer rates the records call for (see :func:`widening`);
-    returns the choice so far."""
+    returns the choice so far and the metric it is made by."""
     sweep = yaml.safe_load((HERE / f"{stem}.yaml").read_text())
     widen, beyond, selections = widened(stem, records)
     for old in HERE.glob(f"{stem}_widen_dir*.yaml"):
@@ -180,7 +182,7 @@ def write_widening(stem: str, records: Path) -> list[Selection]:
             + yaml.safe_dump({**sweep, "name": name.replace("_", "-"), "parameters": params}, sort_keys=False))
     for line in beyond:
         print(f"make_tuning: {line}: add the next rate to LRS")
-    return selections
+    return selections, sweep["metric"]["name"]
 
 
 def table_sweep(name: str, base: str, configs: list[str], rounds: int, comment: str) -> str:
@@ -195,23 +197,27 @@ def table_sweep(name: str, base: str, configs: list[str], rounds: int, comment: 
             f"fedbench sweep benchmarks/sweeps/{name}.yaml & done; wait\n" + yaml.safe_dump(sweep, sort_keys=False))
 
 
-def write_tables(stem: str, selections: list[Selection], folder: Path = HERE) -> list[Path]:
-    """Once every group has chosen: the chosen settings, one file per alpha and method (``--export``'s),
-    and the sweeps of the tables that run them at the test seeds: the main table, and the shift table,
-    where each method runs the setting it chose at the shift benchmark's alpha."""
+def write_tables(stem: str, selections: list[Selection], metric: str, folder: Path = HERE) -> list[Path]:
+    """Once every group has chosen inside its rates: the chosen settings, one file per alpha and method
+    (``--export``'s), and the sweeps of the tables that run them at the test seeds: the main table, and
+    the shift table, where each method runs the setting it chose at the shift benchmark's alpha."""
     table, base, rounds, shift = TABLES[stem]
-    waiting = [s for s in selections if s.score is None]
+    waiting = [s for s in selections if s.score is None or s.lr_edge]
     if waiting:
-        print(f"make_tuning: {stem}: {len(waiting)} groups have not chosen yet: no table sweeps written")
+        print(f"make_tuning: {stem}: {len(waiting)} groups have not chosen yet or chose an end of the rates "
+              f"tried: no table sweeps written")
         return []
     source = f"benchmarks/sweeps/{stem}_core.yaml benchmarks/sweeps/{stem}_widen_dir*.yaml"
-    exported = export_selection(selections, folder / table, "val_personal_acc", source)
+    exported = export_selection(selections, folder / table, metric, source)
     out = [folder / f"{table}.yaml"]
     out[0].write_text(table_sweep(table.replace("_", "-"), base, [os.path.relpath(p) for p in exported],
                                   rounds, f"The main table of issue #29: each method at the setting {stem} chose on validation"))
     if shift:
         alpha = yaml.safe_load(Path(shift).read_text())["data"]["alpha"]
         settings = [s.setting["config"] for s in selections if s.group[2] == alpha]
+        if not settings:
+            raise SystemExit(f"make_tuning: {stem} tuned no setting at {shift}'s alpha {alpha}; tune it there or "
+                             f"change the shift table's base config in TABLES")
         out.append(folder / f"{table}_shift.yaml")
         out[1].write_text(table_sweep(f"{table}-shift".replace("_", "-"), shift, settings, rounds,
                                       f"The shift table of issue #29: each method at the setting {stem} chose at Dirichlet {alpha}"))
@@ -219,11 +225,12 @@ def write_tables(stem: str, selections: list[Selection], folder: Path = HERE) ->
 
 
 def main() -> None:
+    os.chdir(HERE.parents[1])  # the sweeps name every file from the repository root
     files, core = write_settings(HERE / "tune_v2")
     for stem, (base, alphas, rounds, fixed) in BENCHMARKS.items():
         write_sweeps(stem, base, alphas, rounds, fixed, files, core)
         if (RECORDS / stem).is_dir():
-            write_tables(stem, write_widening(stem, RECORDS / stem))
+            write_tables(stem, *write_widening(stem, RECORDS / stem))
 
 
 if __name__ == "__main__":

@@ -158,9 +158,13 @@ def _run_sweep(parser: ArgumentParser, cfg: Namespace, argv: list[str]) -> int:
     (:mod:`fedcoe_bench.tuning`; printed, and with ``--export`` written as configs)."""
     from fedcoe_bench import sweep, tuning
 
+    chosen_by = tuning.sweeps_metric(cfg.files)  # before any run: files that choose apart cannot run as one
+    if chosen_by is None and cfg.export is not None:
+        raise sweep.SweepError(f"--export needs a tuning sweep: {' '.join(cfg.files)} name no validation (val_*) metric")
     runs = sweep.plan_all(cfg.files, cfg.sweep_dir, cfg.logger)
     code = sweep.run_sweep(runs, dry_run=cfg.dry_run)
-    tuning.report_selection(cfg.files, runs, cfg.export)
+    if chosen_by is not None:
+        tuning.report_selection(" ".join(cfg.files), chosen_by, runs, cfg.export)
     return code
 
 

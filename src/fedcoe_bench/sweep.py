@@ -1,4 +1,4 @@
-"""``fedbench sweep FILE``: run a W&B grid-sweep definition locally, without W&B.
+"""``fedbench sweep FILE [FILE ...]``: run W&B grid-sweep definitions locally, without W&B.
 
 The file is an ordinary ``wandb sweep`` definition (``method: grid``, ``parameters`` with
 ``values`` or ``value``, a ``command`` running ``fedbench fit ... ${args}``). Each grid point
@@ -11,7 +11,8 @@ the same config is skipped, so an interrupted sweep resumes where it stopped (an
 continues from its checkpoint; one stopped by a non-finite loss is reported, not run again: resumed,
 it would diverge again). Several ``fedbench sweep`` processes on the same file share the
 grid: each run is claimed with a lock file in its directory, so on N cores run N of them (with
-``OMP_NUM_THREADS`` set so that they do not oversubscribe the cores).
+``OMP_NUM_THREADS`` set so that they do not oversubscribe the cores). Several files run one after
+another as one sweep (:func:`plan_all`).
 
 A tuning sweep is one whose W&B ``metric`` names a validation metric (``val_*``, e.g.
 ``val_personal_acc``): after its runs (or with ``--dry-run``, instead of them) ``fedbench sweep``
@@ -164,20 +165,20 @@ def plan(path: str | os.PathLike, sweep_dir: str | os.PathLike = "runs", logger:
     return runs
 
 
-def plan_all(paths: list, sweep_dir: str | os.PathLike = "runs", logger: str = "csv") -> list[SweepRun]:
+def plan_all(paths: list[str | os.PathLike], sweep_dir: str | os.PathLike = "runs", logger: str = "csv") -> list[SweepRun]:
     """The runs of several sweep files in order, as one sweep (a tuning grown in steps: a core grid, then
     the rates that widen it); a run directory two files plan alike is run once, planned with two
     configs it is an error."""
-    runs: dict[Path, SweepRun] = {}
+    runs: dict[Path, tuple[SweepRun, str | os.PathLike]] = {}
     for path in paths:
         for r in plan(path, sweep_dir, logger):
-            first = runs.setdefault(r.run_dir, r)
+            first, where = runs.setdefault(r.run_dir, (r, path))
             if first is not r and config_diff(first.config, r.config):
-                raise SweepError(f"{path} plans {r.run_dir} with another config than an earlier file "
-                                 f"({shown(config_diff(first.config, r.config))}); give one of them another 'name'")
-    for i, r in enumerate(runs.values(), 1):
+                raise SweepError(f"{path} and {where} plan {r.run_dir} with different configs "
+                                 f"({shown(config_diff(first.config, r.config))}); give one of the settings another 'name'")
+    for i, (r, _) in enumerate(runs.values(), 1):
         r.index = i
-    return list(runs.values())
+    return [r for r, _ in runs.values()]
 
 
 def check_finished(run: SweepRun) -> str:

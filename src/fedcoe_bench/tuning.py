@@ -241,21 +241,21 @@ def export_selection(selections: list[Selection], directory: str | os.PathLike, 
     return written
 
 
-def report_selection(paths: list, runs: list[SweepRun], export: str | None = None) -> None:
-    """Print the selection of a tuning sweep (one whose metric is a validation metric; several files
-    choose as one, by the metric they share), and with ``export`` write it as config files
-    (:func:`export_selection`); nothing for another sweep."""
+def sweeps_metric(paths: list[str | os.PathLike]) -> tuple[str, str] | None:
+    """The validation metric the sweep files choose by (:func:`selection_metric`), None for files
+    that choose nothing; files that differ cannot run as one sweep."""
     metrics = {str(path): selection_metric(load_sweep(path)) for path in paths}
     if len(set(metrics.values())) > 1:
-        raise SweepError(f"the sweep files choose by different metrics ({', '.join(f'{p}: {m}' for p, m in metrics.items())}); "
-                         f"give them one metric, or run them apart")
-    chosen_by, path = next(iter(metrics.values())), " ".join(metrics)
-    if chosen_by is None:
-        if export is not None:
-            raise SweepError(f"--export needs a tuning sweep: {path}'s metric.name is not a validation (val_*) metric")
-        return
+        named = ", ".join(f"{p}: {m[0] if m else 'no val_* metric'}" for p, m in metrics.items())
+        raise SweepError(f"the sweep files choose by different metrics ({named}); give them one metric, or run them apart")
+    return next(iter(metrics.values()))
+
+
+def report_selection(source: str, chosen_by: tuple[str, str], runs: list[SweepRun], export: str | None = None) -> None:
+    """Print the selection of a tuning sweep's runs by ``chosen_by`` (:func:`sweeps_metric`), and with
+    ``export`` write it as config files (:func:`export_selection`; ``source`` names the sweep there)."""
     selections = select(runs, *chosen_by)
     print(render_selection(selections, *chosen_by), end="", flush=True)
     if export is not None:
-        for written in export_selection(selections, export, chosen_by[0], str(path)):
+        for written in export_selection(selections, export, chosen_by[0], source):
             print(f"wrote {written}", flush=True)
