@@ -121,9 +121,10 @@ def widened(stem: str, records: Path) -> tuple[dict[float, list[str]], list[str]
     sweep = yaml.safe_load((HERE / f"{stem}.yaml").read_text())
     metric = sweep["metric"]["name"], sweep["metric"]["goal"]
     planned: dict[tuple, list[SweepRun]] = {}
-    for r in plan(HERE / f"{stem}.yaml", records):
+    whole = plan(HERE / f"{stem}.yaml", records)
+    for r in whole:
         planned.setdefault((r.params["config"], r.config["data"]["alpha"]), []).append(r)
-    runs, widen = plan(HERE / f"{stem}_core.yaml", records), {}
+    runs, widen = [r for r in whole if learning_rate(r) in CORE_LRS], {}  # {stem}_core.yaml's runs, planned once
     # Ends: each pass adds settings not added before, or returns; a group with a step's runs still to
     # make chooses nothing (select), so it has no edge and widens no further until they are made.
     while True:

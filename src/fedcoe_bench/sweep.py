@@ -173,9 +173,10 @@ def plan_all(paths: list[str | os.PathLike], sweep_dir: str | os.PathLike = "run
     for path in paths:
         for r in plan(path, sweep_dir, logger):
             first, where = runs.setdefault(r.run_dir, (r, path))
-            if first is not r and config_diff(first.config, r.config):
+            diff = config_diff(first.config, r.config) if first is not r else None
+            if diff:
                 raise SweepError(f"{path} and {where} plan {r.run_dir} with different configs "
-                                 f"({shown(config_diff(first.config, r.config))}); give one of the settings another 'name'")
+                                 f"({shown(diff)}); give one of the settings another 'name'")
     for i, (r, _) in enumerate(runs.values(), 1):
         r.index = i
     return [r for r, _ in runs.values()]
