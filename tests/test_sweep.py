@@ -629,9 +629,10 @@ def test_a_sweep_reports_each_run_and_stops_with_an_interrupted_run(small_sweep,
 
 @pytest.mark.parametrize(("stem", "source", "alphas"), [("tune_v2", "mnist10k", (0.1, 0.3)), ("tune_cifar10", "cifar10", (0.1, 0.5))])
 def test_tune_v2_gives_every_method_the_same_lr_grid_and_at_most_one_knob_of_three(monkeypatch, stem, source, alphas):
-    """Issue #29's budget: lr in {0.003, 0.01, 0.03, 0.1, 0.3} for all 13 methods, one knob <= 3 values, seeds 1
+    """Issue #29's budget: lr in {0.003, 0.01, 0.03, 0.1} and beyond for all 13 methods, one knob <= 3 values, seeds 1
     and 4, both alphas, validation only; CIFAR-10 tuned with the very same setting files on its own data."""
     monkeypatch.chdir(REPO)
+    make_tuning = load_make_tuning()
     runs = sweep.plan(f"benchmarks/sweeps/{stem}.yaml", "runs/tune")
     assert tuning.selection_metric(sweep.load_sweep(f"benchmarks/sweeps/{stem}.yaml"))[0].startswith("val_")
     assert {str(r.run_dir).split("/")[2] for r in runs} == {source}
@@ -641,11 +642,11 @@ def test_tune_v2_gives_every_method_the_same_lr_grid_and_at_most_one_knob_of_thr
         by_method.setdefault(r.config["method"]["class_path"].rsplit(".", 1)[-1].lower(), []).append(r)
     assert len(by_method) == 13
     for method, rs in by_method.items():
-        assert {r.config["method"]["init_args"]["lr"] for r in rs} == {0.003, 0.01, 0.03, 0.1, 0.3}, method
+        assert {r.config["method"]["init_args"]["lr"] for r in rs} == set(make_tuning.LRS) >= {0.003, 0.01, 0.03, 0.1}, method
         assert {(r.config["seed"], r.config["data"]["alpha"]) for r in rs} == {(s, a) for s in (1, 4) for a in alphas}
         files = {r.params["config"] for r in rs}
         knobs = {k for f in files for k in yaml.safe_load(Path(f).read_text())["method"]["init_args"] if k != "lr"}
-        assert len(knobs) <= 1 and len(files) <= 5 * 3, method
+        assert len(knobs) <= 1 and len(files) <= len(make_tuning.LRS) * 3, method
 
 
 def test_the_fit_a_sweep_starts_holds_the_runs_lock_so_a_sweep_killed_hard_leaves_no_run_to_start_twice(tmp_path):
@@ -692,11 +693,11 @@ def test_widening_adds_the_next_rate_past_each_edge_choice_with_every_knob_value
         return tuning.Selection(("mnist10k", "dirichlet", alpha, 50, method), {}, 90.0, [run], 9, lr_edge=edge)
 
     widen, beyond = make_tuning.widening([chosen("fedprox", 0.3, 0.1, "highest"), chosen("ditto", 0.1, 0.01, "lowest"),
-                                          chosen("fedavg", 0.1, 0.03, ""), chosen("local", 0.3, 0.3, "highest")])
+                                          chosen("fedavg", 0.1, 0.03, ""), chosen("local", 0.3, make_tuning.LRS[-1], "highest")])
     files = "benchmarks/sweeps/tune_v2/{}.yaml".format
     assert widen == {0.3: [files(f"fedprox-lr0.3-mu{mu}") for mu in (0.001, 0.01, 0.1)],
                      0.1: [files(f"ditto-lr0.003-lam{lam}") for lam in (0.1, 0.5, 1.0)]}
-    assert beyond == ["local at alpha 0.3: lr 0.3, the highest of LRS"]
+    assert beyond == [f"local at alpha 0.3: lr {make_tuning.LRS[-1]}, the highest of LRS"]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "benchmarks" / "sweeps").glob("*_widen_dir*.yaml")), ids=lambda p: p.name)
@@ -706,7 +707,8 @@ def test_a_widening_sweep_runs_outer_rates_of_its_grid_into_the_same_directories
     full = {r.run_dir: r.config for r in sweep.plan(f"benchmarks/sweeps/{stem}.yaml", "runs/tune")}
     widen = sweep.plan(path, "runs/tune")
     assert widen and all(full[r.run_dir] == r.config for r in widen)
-    assert {r.config["method"]["init_args"]["lr"] for r in widen} <= {0.003, 0.3}
+    make_tuning = load_make_tuning()
+    assert {r.config["method"]["init_args"]["lr"] for r in widen}.isdisjoint(make_tuning.CORE_LRS)
     assert {r.config["data"]["alpha"] for r in widen} == {float(path.stem.split("_widen_dir")[1])}
 
 

@@ -1,8 +1,8 @@
 """Write the tuning grids of issue #29: every method the same budget (tune_v2/*.yaml, one file per setting),
 run on MNIST-10k (tune_v2.yaml) and on CIFAR-10 (tune_cifar10.yaml), each on its own validation splits.
 
-The learning rate in {0.003, 0.01, 0.03, 0.1, 0.3} for every method (0.3: FedCoE with its normalized loss
-chose it on the rotation clusters, issue #28), and at most one method-specific knob
+The learning rate in {0.003, 0.01, 0.03, 0.1, 0.3, 1.0} for every method (each outer rate added when a
+choice reached the grid's end), and at most one method-specific knob
 with at most three values (FedCoE's inferred switches are fixed a priori; its assignment is its
 knob, counted like FedProx's mu); seeds 1 and 4 (the tables report 0, 2, 3); 50 rounds; the
 selection reads val_personal_acc only, and a setting with a diverged run is out. The core rates run
@@ -21,7 +21,7 @@ import yaml
 from fedcoe_bench.sweep import SweepRun, plan
 from fedcoe_bench.tuning import Selection, export_selection, learning_rate, select
 
-LRS = (0.003, 0.01, 0.03, 0.1, 0.3)
+LRS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # 1.0: FedEM chose 0.3 at Dirichlet 0.3
 CORE_LRS = (0.01, 0.03, 0.1)  # run first; an edge value chosen here is what the outer values decide
 METHODS = {  # cheapest first; short name -> (class path, knob, values)
     "fedavg": ("fedcoe_bench.baselines.fedavg.FedAvg", None, ()),
