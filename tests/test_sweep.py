@@ -789,3 +789,13 @@ def test_the_committed_widening_is_what_the_committed_records_call_for(monkeypat
     committed = {float(p.stem.split("_widen_dir")[1]): sweep.load_sweep(p)["parameters"]["config"]["values"]
                  for p in (REPO / "benchmarks" / "sweeps").glob("tune_v2_widen_dir*.yaml")}
     assert committed == widen
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "benchmarks" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_command_a_sweep_file_gives_in_its_header_names_a_sweep_file_that_exists(path):
+    """The headers make_tuning.py writes are how a reader starts a sweep: each file they name must exist."""
+    import re
+
+    named = re.findall(r"fedbench sweep ((?:benchmarks/sweeps/\S+\.yaml ?)+)", path.read_text())
+    for pattern in (p for line in named for p in line.split()):
+        assert list(REPO.glob(pattern)), f"{path.name}'s header runs {pattern}, which does not exist"

@@ -186,16 +186,16 @@ def write_widening(stem: str, records: Path) -> tuple[list[Selection], str]:
     return selections, sweep["metric"]["name"]
 
 
-def table_sweep(name: str, base: str, configs: list[str], rounds: int, comment: str) -> str:
+def table_sweep(stem: str, base: str, configs: list[str], rounds: int, comment: str) -> str:
     """A sweep running ``configs`` (each a setting given after ``base``) at the test seeds, every new
     client's `+ ft` step size chosen on validation from FT_LRS."""
-    sweep = {"name": name, "project": "fedcoe-bench", "program": "fedbench", "method": "grid",
+    sweep = {"name": stem.replace("_", "-"), "project": "fedcoe-bench", "program": "fedbench", "method": "grid",
              "metric": {"name": "personal_acc", "goal": "maximize"},
              "command": ["fedbench", "fit", "--config", base, "--logger", "wandb", "${args}"],
              "parameters": {"seed": {"values": [0, 2, 3]}, "config": {"values": configs},
                             "loop.rounds": {"value": rounds}, "loop.cold_start_lr": {"value": FT_LRS}}}
     return (f"# {comment} (written by make_tuning.py).\n# On 2 cores:\n#   for i in 1 2; do OMP_NUM_THREADS=1 "
-            f"fedbench sweep benchmarks/sweeps/{name}.yaml & done; wait\n" + yaml.safe_dump(sweep, sort_keys=False))
+            f"fedbench sweep benchmarks/sweeps/{stem}.yaml & done; wait\n" + yaml.safe_dump(sweep, sort_keys=False))
 
 
 def write_tables(stem: str, selections: list[Selection], metric: str, folder: Path = HERE) -> list[Path]:
@@ -211,7 +211,7 @@ def write_tables(stem: str, selections: list[Selection], metric: str, folder: Pa
     source = f"benchmarks/sweeps/{stem}_core.yaml benchmarks/sweeps/{stem}_widen_dir*.yaml"
     exported = export_selection(selections, folder / table, metric, source)
     out = [folder / f"{table}.yaml"]
-    out[0].write_text(table_sweep(table.replace("_", "-"), base, [os.path.relpath(p) for p in exported],
+    out[0].write_text(table_sweep(table, base, [os.path.relpath(p) for p in exported],
                                   rounds, f"The main table of issue #29: each method at the setting {stem} chose on validation"))
     if shift:
         alpha = yaml.safe_load(Path(shift).read_text())["data"]["alpha"]
@@ -220,7 +220,7 @@ def write_tables(stem: str, selections: list[Selection], metric: str, folder: Pa
             raise SystemExit(f"make_tuning: {stem} tuned no setting at {shift}'s alpha {alpha}; tune it there or "
                              f"change the shift table's base config in TABLES")
         out.append(folder / f"{table}_shift.yaml")
-        out[1].write_text(table_sweep(f"{table}-shift".replace("_", "-"), shift, settings, rounds,
+        out[1].write_text(table_sweep(f"{table}_shift", shift, settings, rounds,
                                       f"The shift table of issue #29: each method at the setting {stem} chose at Dirichlet {alpha}"))
     return exported + out
 
