@@ -159,7 +159,7 @@ def write_sweeps(stem: str, base: str, alphas: list[float], rounds: int, fixed: 
     (HERE / f"{stem}_core.yaml").write_text(
         f"# {stem}.yaml's runs at lr {list(CORE_LRS)} ({runs * len(core)} runs), one method after another in the "
         f"order of their cost (written by make_tuning.py).\n# Same run directories as {stem}.yaml: run this "
-        f"first, then {stem}.yaml finishes the outer learning rates.\n# On 2 cores:\n#   for i in 1 2; do "
+        f"first; make_tuning.py then writes {stem}_widen_dir<alpha>.yaml, the outer rates its choices call for.\n# On 2 cores:\n#   for i in 1 2; do "
         f"OMP_NUM_THREADS=1 fedbench sweep benchmarks/sweeps/{stem}_core.yaml --sweep_dir runs/tune & done; wait\n"
         + yaml.safe_dump(staged, sort_keys=False))
 
