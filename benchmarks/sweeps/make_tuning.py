@@ -1,8 +1,8 @@
 """Write the tuning grids of issue #29: every method the same budget (tune_v2/*.yaml, one file per setting),
 run on MNIST-10k (tune_v2.yaml) and on CIFAR-10 (tune_cifar10.yaml), each on its own validation splits.
 
-The learning rate in {0.003, 0.01, 0.03, 0.1, 0.3, 1.0} for every method (each outer rate added when a
-choice reached the grid's end), and at most one method-specific knob
+The learning rate in {0.003, 0.01, 0.03, 0.1, 0.3, 1.0} for every method (1.0 added when FedEM chose 0.3,
+the grid's end then), and at most one method-specific knob
 with at most three values (FedCoE's inferred switches are fixed a priori; its assignment is its
 knob, counted like FedProx's mu); seeds 1 and 4 (the tables report 0, 2, 3); 50 rounds; the
 selection reads val_personal_acc only, and a setting with a diverged run is out. The core rates run
