@@ -14,6 +14,7 @@ from fedcoe_bench import sweep, tuning
 from fedcoe_bench.cli import main
 from fedcoe_bench.results import METRICS
 from fedcoe_bench.runs import config_diff
+from fedcoe_bench.runs import config_diff
 
 REPO = Path(__file__).parents[1]
 METHODS = ["fedavg", "fedprox", "fedper", "fedmix", "pfedmoe", "local", "fedcoe"]
@@ -778,6 +779,21 @@ def test_once_every_group_has_chosen_the_table_sweeps_run_the_chosen_settings_at
     shifted = sweep.plan(tmp_path / "tables_shift.yaml", tmp_path / "shift")
     assert {r.config["name"] for r in shifted} == {name for (m, a), name in chosen(selections).items() if a == 0.5}
     assert {r.config["data"]["alpha"] for r in shifted} == {0.5}
+    assert not (tmp_path / "tables_ablation.yaml").exists()  # no FedCoE tuned: no FedCoE ablation
+
+
+def test_the_ablation_sweep_retrains_the_main_tables_fedcoe_with_only_its_label_prior_off(monkeypatch):
+    monkeypatch.chdir(REPO)
+    sweeps = REPO / "benchmarks" / "sweeps"
+    main = {(r.config["data"]["alpha"], r.config["seed"]): r.config
+            for r in sweep.plan(sweeps / "mnist10k_v2.yaml", "runs/x") if r.config["name"].startswith("fedcoe")}
+    ablated = {(r.config["data"]["alpha"], r.config["seed"]): r.config
+               for r in sweep.plan(sweeps / "mnist10k_v2_ablation.yaml", "runs/x")}
+    assert ablated.keys() == main.keys() and len(main) == 6
+    for key, config in ablated.items():
+        assert config["method"]["init_args"]["local_prior"] is False and main[key]["method"]["init_args"]["local_prior"] is True
+        assert config["name"] == "fedcoe-no_local_prior"
+        assert {d.split(":")[0] for d in config_diff(main[key], config)} == {"name", "method.init_args.local_prior"}
 
 
 def test_the_committed_widening_is_what_the_committed_records_call_for(monkeypatch):

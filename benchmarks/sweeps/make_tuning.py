@@ -9,8 +9,8 @@ selection reads val_personal_acc only, and a setting with a diverged run is out.
 first (*_core.yaml); *_widen_dir<alpha>.yaml then add an outer rate only where a choice sits at an
 edge, read from the committed records. Once every group has chosen, it exports the chosen settings
 (mnist10k_v2/) and writes the sweeps of the tables that run them at the test seeds (mnist10k_v2.yaml,
-mnist10k_v2_shift.yaml). Run from the repository root to regenerate the files (again after each batch
-of records): python benchmarks/sweeps/make_tuning.py
+mnist10k_v2_shift.yaml, FedCoE's ablation mnist10k_v2_ablation.yaml). Run from the repository root
+to regenerate the files (again after each batch of records): python benchmarks/sweeps/make_tuning.py
 """
 
 import os
@@ -186,13 +186,14 @@ def write_widening(stem: str, records: Path) -> tuple[list[Selection], str]:
     return selections, sweep["metric"]["name"]
 
 
-def table_sweep(stem: str, base: str, configs: list[str], rounds: int, comment: str) -> str:
-    """A sweep running ``configs`` (each a setting given after ``base``) at the test seeds, every new
-    client's `+ ft` step size chosen on validation from FT_LRS."""
+def table_sweep(stem: str, base: str, configs: list[str], rounds: int, comment: str, fixed: dict | None = None) -> str:
+    """A sweep running ``configs`` (each a setting given after ``base``, then the ``fixed`` overrides) at
+    the test seeds, every new client's `+ ft` step size chosen on validation from FT_LRS."""
     sweep = {"name": stem.replace("_", "-"), "project": "fedcoe-bench", "program": "fedbench", "method": "grid",
              "metric": {"name": "personal_acc", "goal": "maximize"},
              "command": ["fedbench", "fit", "--config", base, "--logger", "wandb", "${args}"],
              "parameters": {"seed": {"values": [0, 2, 3]}, "config": {"values": configs},
+                            **{key: {"value": value} for key, value in (fixed or {}).items()},
                             "loop.rounds": {"value": rounds}, "loop.cold_start_lr": {"value": FT_LRS}}}
     return (f"# {comment} (written by make_tuning.py).\n# On 2 cores:\n#   for i in 1 2; do OMP_NUM_THREADS=1 "
             f"fedbench sweep benchmarks/sweeps/{stem}.yaml & done; wait\n" + yaml.safe_dump(sweep, sort_keys=False))
@@ -210,9 +211,18 @@ def write_tables(stem: str, selections: list[Selection], metric: str, folder: Pa
         return []
     source = f"benchmarks/sweeps/{stem}_core.yaml benchmarks/sweeps/{stem}_widen_dir*.yaml"
     exported = export_selection(selections, folder / table, metric, source)
+    configs = [os.path.relpath(p) for p in exported]
     out = [folder / f"{table}.yaml"]
-    out[0].write_text(table_sweep(table, base, [os.path.relpath(p) for p in exported],
-                                  rounds, f"The main table of issue #29: each method at the setting {stem} chose on validation"))
+    out[0].write_text(table_sweep(table, base, configs, rounds,
+                                  f"The main table of issue #29: each method at the setting {stem} chose on validation"))
+    # FedCoE's personal label prior is the one part of its `personal` no baseline has (every method gets
+    # the prior as an adapter, the `personal + prior` column): retrained without it, at the same settings
+    fedcoe = [c for c in configs if c.endswith("-fedcoe.yaml")]
+    if fedcoe:
+        out.append(folder / f"{table}_ablation.yaml")
+        out[-1].write_text(table_sweep(f"{table}_ablation", base, fedcoe, rounds,
+                                       f"FedCoE without its personal label prior (issue #29), at the settings {stem} chose",
+                                       {"method.init_args.local_prior": False, "name": "fedcoe-no_local_prior"}))
     if shift:
         alpha = yaml.safe_load(Path(shift).read_text())["data"]["alpha"]
         settings = [s.setting["config"] for s in selections if s.group[2] == alpha]
@@ -220,7 +230,7 @@ def write_tables(stem: str, selections: list[Selection], metric: str, folder: Pa
             raise SystemExit(f"make_tuning: {stem} tuned no setting at {shift}'s alpha {alpha}; tune it there or "
                              f"change the shift table's base config in TABLES")
         out.append(folder / f"{table}_shift.yaml")
-        out[1].write_text(table_sweep(f"{table}_shift", shift, settings, rounds,
+        out[-1].write_text(table_sweep(f"{table}_shift", shift, settings, rounds,
                                       f"The shift table of issue #29: each method at the setting {stem} chose at Dirichlet {alpha}"))
     return exported + out
 
