@@ -130,7 +130,7 @@ def test_a_user_data_source_plugs_in_by_class_path(tmp_path, monkeypatch, fit_ar
     (["--data.source", "cifar10", "--data.source.root", "NO_DATA", "--data.source.download", "false"],
      ["cifar-10-batches-py", "download=True"]),
     (["--run_dir", "UNWRITABLE"], ["not writable"]),
-    (["--method", "os.path.join"], ["os.path.join", "FederatedMethod"]),
+    (["--method", "collections.OrderedDict"], ["collections.OrderedDict", "FederatedMethod"]),
     (["--fabric.accelerator", "gpu"], ["--fabric.accelerator gpu", "--fabric.accelerator cpu"]),
     (["--fabric.accelerator", "cuda"], ["--fabric.accelerator cuda", "--fabric.accelerator cpu"]),
     (["--method.init_args.lr", "-0.1"], ["method.init_args.lr", "-0.1"]),
