@@ -14,7 +14,6 @@ from fedcoe_bench import sweep, tuning
 from fedcoe_bench.cli import main
 from fedcoe_bench.results import METRICS
 from fedcoe_bench.runs import config_diff
-from fedcoe_bench.runs import config_diff
 
 REPO = Path(__file__).parents[1]
 METHODS = ["fedavg", "fedprox", "fedper", "fedmix", "pfedmoe", "local", "fedcoe"]
