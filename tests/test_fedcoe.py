@@ -239,7 +239,10 @@ def test_balanced_routing_needs_a_shared_gate_and_a_rate_of_at_least_zero():
                                       ({"capacity": 0.5}, "capacity"), ({"assignment_balance": -1.0}, "assignment_balance"),
                                       ({"split": True, "assignment": "gate"}, "split"),
                                       ({"split": True, "assignment": "soft", "shared_gate": False}, "split"),
-                                      ({"route_target": "labels"}, "route_target")])
+                                      ({"route_target": "labels"}, "route_target"),
+                                      ({"warmup_rounds": 5, "assignment": "gate"}, "warmup_rounds"),
+                                      ({"warmup_rounds": 5, "assignment": "soft", "coordinated": False}, "warmup_rounds"),
+                                      ({"warmup_rounds": -1, "assignment": "soft"}, "warmup_rounds")])
 def test_bad_assignment_settings_are_refused_by_name(kw, name):
     with pytest.raises(ConfigError, match=f"method.init_args.{name} must"):
         FedCoE(**kw)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedcoe_bench.fedcoe import FedCoE
+from fedcoe_bench.fedcoe import FedCoE, kmeans
 from fedcoe_bench.method import ClientContext, ClientUpdate, RoundContext
 from fedcoe_bench.models import mixture
 
@@ -356,3 +356,86 @@ def test_the_posterior_route_target_sends_each_input_to_the_expert_that_explains
     g = m.gate(x).detach()
     routed = (g[y == 0, 1].mean() > 0.5) and (g[y == 1, 2].mean() > 0.5)
     assert routed == (route_target == "posterior")
+
+
+def warm_round(m: FedCoE, server: torch.Tensor, moves: list[tuple[float, torch.Tensor]], round: int):
+    """Aggregation ``round`` of clients ``(n, direction)`` in the warm-up: each trained expert 0 alone
+    (its assignment one-hot on 0) and moved it from the server state by ``direction``."""
+    updates = []
+    for cid, (n, direction) in enumerate(moves):
+        shared = server.clone()
+        shared[m.span("experts.0.")] += direction
+        report = {"routing": torch.full((4,), 0.25), "gate_entropy": torch.tensor(1.0),
+                  "fusion_h": torch.tensor(0.5), "assignment": F.one_hot(torch.tensor(0), 4).to(server.dtype),
+                  "calibration": torch.zeros(len(m.beta_grid)), "calibration_weight": torch.tensor(0.0)}
+        updates.append(ClientUpdate(cid, n, shared, report))
+    return m.aggregate(server, updates, RoundContext(round, 10, len(updates)))
+
+
+def test_the_warm_up_trains_one_model_then_cuts_it_by_the_clients_update_directions():
+    """Before its last round the experts are one model, every client's expert 0 averaged; at it each
+    expert averages the clients of one cluster of body update directions (four pairs of clients move
+    four parts of the body, while large moves of the head pair them otherwise), and R records them."""
+    m = tiny(assignment="relative", warmup_rounds=2)
+    server = m.flat["shared"].clone()
+    spans = [m.span(f"experts.{k}.") for k in range(4)]
+    assert all(torch.equal(server[s], server[spans[0]]) for s in spans)
+    size, body = spans[0].stop - spans[0].start, m.span("experts.0.body.")
+    quarter = (body.stop - body.start) // 4
+    moves = []
+    for cid in range(8):
+        d = torch.zeros(size)
+        d[cid // 2 * quarter: (cid // 2 + 1) * quarter] = 1.0
+        d[body.stop - body.start:] = 100.0 * (-1) ** cid  # the head: odd clients one way, even the other
+        moves.append((1.0 + cid, d))
+    new, _ = warm_round(m, server, moves, round=1)
+    one = server[spans[0]] + sum(n * d for n, d in moves) / sum(n for n, _ in moves)
+    for s in spans:
+        torch.testing.assert_close(new[s], one)
+    assert all(int(r.argmax()) == 0 for r in m.routing_profiles().values())
+    new, _ = warm_round(m, new, moves, round=2)
+    top = [int(m.routing_profiles()[c].argmax()) for c in range(8)]
+    assert sorted(top[::2]) == [0, 1, 2, 3] and top[::2] == top[1::2]
+    for i in range(0, 8, 2):
+        (n1, d1), (n2, d2) = moves[i], moves[i + 1]
+        torch.testing.assert_close(new[spans[top[i]]], one + (n1 * d1 + n2 * d2) / (n1 + n2))
+
+
+def test_a_warm_up_client_trains_expert_0_alone_and_the_gate_not_at_all_then_chooses_by_fit():
+    m = tiny(assignment="relative", warmup_rounds=3)
+    x, y = torch.randn(16, 1, 8, 8), torch.arange(16) % 5
+    m.on_client_start(x, y, ClientContext(3, 10, 1, 16))
+    torch.testing.assert_close(m._assignment, F.one_hot(torch.tensor(0), 4).float())
+    m.training_step((x, y), 0).backward()
+    assert all(p.grad is None or not p.grad.any() for p in m.gate.parameters())
+    assert all(p.grad is None or not p.grad.any() for e in m.experts[1:] for p in e.parameters())
+    assert m.experts[0].head.weight.grad.abs().sum() > 0
+    m.zero_grad()
+    make_expert_fit(m, 2, torch.full((16,), 3))
+    y = torch.full((16,), 3)
+    m.on_client_start(x, y, ClientContext(4, 10, 1, 16))
+    assert int(m._assignment.argmax()) == 2
+    m.training_step((x, y), 0).backward()
+    assert any(p.grad is not None and p.grad.any() for p in m.gate.parameters())
+
+
+def test_the_warm_up_leaves_the_assignment_bias_alone_until_its_last_round():
+    """Every warm-up client is on expert 0: that load must not make expert 0 dearer to choose later."""
+    m = tiny(assignment="relative", warmup_rounds=2, assignment_balance=0.5)
+    server = m.flat["shared"].clone()
+    size = m.span("experts.0.").stop - m.span("experts.0.").start
+    new, _ = warm_round(m, server, [(1.0, torch.randn(size)) for _ in range(4)], round=1)
+    assert not new[m.span("assign_bias")].any()
+
+
+def test_kmeans_recovers_separated_groups_and_is_seeded_by_its_argument():
+    torch.manual_seed(1)
+    centers = torch.randn(3, 50) * 10
+    x = torch.cat([c + torch.randn(7, 50) for c in centers])
+    labels = kmeans(x, 3, seed=5)
+    assert len(set(labels.tolist())) == 3
+    assert all(len(set(labels[7 * i: 7 * i + 7].tolist())) == 1 for i in range(3))
+    state = torch.random.get_rng_state()
+    assert torch.equal(kmeans(x, 3, seed=5), labels)
+    assert torch.equal(torch.random.get_rng_state(), state)  # draws nothing from the run's streams
+    assert len(set(kmeans(x[:2], 3).tolist())) == 2  # fewer rows than clusters

@@ -91,6 +91,17 @@ class FedCoE(RoutingTable, FederatedMethod):
     could have been (N / m rounds for N training clients, m a round), since until then R still
     holds the rows from before the split.
 
+    **One model first, then its clusters** (``warmup_rounds`` :math:`W`, inferred). Two clusters that
+    share an expert early stay together under an assignment by fit, whatever K, and a split needs an
+    expert to be deserted first. So the experts start as one model (copies of expert 0) that every
+    client trains alone, FedAvg, for W rounds: shared features first, as federated learning with
+    hierarchical clustering does (Briggs et al., 2020). At round W the server cuts the round's clients
+    into K clusters by k-means of their unit update directions of the model's body (clustered FL's
+    cosine similarity, Sattler et al., 2020; a feature shift moves the features, a label skew mostly the
+    head), and expert k becomes the average of cluster k's models: K specialists of one round, each
+    ahead on its cluster, which the assignment by fit then keeps (the lock-in, now working for the
+    clusters). The gate learns only after round W, when there is something to route.
+
     **Local objective.** With :math:`w(x)` the training mixture weights (:math:`G(x)` or :math:`a_i`),
 
     .. math:: CE(p_i, y) + \\lambda_{glob} CE(p_{glob}, y) + \\lambda_{exp} \\sum_k \\mathrm{sg}(w(x)_k)\\,
@@ -138,6 +149,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         capacity: the multiple of its share :math:`1/K` of the clients an expert may take before its
             bias grows (Switch Transformer's capacity factor, Fedus et al., 2022).
         split: split an overloaded expert into a deserted one (above; an assignment by fit and the shared gate only).
+        warmup_rounds: W above (0: the experts are independent from the start; an assignment by fit only).
         coordinated: routing-weighted expert aggregation; false: plain n-weighted averaging.
         coordination_eps: the epsilon above (0 is the literal rule).
         shared_gate: one gate aggregated on the server; false: a personal gate per client (the server
@@ -175,6 +187,7 @@ class FedCoE(RoutingTable, FederatedMethod):
                  route_target: str = "assignment",
                  expert_loss_routed: bool = True, normalize_loss: bool = True, assignment: str = "soft",
                  sharpness: float = 4.0, assignment_balance: float = 0.1, capacity: float = 2.0, split: bool = False,
+                 warmup_rounds: int = 0,
                  coordinated: bool = True, coordination_eps: float = 0.0,
                  shared_gate: bool = True, local_level: bool = True, local_warm_start: bool = True,
                  local_prior: bool = True, cold_start_prior: bool = True, beta: float | str = "calibrated",
@@ -200,6 +213,9 @@ class FedCoE(RoutingTable, FederatedMethod):
             raise ConfigError("method.init_args.split must be false with assignment: gate or shared_gate: false (it "
                               "splits the clients assigned to an expert and the shared gate's output); use assignment "
                               "hard, soft or relative with the shared gate")
+        if warmup_rounds < 0 or (warmup_rounds and (assignment == "gate" or not coordinated)):
+            raise ConfigError(f"method.init_args.warmup_rounds must be >= 0 and needs an assignment by fit (hard, soft "
+                              f"or relative) with coordinated: true (got {warmup_rounds}); it assigns clients to experts")
         if capacity < 1:
             raise ConfigError(f"method.init_args.capacity must be >= 1, a multiple of an expert's share 1/K "
                               f"(got {capacity}); below 1 every expert would be over it")
@@ -208,11 +224,13 @@ class FedCoE(RoutingTable, FederatedMethod):
         self.lambda_route, self.route_class_balanced, self.route_target = lambda_route, route_class_balanced, route_target
         self.normalize_loss = normalize_loss
         self.assignment, self.assignment_balance, self.capacity = assignment, assignment_balance, capacity
-        self.sharpness, self.split = sharpness, split
+        self.sharpness, self.split, self.warmup_rounds = sharpness, split, warmup_rounds
         self.coordinated, self.coordination_eps, self.local_level = coordinated, coordination_eps, local_level
         self.local_warm_start, self.cold_start_prior, self.beta = local_warm_start, cold_start_prior, beta
         self.local_prior, self.expert_loss_routed = local_prior, expert_loss_routed
         self.experts = self.make_experts(num_experts)
+        for expert in self.experts[1:] if warmup_rounds else ():  # one model until the warm-up ends
+            expert.load_state_dict(self.experts[0].state_dict())
         self.gate = Gate(self.in_channels, num_experts, top_m=top_m, route_bias=balance_rate > 0)
         if not shared_gate:
             self.personal = self.personal + ("gate.",)
@@ -233,6 +251,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         self.register_buffer("calibration", torch.zeros(2, len(self.beta_grid)))  # [decayed sum, weight] x beta
         self._calibration: torch.Tensor | None = None  # this client's self-scores, from its validation split
         self._assignment: torch.Tensor | None = None  # this client's a_i (an assignment by fit)
+        self._warm = False  # this client trains in the warm-up (expert 0 alone)
         self._class_weight: torch.Tensor | None = None  # the route term's weight of each label at this client
 
     # ------------------------------------------------------------------ the two levels
@@ -266,6 +285,8 @@ class FedCoE(RoutingTable, FederatedMethod):
             ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(self.num_experts), reduction="none")
             w = log_w.exp().detach() if self.expert_loss_routed else torch.full_like(log_w, 1 / self.num_experts)
             loss = loss + self.lambda_expert / d * (w.t().flatten() * ce).sum() / len(y)
+        if self._warm:  # the experts are one model: there is nothing to route yet
+            return loss
         if self._assignment is not None:  # the gate learns to route as the assignment does, from inputs alone
             target = self._assignment
             if self.route_target == "posterior":  # each input's own: which expert explains its label
@@ -297,7 +318,13 @@ class FedCoE(RoutingTable, FederatedMethod):
     @torch.no_grad()
     def on_client_start(self, x: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> None:
         self._calibration = None  # a client reports its own scores or none
-        self._assignment = None if self.assignment == "gate" else self.assign(x, y)
+        self._warm = ctx.round <= self.warmup_rounds
+        if self.assignment == "gate":
+            self._assignment = None
+        elif self._warm:  # the experts are one model, expert 0
+            self._assignment = F.one_hot(torch.tensor(0, device=x.device), self.num_experts).to(x.dtype)
+        else:
+            self._assignment = self.assign(x, y)
         counts = torch.bincount(y, minlength=self.num_classes)
         self._class_weight = None
         if self.route_class_balanced and self._assignment is not None:  # mean 1 over the client's inputs
@@ -358,9 +385,12 @@ class FedCoE(RoutingTable, FederatedMethod):
         gate_profiles = torch.stack([u.report["routing"] for u in updates]).to(server.dtype)
         assigned = self.assignment != "gate"
         profiles = torch.stack([u.report["assignment"] for u in updates]).to(server.dtype) if assigned else gate_profiles
+        warm = ctx.round <= self.warmup_rounds
+        if warm:
+            profiles = self.warm_up(new, server, updates, profiles, n, ctx)
         for u, r in zip(updates, profiles):
             self.record_routing(u.client, r)  # R: client id -> routing profile r_i (or assignment a_i)
-        for k in range(self.num_experts):
+        for k in range(self.num_experts) if not warm else ():
             span = self.span(f"experts.{k}.")
             w = n * (self.coordination_eps + profiles[:, k]) if self.coordinated else n
             new[span] = weighted_mean([u.shared[span] for u in updates], w, server[span])
@@ -368,7 +398,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         if self.balance_rate:  # clients never change the bias: the server sets it from R
             bias = self.span("gate.route_bias")
             new[bias] = server[bias] - self.balance_rate * (self.num_experts * load - 1)
-        if assigned:  # an expert over its capacity becomes dearer to choose
+        if assigned and ctx.round >= self.warmup_rounds:  # an expert over its capacity becomes dearer to choose
             bias = self.span("assign_bias")
             new[bias] = (server[bias] + self.assignment_balance * (self.num_experts * load - self.capacity)).clamp_min(0)
         split = self.split_experts(new, server, updates, profiles, ctx) if self.split else None
@@ -392,6 +422,24 @@ class FedCoE(RoutingTable, FederatedMethod):
         if assigned:  # does the gate route each client, from its inputs alone, where its assignment sends it?
             scalars["gate_assignment_agreement"] = float((gate_profiles.argmax(1) == profiles.argmax(1)).double().mean())
         return new, scalars
+
+    @torch.no_grad()
+    def warm_up(self, new: torch.Tensor, server: torch.Tensor, updates: list[ClientUpdate], profiles: torch.Tensor,
+                n: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
+        """A warm-up round (class docstring, ``warmup_rounds``): writes every expert into ``new`` as the
+        average of the clients' expert 0, before the last warm-up round over all of them, at it over the
+        clients of one cluster each; returns the assignments for R: the clients' own, then the clusters."""
+        one = self.span("experts.0.")
+        models = [u.shared[one] for u in updates]
+        if ctx.round < self.warmup_rounds:
+            clusters = torch.ones(len(updates), self.num_experts, dtype=server.dtype, device=server.device)
+        else:  # the body's update directions: a feature shift moves the features, a label skew mostly the head
+            body = self.span("experts.0.body.")
+            moves = F.normalize(torch.stack([u.shared[body] - server[body] for u in updates]).float(), dim=1)
+            clusters = F.one_hot(kmeans(moves, self.num_experts, seed=ctx.round), self.num_experts).to(server.dtype)
+        for k in range(self.num_experts):
+            new[self.span(f"experts.{k}.")] = weighted_mean(models, n * clusters[:, k], server[one])
+        return profiles if ctx.round < self.warmup_rounds else clusters
 
     @torch.no_grad()
     def split_experts(self, new: torch.Tensor, server: torch.Tensor, updates: list[ClientUpdate],
@@ -505,6 +553,37 @@ class FedCoE(RoutingTable, FederatedMethod):
 def _log_weights(assignment: torch.Tensor, n: int) -> torch.Tensor:
     """One client's assignment :math:`a_i` as the ``[n, K]`` log mixture weights of each of its inputs."""
     return assignment.clamp_min(0).log().expand(n, -1)
+
+
+def kmeans(x: torch.Tensor, k: int, seed: int = 0, restarts: int = 10, iterations: int = 100) -> torch.Tensor:
+    """Lloyd's k-means of the rows of ``x`` with k-means++ seeding (Arthur and Vassilvitskii, 2007), the
+    best of ``restarts`` by inertia; the cluster of each row, ``[n]`` (fewer than k clusters when n < k).
+    Seeded by ``seed`` alone, so that it draws nothing from the run's random streams.
+
+    Example:
+        >>> a, b, c, d = kmeans(torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.0, 5.1]]), 2).tolist()
+        >>> a == b != c == d
+        True
+    """
+    g = torch.Generator().manual_seed(seed)
+    best, best_inertia = None, math.inf
+    for _ in range(restarts):
+        centers = x[torch.randint(len(x), (1,), generator=g)]
+        while len(centers) < min(k, len(x)):
+            d = torch.cdist(x, centers).min(1).values.square()
+            if d.sum() == 0:  # fewer distinct rows than clusters
+                break
+            centers = torch.cat([centers, x[torch.multinomial(d, 1, generator=g)]])
+        for _ in range(iterations):
+            labels = torch.cdist(x, centers).argmin(1)
+            moved = torch.stack([x[labels == c].mean(0) if (labels == c).any() else centers[c] for c in range(len(centers))])
+            if torch.equal(moved, centers):
+                break
+            centers = moved
+        inertia = float((x - centers[labels]).square().sum())
+        if inertia < best_inertia:
+            best, best_inertia = labels, inertia
+    return best
 
 
 def scale_grad(t: torch.Tensor, c: float) -> torch.Tensor:
