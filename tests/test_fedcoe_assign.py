@@ -374,8 +374,9 @@ def warm_round(m: FedCoE, server: torch.Tensor, moves: list[tuple[float, torch.T
 
 def test_the_warm_up_trains_one_model_then_cuts_it_by_the_clients_update_directions():
     """Before its last round the experts are one model, every client's expert 0 averaged; at it each
-    expert averages the clients of one cluster of body update directions (four pairs of clients move
-    four parts of the body, while large moves of the head pair them otherwise), and R records them."""
+    expert's body averages the clients of one cluster of body update directions (four pairs of clients
+    move four parts of the body, while large moves of the head pair them otherwise) and its head every
+    client's, and R records the clusters."""
     m = tiny(assignment="relative", warmup_rounds=2)
     server = m.flat["shared"].clone()
     spans = [m.span(f"experts.{k}.") for k in range(4)]
@@ -396,9 +397,13 @@ def test_the_warm_up_trains_one_model_then_cuts_it_by_the_clients_update_directi
     new, _ = warm_round(m, new, moves, round=2)
     top = [int(m.routing_profiles()[c].argmax()) for c in range(8)]
     assert sorted(top[::2]) == [0, 1, 2, 3] and top[::2] == top[1::2]
-    for i in range(0, 8, 2):
+    head = slice(body.stop - body.start, size)
+    everyone = sum(n * d for n, d in moves) / sum(n for n, _ in moves)
+    for i in range(0, 8, 2):  # the body from the cluster's two clients, the head from all eight
         (n1, d1), (n2, d2) = moves[i], moves[i + 1]
-        torch.testing.assert_close(new[spans[top[i]]], one + (n1 * d1 + n2 * d2) / (n1 + n2))
+        expected = one + (n1 * d1 + n2 * d2) / (n1 + n2)
+        expected[head] = one[head] + everyone[head]
+        torch.testing.assert_close(new[spans[top[i]]], expected)
 
 
 def test_a_warm_up_client_trains_expert_0_alone_and_the_gate_not_at_all_then_chooses_by_fit():

@@ -98,9 +98,10 @@ class FedCoE(RoutingTable, FederatedMethod):
     hierarchical clustering does (Briggs et al., 2020). At round W the server cuts the round's clients
     into K clusters by k-means of their unit update directions of the model's body (clustered FL's
     cosine similarity, Sattler et al., 2020; a feature shift moves the features, a label skew mostly the
-    head), and expert k becomes the average of cluster k's models: K specialists of one round, each
-    ahead on its cluster, which the assignment by fit then keeps (the lock-in, now working for the
-    clusters). The gate learns only after round W, when there is something to route.
+    head), and expert k's body becomes the average of cluster k's bodies, its head the average of
+    every head (a cluster holds a few clients, whose label skew would otherwise decide what the new
+    expert fits): K specialists of one round, each ahead on its cluster, which the assignment by fit
+    then keeps (the lock-in, now working for the clusters). The gate learns only after round W, when there is something to route.
 
     **Local objective.** With :math:`w(x)` the training mixture weights (:math:`G(x)` or :math:`a_i`),
 
@@ -439,6 +440,11 @@ class FedCoE(RoutingTable, FederatedMethod):
             clusters = F.one_hot(kmeans(moves, self.num_experts, seed=ctx.round), self.num_experts).to(server.dtype)
         for k in range(self.num_experts):
             new[self.span(f"experts.{k}.")] = weighted_mean(models, n * clusters[:, k], server[one])
+        if ctx.round == self.warmup_rounds:  # each expert's body from its cluster, the head from every client:
+            head = self.span("experts.0.head.")  # a cluster of a few label-skewed clients would bias it to their labels
+            shared = weighted_mean([u.shared[head] for u in updates], n, server[head])
+            for k in range(self.num_experts):
+                new[self.span(f"experts.{k}.head.")] = shared
         return profiles if ctx.round < self.warmup_rounds else clusters
 
     @torch.no_grad()
