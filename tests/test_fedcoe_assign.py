@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
@@ -444,3 +445,21 @@ def test_kmeans_recovers_separated_groups_and_is_seeded_by_its_argument():
     assert torch.equal(kmeans(x, 3, seed=5), labels)
     assert torch.equal(torch.random.get_rng_state(), state)  # draws nothing from the run's streams
     assert len(set(kmeans(x[:2], 3).tolist())) == 2  # fewer rows than clusters
+
+
+def test_a_run_with_a_warm_up_cuts_the_model_into_experts_at_its_last_round(tmp_path, fit_argv, run_cli):
+    """Through the loop: after round 1 of a warm-up of 2 the experts are one model; after round 3 they
+    differ, and every client's assignment in R is a distribution over the experts."""
+    def experts_after(rounds: int) -> list[torch.Tensor]:
+        argv = fit_argv(f"run{rounds}", "--method", "fedcoe", "--method.init_args.assignment", "relative",
+                        "--method.init_args.warmup_rounds", "2", "--loop.rounds", str(rounds), "--loop.eval_every", "3")
+        assert run_cli(argv)[0] == 0
+        state = torch.load(tmp_path / f"run{rounds}" / "checkpoint.pt", weights_only=True)["method"]
+        return [torch.cat([v.flatten() for k, v in state.items() if k.startswith(f"experts.{e}.")]) for e in range(4)]
+
+    warm = experts_after(1)
+    assert all(torch.equal(e, warm[0]) for e in warm)
+    cut = experts_after(3)
+    assert not torch.equal(cut[0], cut[1])
+    rows = list(csv.DictReader(open(tmp_path / "run3" / "routing.csv")))
+    assert rows and all(abs(sum(float(r[f"expert_{k}"]) for k in range(4)) - 1) < 1e-5 for r in rows)

@@ -101,7 +101,8 @@ class FedCoE(RoutingTable, FederatedMethod):
     head), and expert k's body becomes the average of cluster k's bodies, its head the average of
     every head (a cluster holds a few clients, whose label skew would otherwise decide what the new
     expert fits): K specialists of one round, each ahead on its cluster, which the assignment by fit
-    then keeps (the lock-in, now working for the clusters). The gate learns only after round W, when there is something to route.
+    then keeps (the lock-in, now working for the clusters). The gate learns only after round W, when
+    there is something to route.
 
     **Local objective.** With :math:`w(x)` the training mixture weights (:math:`G(x)` or :math:`a_i`),
 
