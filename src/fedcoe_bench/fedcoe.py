@@ -133,8 +133,9 @@ class FedCoE(RoutingTable, FederatedMethod):
     decay ``calibration_decay``). No label-prior correction is served: that is the
     ``cold_start_lp_acc`` column, the same for every method.
 
-    Results of each switch: ``benchmarks/results/mnist10k_ablation.md`` and
-    ``benchmarks/results/mnist10k_tuning.md``.
+    Results of each switch: ``benchmarks/results/mnist10k_ablation.md``,
+    ``benchmarks/results/mnist10k_tuning.md`` and, on the rotation clusters (``split``,
+    ``route_target``, ``warmup_rounds``), ``benchmarks/results/mnist10k_shift.md``.
 
     Args:
         num_experts: K.
