@@ -242,7 +242,8 @@ def test_balanced_routing_needs_a_shared_gate_and_a_rate_of_at_least_zero():
                                       ({"route_target": "labels"}, "route_target"),
                                       ({"warmup_rounds": 5, "assignment": "gate"}, "warmup_rounds"),
                                       ({"warmup_rounds": 5, "assignment": "soft", "coordinated": False}, "warmup_rounds"),
-                                      ({"warmup_rounds": -1, "assignment": "soft"}, "warmup_rounds")])
+                                      ({"warmup_rounds": -1, "assignment": "soft"}, "warmup_rounds"),
+                                      ({"warmup_rounds": 5, "assignment": "soft", "split": True}, "warmup_rounds")])
 def test_bad_assignment_settings_are_refused_by_name(kw, name):
     with pytest.raises(ConfigError, match=f"method.init_args.{name} must"):
         FedCoE(**kw)

@@ -425,6 +425,21 @@ def test_a_warm_up_client_trains_expert_0_alone_and_the_gate_not_at_all_then_cho
     assert any(p.grad is not None and p.grad.any() for p in m.gate.parameters())
 
 
+def test_a_warm_up_client_keeps_no_assignment_and_a_new_client_after_the_cut_chooses_by_fit():
+    """A warm-up client's personal prediction is routed by the gate (its assignment to expert 0 names
+    no cluster); a new client fine-tuning after round W, the cut, chooses by fit like a training
+    client of round W + 1, not as a client of the warm-up."""
+    m = tiny(assignment="relative", warmup_rounds=2)
+    x, y = torch.randn(16, 1, 8, 8), torch.full((16,), 3)
+    make_expert_fit(m, 2, y)
+    m.on_client_start(x, y, ClientContext(2, 10, 1, 16))
+    assert int(m._assignment.argmax()) == 0 and not m.client_assignment.any()
+    m.on_client_start(x, y, ClientContext(2, 10, 1, 16, finetune=True))  # after rounds 1 and 2
+    assert int(m._assignment.argmax()) == 2 and int(m.client_assignment.argmax()) == 2
+    m.on_client_start(x, y, ClientContext(1, 10, 1, 16, finetune=True))  # after round 1: still one model
+    assert int(m._assignment.argmax()) == 0
+
+
 def test_the_warm_up_leaves_the_assignment_bias_alone_until_its_last_round():
     """Every warm-up client is on expert 0: that load must not make expert 0 dearer to choose later."""
     m = tiny(assignment="relative", warmup_rounds=2, assignment_balance=0.5)
@@ -448,18 +463,23 @@ def test_kmeans_recovers_separated_groups_and_is_seeded_by_its_argument():
 
 
 def test_a_run_with_a_warm_up_cuts_the_model_into_experts_at_its_last_round(tmp_path, fit_argv, run_cli):
-    """Through the loop: after round 1 of a warm-up of 2 the experts are one model; after round 3 they
-    differ, and every client's assignment in R is a distribution over the experts."""
-    def experts_after(rounds: int) -> list[torch.Tensor]:
+    """Through the loop: after round 1 of a warm-up of 2 the experts are one model; after round 2 they
+    share one head and not one body, and R holds the round's clients on distinct experts (3 clients
+    a round, so k-means makes 3 clusters of one)."""
+    def run(rounds: int) -> tuple[dict, list[dict]]:
         argv = fit_argv(f"run{rounds}", "--method", "fedcoe", "--method.init_args.assignment", "relative",
-                        "--method.init_args.warmup_rounds", "2", "--loop.rounds", str(rounds), "--loop.eval_every", "3")
+                        "--method.init_args.warmup_rounds", "2", "--loop.rounds", str(rounds))
         assert run_cli(argv)[0] == 0
         state = torch.load(tmp_path / f"run{rounds}" / "checkpoint.pt", weights_only=True)["method"]
-        return [torch.cat([v.flatten() for k, v in state.items() if k.startswith(f"experts.{e}.")]) for e in range(4)]
+        return state, list(csv.DictReader(open(tmp_path / f"run{rounds}" / "routing.csv")))
 
-    warm = experts_after(1)
-    assert all(torch.equal(e, warm[0]) for e in warm)
-    cut = experts_after(3)
-    assert not torch.equal(cut[0], cut[1])
-    rows = list(csv.DictReader(open(tmp_path / "run3" / "routing.csv")))
-    assert rows and all(abs(sum(float(r[f"expert_{k}"]) for k in range(4)) - 1) < 1e-5 for r in rows)
+    def part(state: dict, expert: int, prefix: str) -> torch.Tensor:
+        return torch.cat([v.flatten() for k, v in state.items() if k.startswith(f"experts.{expert}.{prefix}")])
+
+    warm, _ = run(1)
+    assert all(torch.equal(part(warm, e, ""), part(warm, 0, "")) for e in range(4))
+    cut, rows = run(2)
+    assert all(torch.equal(part(cut, e, "head."), part(cut, 0, "head.")) for e in range(4))
+    assert len({tuple(part(cut, e, "body.").tolist()) for e in range(4)}) >= 3
+    tops = {max(range(4), key=lambda k: float(r[f"expert_{k}"])) for r in rows}
+    assert len(tops) >= 3  # the round-2 clients, one to a cluster (the others' rows: expert 0, one model)

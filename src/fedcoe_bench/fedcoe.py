@@ -102,7 +102,8 @@ class FedCoE(RoutingTable, FederatedMethod):
     every head (a cluster holds a few clients, whose label skew would otherwise decide what the new
     expert fits): K specialists of one round, each ahead on its cluster, which the assignment by fit
     then keeps (the lock-in, now working for the clusters). The gate learns only after round W, when
-    there is something to route.
+    there is something to route, and a client keeps no assignment from the warm-up (expert 0 names
+    no cluster): until it trains again, the gate routes its personal prediction.
 
     **Local objective.** With :math:`w(x)` the training mixture weights (:math:`G(x)` or :math:`a_i`),
 
@@ -152,7 +153,8 @@ class FedCoE(RoutingTable, FederatedMethod):
         capacity: the multiple of its share :math:`1/K` of the clients an expert may take before its
             bias grows (Switch Transformer's capacity factor, Fedus et al., 2022).
         split: split an overloaded expert into a deserted one (above; an assignment by fit and the shared gate only).
-        warmup_rounds: W above (0: the experts are independent from the start; an assignment by fit only).
+        warmup_rounds: W above (0: the experts are independent from the start; an assignment by fit only,
+            not with ``split``).
         coordinated: routing-weighted expert aggregation; false: plain n-weighted averaging.
         coordination_eps: the epsilon above (0 is the literal rule).
         shared_gate: one gate aggregated on the server; false: a personal gate per client (the server
@@ -219,6 +221,9 @@ class FedCoE(RoutingTable, FederatedMethod):
         if warmup_rounds < 0 or (warmup_rounds and (assignment == "gate" or not coordinated)):
             raise ConfigError(f"method.init_args.warmup_rounds must be >= 0 and needs an assignment by fit (hard, soft "
                               f"or relative) with coordinated: true (got {warmup_rounds}); it assigns clients to experts")
+        if warmup_rounds and split:  # in the warm-up every client is on expert 0, which split would read as overload
+            raise ConfigError("method.init_args.warmup_rounds must be 0 with split: true (two ways to separate "
+                              "clusters; set one of them)")
         if capacity < 1:
             raise ConfigError(f"method.init_args.capacity must be >= 1, a multiple of an expert's share 1/K "
                               f"(got {capacity}); below 1 every expert would be over it")
@@ -321,7 +326,8 @@ class FedCoE(RoutingTable, FederatedMethod):
     @torch.no_grad()
     def on_client_start(self, x: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> None:
         self._calibration = None  # a client reports its own scores or none
-        self._warm = ctx.round <= self.warmup_rounds
+        # a new client fine-tunes after ctx.round rounds have ended, a training client within round ctx.round
+        self._warm = ctx.round + ctx.finetune <= self.warmup_rounds
         if self.assignment == "gate":
             self._assignment = None
         elif self._warm:  # the experts are one model, expert 0
@@ -332,7 +338,7 @@ class FedCoE(RoutingTable, FederatedMethod):
         self._class_weight = None
         if self.route_class_balanced and self._assignment is not None:  # mean 1 over the client's inputs
             self._class_weight = len(y) / ((counts > 0).sum() * counts.clamp_min(1)).to(x.dtype)
-        if self._assignment is not None:
+        if self._assignment is not None and not self._warm:  # a warm-up client keeps none: the gate routes it
             self.client_assignment.copy_(self._assignment)
         if self.local_level:
             self.label_counts.copy_(counts)
@@ -439,7 +445,8 @@ class FedCoE(RoutingTable, FederatedMethod):
         else:  # the body's update directions: a feature shift moves the features, a label skew mostly the head
             body = self.span("experts.0.body.")
             moves = F.normalize(torch.stack([u.shared[body] - server[body] for u in updates]).float(), dim=1)
-            clusters = F.one_hot(kmeans(moves, self.num_experts, seed=ctx.round), self.num_experts).to(server.dtype)
+            labels = kmeans(moves.cpu(), self.num_experts, seed=ctx.round).to(server.device)  # its generator is on the CPU
+            clusters = F.one_hot(labels, self.num_experts).to(server.dtype)
         for k in range(self.num_experts):
             new[self.span(f"experts.{k}.")] = weighted_mean(models, n * clusters[:, k], server[one])
         if ctx.round == self.warmup_rounds:  # each expert's body from its cluster, the head from every client:
