@@ -64,6 +64,16 @@ def test_the_experts_gradient_multipliers_sum_to_at_most_one(gate, assignment):
         assert float(expert_multipliers(raw, x, y).sum()) > 4.0
 
 
+def test_in_the_warm_up_expert_0_takes_the_step_of_one_model_and_no_other_expert_any():
+    """As a single model's: at most one (under one when the fusion gate gives the local expert a share)."""
+    x, y = torch.randn(16, 1, 8, 8), torch.arange(16) % 5
+    m = tiny(assignment="relative", lambda_bal=0.0, warmup_rounds=1)  # expert_multipliers trains in round 1
+    step = expert_multipliers(m, x, y)
+    assert 0.5 < float(step[0]) <= 1.05 and not step[1:].any()
+    off = tiny(assignment="relative", lambda_bal=0.0, local_level=False, warmup_rounds=1)
+    torch.testing.assert_close(expert_multipliers(off, x, y), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
 def test_hard_assignment_picks_the_expert_of_lowest_loss_and_the_bias_moves_the_choice():
     m = tiny(assignment="hard")
     x, y = torch.randn(32, 1, 8, 8), torch.arange(32) % 5
