@@ -438,23 +438,24 @@ class FedCoE(RoutingTable, FederatedMethod):
         """A warm-up round (class docstring, ``warmup_rounds``): writes every expert into ``new`` as the
         average of the clients' expert 0, before the last warm-up round over all of them, at it over the
         clients of one cluster each; returns the assignments for R: the clients' own, then the clusters."""
-        one = self.span("experts.0.")
-        models = [u.shared[one] for u in updates]
+        one = self.span("experts.0.")  # ``new`` holds every client's expert 0 averaged (FedAvg of all)
         if ctx.round < self.warmup_rounds:
-            clusters = torch.ones(len(updates), self.num_experts, dtype=server.dtype, device=server.device)
-        else:  # the body's update directions: a feature shift moves the features, a label skew mostly the head
-            body = self.span("experts.0.body.")
-            moves = F.normalize(torch.stack([u.shared[body] - server[body] for u in updates]).float(), dim=1)
-            labels = kmeans(moves.cpu(), self.num_experts, seed=ctx.round).to(server.device)  # its generator is on the CPU
-            clusters = F.one_hot(labels, self.num_experts).to(server.dtype)
+            for k in range(1, self.num_experts):
+                new[self.span(f"experts.{k}.")] = new[one]
+            return profiles
+        # the body's update directions: a feature shift moves the features, a label skew mostly the head
+        body = self.span("experts.0.body.")
+        moves = F.normalize(torch.stack([u.shared[body] - server[body] for u in updates]).float(), dim=1)
+        labels = kmeans(moves.cpu(), self.num_experts, seed=ctx.round).to(server.device)  # its generator is on the CPU
+        clusters = F.one_hot(labels, self.num_experts).to(server.dtype)
+        # each expert's body from its cluster, the head from every client (already in ``new``): a cluster
+        # of a few label-skewed clients would bias it to their labels
+        head = new[self.span("experts.0.head.")].clone()
+        models = [u.shared[one] for u in updates]
         for k in range(self.num_experts):
             new[self.span(f"experts.{k}.")] = weighted_mean(models, n * clusters[:, k], server[one])
-        if ctx.round == self.warmup_rounds:  # each expert's body from its cluster, the head from every client:
-            head = self.span("experts.0.head.")  # a cluster of a few label-skewed clients would bias it to their labels
-            shared = weighted_mean([u.shared[head] for u in updates], n, server[head])
-            for k in range(self.num_experts):
-                new[self.span(f"experts.{k}.head.")] = shared
-        return profiles if ctx.round < self.warmup_rounds else clusters
+            new[self.span(f"experts.{k}.head.")] = head
+        return clusters
 
     @torch.no_grad()
     def split_experts(self, new: torch.Tensor, server: torch.Tensor, updates: list[ClientUpdate],
