@@ -59,6 +59,7 @@ class SCAFFOLD(FederatedMethod):
     """
 
     personal = ("client_control",)
+    received_only = ("control",)
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

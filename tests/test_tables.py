@@ -399,3 +399,30 @@ def test_records_keep_finished_and_diverged_runs_so_a_table_from_them_lists_the_
     assert main(["table", str(dest)]) == 0
     out = capsys.readouterr().out
     assert "fedcoe/seed0 (fedcoe seed 0; diverged: round 15, client 3: local loss is nan)" in out
+
+
+def test_a_diverged_run_is_a_failure_in_its_row_for_every_method(tmp_path):
+    """Issue #29: a diverged run is not dropped into a footnote: its row says ``2 + 1 diverged`` (a mean
+    over the survivors alone would read as a method that never fails), a setting whose every run
+    diverged is a row of dashes, and no note calls the diverged seed lacking."""
+    root = tmp_path / "runs"
+    for seed, accs in FEDAVG.items():
+        write_summary(root, "fedavg", seed, accs)
+    for seed in (0, 1):
+        write_summary(root, "fedper", seed, FEDPER[seed])
+    for method, seed in (("fedper", 2), ("fedcoe", 0)):
+        run = root / "mnist10k" / "dirichlet0.3" / method / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(json.dumps({"seed": seed, "method": {"class_path": f"baselines.{method}.{method.capitalize()}"},
+                                                     "data": {"source": "mnist10k", "scheme": "dirichlet", "alpha": 0.3},
+                                                     "loop": {"rounds": 100}}))
+        (run / "diverged.txt").write_text("round 7, client 1: local loss is nan")
+    text, _ = render(build_tables(load_runs(root)))
+    assert md_row(text, "fedper")[-1] == "2 + 1 diverged" and md_row(text, "fedper")[1] == cell([FEDPER[0], FEDPER[1]], 0)
+    assert md_row(text, "fedcoe")[1:-1] == ["–"] * 5 and md_row(text, "fedcoe")[-1] == "0 + 1 diverged"
+    assert md_row(text, "fedavg")[-1] == "3"
+    notes = [line for line in text.splitlines() if line.startswith("note:")]  # fedcoe: seeds 1 and 2 never ran
+    assert len(notes) == 1 and notes[0].startswith("note: fedcoe has 0 seeds") and notes[0].endswith("missing seeds 1, 2")
+    assert sum(line.startswith("missing:") and "diverged" in line for line in text.splitlines()) == 2
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO(render(build_tables(load_runs(root)), "csv")[0]))}
+    assert rows["fedper"]["n"] == "2" and rows["fedper"]["diverged_seeds"] == "2" and rows["fedavg"]["diverged_seeds"] == ""

@@ -13,8 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedcoe_bench.method import ClientUpdate, FederatedMethod
 
 
-def numel(method: FederatedMethod, kind: str) -> int:
-    return sum(t.numel() for _, t in method.named_state(kind))
+def numel(method: FederatedMethod, kind: str, prefixes: tuple[str, ...] = ("",)) -> int:
+    return sum(t.numel() for name, t in method.named_state(kind) if name.startswith(prefixes))
 
 
 def report_bytes(updates: list[ClientUpdate]) -> int:
@@ -37,7 +37,8 @@ def prediction_flops(method: FederatedMethod, x: torch.Tensor) -> dict[str, int]
 def method_cost(method: FederatedMethod, x: torch.Tensor, report: int) -> dict[str, int]:
     """The cost of ``method`` (flattened): parameters held by the server (shared and server-only) and by
     one client (shared and personal), bytes a client receives and sends per round (its shared state;
-    sent, also its ``report`` bytes), and the FLOPs of one prediction on an input shaped like ``x``'s rows.
+    sent, less what is ``received_only``, plus its ``report`` bytes), and the FLOPs of one prediction on
+    an input shaped like ``x``'s rows.
 
     Example:
         >>> from fedcoe_bench.baselines import FedAvg
@@ -48,10 +49,11 @@ def method_cost(method: FederatedMethod, x: torch.Tensor, report: int) -> dict[s
         (True, True)
     """
     shared, element = numel(method, "shared"), method.flat["shared"].element_size()
+    read = numel(method, "shared", method.received_only) if method.received_only else 0
     return {
         "server_params": shared + numel(method, "server"),
         "client_params": shared + numel(method, "personal"),
         "bytes_received": shared * element,
-        "bytes_sent": shared * element + report,
+        "bytes_sent": (shared - read) * element + report,
         **prediction_flops(method, x),
     }

@@ -177,6 +177,7 @@ class FedCoE(RoutingTable, FederatedMethod):
 
     personal = ("local.", "fusion.", "local_ready", "label_counts")
     server_only = ("calibration",)
+    received_only = ("assign_bias", "gate.route_bias")  # the server sets both from the load it measures
     # What a config written before normalize_loss and assignment existed ran with (their defaults change
     # what is trained): such a run is not the run of a config that leaves them at their defaults
     # (fedcoe_bench.runs.argument_default).

@@ -8,7 +8,9 @@ order, and nothing else. A method overrides what differs from FedAvg.
 
 - *shared* (the default): the server sends it to every sampled client and aggregates what comes
   back. A buffer that clients must receive but never train (e.g. SCAFFOLD's server control
-  variate) is shared: :meth:`FederatedMethod.aggregate` writes it into the new server state.
+  variate) is shared: :meth:`FederatedMethod.aggregate` writes it into the new server state; its
+  prefix goes in ``received_only``, so that the cost counts it as received, not sent back (a
+  client must leave it as received: tests/test_cost.py checks the built-in methods).
 - *personal* (prefixes in ``personal``): stays with one client, kept in the client-state store
   between the rounds it trains in; every client starts from the initial value.
 - *server-only* (prefixes in ``server_only``): lives on the server only (evaluation heads,
@@ -121,6 +123,7 @@ class FederatedMethod(L.LightningModule):
 
     - ``personal``: name prefixes of the state that never leaves its client.
     - ``server_only``: name prefixes of the state that lives on the server only.
+    - ``received_only``: name prefixes of the shared state clients read and never change.
     - ``serving``: init args that training never reads (``fedbench eval`` may change them).
     - ``global_model``: what the global and cold-start columns measure: ``trained``,
       ``convention`` or ``none`` (tables print n/a).
@@ -140,6 +143,7 @@ class FederatedMethod(L.LightningModule):
 
     personal: tuple[str, ...] = ()
     server_only: tuple[str, ...] = ()
+    received_only: tuple[str, ...] = ()  # shared, written by the server alone: a client receives it, sends none of it back
     serving: tuple[str, ...] = ()  # init args that training never reads: ``fedbench eval`` may change them
     # What the global and cold-start columns measure (summary.json records it, tables read it):
     # "trained", a server model the method trains; "convention", a server model the method's paper

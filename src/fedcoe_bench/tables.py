@@ -3,8 +3,10 @@
 One table per (dataset, scheme, alpha, rounds). Numbers are percentages with one decimal; std is
 the sample standard deviation (n - 1) over seeds; ``n`` is the number of seeds. The best mean of
 each column (compared at the printed precision, so ties are all bold) is bold. Runs that could not
-be counted are listed under their table as ``missing: PATH (why)``; a method with fewer seeds
-than the others in its table gets a ``note:`` line naming the seeds it lacks.
+be counted are listed under their table as ``missing: PATH (why)``; a diverged run is also a failure
+in its row, ``n`` reading ``2 + 1 diverged`` (a setting whose every run diverged is a row of dashes),
+the same rule for every method; a method with fewer seeds than the others in its table gets a
+``note:`` line naming the seeds it lacks that no failure accounts for.
 
 The global and cold-start columns measure a server-side model, which the run's method declares
 (``global_model`` in summary.json, from the method class): where it has none (Local) the cells
@@ -68,6 +70,11 @@ class Row:
     bold: set = field(default_factory=set)
     cost: dict = field(default_factory=dict)  # cost_of(): what the method costs, next to what it scores
     method: str = ""  # the runs' method (short name), whatever the row's label
+    diverged: list = field(default_factory=list)  # the seeds of its runs that diverged (failures, not dropped)
+
+    @property
+    def n(self) -> str:
+        return f"{len(self.seeds)}" + (f" + {len(self.diverged)} diverged" if self.diverged else "")
 
 
 @dataclass
@@ -119,6 +126,11 @@ def build_tables(runs: list[Run], split: str = "test") -> list[Table]:
         missing = [r for r in members if not r.finished]
         notes: list[str] = []
         by_label: dict[str, dict] = {}
+        diverged: dict[str, list[Run]] = {}
+        for r in missing:
+            if r.status.startswith("diverged"):
+                diverged.setdefault(r.label, []).append(r)
+                by_label.setdefault(r.label, {})
         for r in sorted((r for r in members if r.finished), key=lambda r: r.path):
             seeds = by_label.setdefault(r.label, {})
             if r.seed in seeds:
@@ -132,7 +144,8 @@ def build_tables(runs: list[Run], split: str = "test") -> list[Table]:
         rows = []
         for label in sorted(by_label, key=method_sort_key):
             seed_runs = by_label[label]
-            model = min((r.global_model for r in seed_runs.values()), key=_caution)
+            failed = diverged.get(label, [])
+            model = min((r.global_model for r in [*seed_runs.values(), *failed]), key=_caution)
             cells = {}
             for m in columns:
                 scale, digits = (1.0, 2) if m in SCORES else (100.0, 1)
@@ -140,7 +153,8 @@ def build_tables(runs: list[Run], split: str = "test") -> list[Table]:
                 mean, std = mean_std(values)
                 cells[m] = Cell(mean, std, len(values), model if m.removeprefix("val_") in SERVER_METRICS else "trained", digits)
             rows.append(Row(label, sorted(seed_runs, key=str), [r.path for r in seed_runs.values()], cells,
-                            cost=cost_of(list(seed_runs.values())), method=next(iter(seed_runs.values())).method))
+                            cost=cost_of(list(seed_runs.values())), method=[*seed_runs.values(), *failed][0].method,
+                            diverged=sorted((r.seed for r in failed), key=str)))
         relative_time(rows)
         for m in columns:
             ranked = [r for r in rows if r.cells[m].mean is not None and r.cells[m].model != "none"]
@@ -150,16 +164,18 @@ def build_tables(runs: list[Run], split: str = "test") -> list[Table]:
                     r.bold.add(m)
         all_seeds = sorted({s for r in rows for s in r.seeds}, key=str)
         for r in rows:
-            lacking = [s for s in all_seeds if s not in r.seeds]
+            lacking = [s for s in all_seeds if s not in r.seeds and s not in r.diverged]
             if lacking:
-                notes.append(f"note: {r.label} has {len(r.seeds)} seed{'s' * (len(r.seeds) != 1)} "
-                             f"({', '.join(map(str, r.seeds))}), the others up to {len(all_seeds)}: "
+                has = f" ({', '.join(map(str, r.seeds))})" if r.seeds else ""
+                notes.append(f"note: {r.label} has {len(r.seeds)} seed{'s' * (len(r.seeds) != 1)}{has}, "
+                             f"the others up to {len(all_seeds)}: "
                              f"missing seed{'s' * (len(lacking) != 1)} {', '.join(map(str, lacking))}")
         tables.append(Table(key, rows, missing, notes, columns, split))
     return tables
 
 
-COSTS = {"client_params": ("params / client (M)", 1e-6, 2), "round_bytes": ("MB / round (sent + received)", 1e-6, 1),
+COSTS = {"server_params": ("server params (M)", 1e-6, 2), "client_params": ("params / client (M)", 1e-6, 2),
+         "bytes_sent": ("MB sent / round", 1e-6, 1), "bytes_received": ("MB received / round", 1e-6, 1),
          "round_time_x": ("round time × FedAvg", 1.0, 2), "prediction_flops": ("MFLOP / prediction", 1e-6, 1)}
 
 
@@ -171,7 +187,7 @@ def cost_of(runs: list[Run]) -> dict:
     c = costs[0]
     # finite only: a run evaluated from a trained one trains no round (its summary says NaN)
     times = [x["round_time_s"] for x in costs if isinstance(x.get("round_time_s"), (int, float)) and math.isfinite(x["round_time_s"])]
-    return {"client_params": c.get("client_params"), "round_bytes": c.get("bytes_sent", 0) + c.get("bytes_received", 0),
+    return {**{k: c.get(k) for k in ("server_params", "client_params", "bytes_sent", "bytes_received")},
             "prediction_flops": c.get("personal_prediction_flops"),
             "round_time_s": statistics.fmean(times) if times else None}
 
@@ -219,7 +235,7 @@ def render_md(tables: list[Table]) -> str:
             out.append("|---|" + "---:|" * len(t.columns) + "---:|")
             for r in t.rows:
                 cells = [r.cells[m].styled(m in r.bold, "**{}**", "†") for m in t.columns]
-                out.append(f"| {r.label} | " + " | ".join(cells) + f" | {len(r.seeds)} |")
+                out.append(f"| {r.label} | " + " | ".join(cells) + f" | {r.n} |")
             out.append("")
             if _convention_labels(t):
                 out += [CONVENTION_NOTE.format(dagger="†", labels=", ".join(_convention_labels(t))), ""]
@@ -257,7 +273,7 @@ def render_latex(tables: list[Table]) -> str:
         out.append("\\midrule")
         for r in t.rows:
             cells = [r.cells[m].styled(m in r.bold, "\\textbf{{{}}}", "$^\\dagger$", " $\\pm$ ") for m in t.columns]
-            out.append(f"{_tex(r.label)} & " + " & ".join(cells) + f" & {len(r.seeds)} \\\\")
+            out.append(f"{_tex(r.label)} & " + " & ".join(cells) + f" & {r.n} \\\\")
         out.append("\\bottomrule")
         if _convention_labels(t):
             note = CONVENTION_NOTE.format(dagger="$^\\dagger$", labels=", ".join(map(_tex, _convention_labels(t))))
@@ -272,7 +288,7 @@ def render_csv(tables: list[Table]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["dataset", "scheme", "alpha", "rounds", "method", "n", "seeds"]
-               + [f"{m}_{s}" for m in METRICS + EXTRA_METRICS for s in ("mean", "std")] + ["global_model"] + list(COSTS))
+               + [f"{m}_{s}" for m in METRICS + EXTRA_METRICS for s in ("mean", "std")] + ["global_model"] + list(COSTS) + ["diverged_seeds"])
     for t in tables:
         dataset, scheme, alpha, rounds = t.group
         for r in t.rows:
@@ -286,7 +302,7 @@ def render_csv(tables: list[Table]) -> str:
             model = min((c.model for c in r.cells.values()), key=_caution)
             costs = ["" if r.cost.get(k) is None else f"{r.cost[k]:.6g}" for k in COSTS]  # raw units: params, bytes, x, FLOPs
             w.writerow([dataset, scheme, "" if alpha is None else alpha, "" if rounds is None else rounds,
-                        r.label, len(r.seeds), " ".join(map(str, r.seeds))] + stats + [model] + costs)
+                        r.label, len(r.seeds), " ".join(map(str, r.seeds))] + stats + [model] + costs + [" ".join(map(str, r.diverged))])
     return buf.getvalue()
 
 
