@@ -345,3 +345,35 @@ def test_the_personal_adapter_is_what_a_method_applying_the_prior_itself_scores(
         assert r["acc"] == pytest.approx(by_client[r["client"]]["lp_acc"], abs=1e-6)
     assert result.metrics["personal_acc"] == pytest.approx(plain["personal_lp_acc"], abs=1e-6)
     assert plain["personal_acc"] != pytest.approx(plain["personal_lp_acc"], abs=1e-3), "the prior must matter here"
+
+
+class EMColdStartFedAvg(FedAvg):
+    """FedAvg whose served cold start already corrects its prediction by the EM label prior of the new
+    client's unlabeled inputs, as a method may do inside: the cold-start adapter's column, computed by the method."""
+
+    def __init__(self, train_prior: torch.Tensor, **kwargs):
+        super().__init__(**kwargs)
+        self.train_prior = train_prior
+
+    def predict_cold_start(self, x, unlabeled):
+        prior = em_label_prior(self.predict_global(unlabeled), self.train_prior)
+        return prior_adjust(self.predict_global(x), prior, self.train_prior)
+
+
+def test_the_cold_start_adapter_is_what_a_method_applying_the_em_prior_itself_scores(fed, fabric):
+    """Issue #29: one code path for every method's cold start too: FedAvg's `cold-start + prior` column
+    equals, client by client, the plain cold start of the same model correcting its prediction itself
+    (and the correction must matter here, checked last)."""
+    fedavg = FedAvg(num_classes=fed.num_classes, in_channels=1, image_size=12)
+    result = trained_loop(fed, fabric, fedavg, rounds=2, clients_per_round=6)
+    em = EMColdStartFedAvg(Evaluator(fed).train_prior, num_classes=fed.num_classes, in_channels=1, image_size=12)
+    em.flatten_parameters()
+    plain, plain_rows, _ = evaluate(fed, fedavg, result.server, None, result.trained_ids)
+    corrected, corrected_rows, _ = evaluate(fed, em, result.server, None, result.trained_ids)
+    cold = {r["client"]: r for r in plain_rows if r["kind"] == "cold_start"}
+    mine = [r for r in corrected_rows if r["kind"] == "cold_start"]
+    assert len(mine) == len(fed.new_clients) > 0
+    for r in mine:
+        assert r["acc"] == pytest.approx(cold[r["client"]]["lp_acc"], abs=1e-6)
+    assert corrected["cold_start_acc"] == pytest.approx(plain["cold_start_lp_acc"], abs=1e-6)
+    assert plain["cold_start_acc"] != pytest.approx(plain["cold_start_lp_acc"], abs=1e-3), "the prior must matter here"
