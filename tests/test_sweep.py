@@ -795,6 +795,28 @@ def test_the_ablation_sweep_retrains_the_main_tables_fedcoe_with_only_its_label_
         assert {d.split(":")[0] for d in config_diff(main[key], config)} == {"name", "method.init_args.local_prior"}
 
 
+def test_the_switch_ablations_retrain_the_main_tables_fedcoe_with_one_switch_off_each(monkeypatch):
+    """mnist10k_v2_switches.yaml: each of FedCoE's switches alone, at the setting the tuning chose at each
+    alpha, the test seeds; a run differs from the main table's FedCoE run of its alpha and seed in its name
+    and in that switch's arguments only (as fedcoe_variants/<switch>.yaml sets them)."""
+    make_tuning = load_make_tuning()
+    monkeypatch.chdir(REPO)
+    sweeps = REPO / "benchmarks" / "sweeps"
+    main = {(r.config["data"]["alpha"], r.config["seed"]): r.config
+            for r in sweep.plan(sweeps / "mnist10k_v2.yaml", "runs/x") if r.config["name"].startswith("fedcoe")}
+    runs = sweep.plan(sweeps / "mnist10k_v2_switches.yaml", "runs/x")
+    assert len(runs) == len(make_tuning.SWITCHES) * len(main) and [r.config["seed"] for r in runs[:14]] == [0] * 14
+    for switch in make_tuning.SWITCHES:
+        variant = yaml.safe_load((sweeps / "fedcoe_variants" / f"{switch}.yaml").read_text())
+        mine = [r.config for r in runs if r.config["name"] == variant["name"]]
+        assert {(c["data"]["alpha"], c["seed"]) for c in mine} == main.keys()
+        for c in mine:
+            diff = {d.split(":")[0] for d in config_diff(main[(c["data"]["alpha"], c["seed"])], c)}
+            changed = {f"method.init_args.{k}" for k, v in variant["method"]["init_args"].items()
+                       if main[(c["data"]["alpha"], c["seed"])]["method"]["init_args"][k] != v}
+            assert changed and diff == {"name"} | changed, (switch, diff)
+
+
 def test_the_committed_widening_is_what_the_committed_records_call_for(monkeypatch):
     """tune_v2_widen_dir*.yaml are make_tuning.py's output from benchmarks/results/runs/tune_v2: after new
     records, rerun it (python benchmarks/sweeps/make_tuning.py)."""

@@ -43,6 +43,10 @@ METHODS = {  # cheapest first; short name -> (class path, knob, values)
     "fedcoe": ("fedcoe_bench.fedcoe.FedCoE", "assignment", ("gate", "soft", "relative")),
 }
 HERE = Path(__file__).parent
+# FedCoE's switches (fedcoe_variants/<name>.yaml), each off alone at the chosen settings; the last two change
+# predictions only (``fedbench eval`` makes them from the main table's runs, which the sweep then finds finished)
+SWITCHES = ("no_coordination", "no_shared_gate", "no_local_level", "no_expert_loss", "spec", "no_cold_start_prior",
+            "beta_adaptive")
 FT_LRS = [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03]  # `+ ft`'s step sizes, one chosen on validation (results/mnist10k.md)
 TABLES = {  # tuning -> (the tables' name, main table's base config, rounds, shift table's base config)
     "tune_v2": ("mnist10k_v2", "benchmarks/mnist10k_dir0.3.yaml", 100, "benchmarks/mnist10k_shift.yaml"),
@@ -223,6 +227,7 @@ def write_tables(stem: str, selections: list[Selection], metric: str, folder: Pa
         out[-1].write_text(table_sweep(f"{table}_ablation", base, fedcoe, rounds,
                                        f"FedCoE without its personal label prior (issue #29), at the settings {stem} chose",
                                        {"method.init_args.local_prior": False, "name": "fedcoe-no_local_prior"}))
+        out += write_switches(table, base, fedcoe, rounds, folder)
     if shift:
         alpha = yaml.safe_load(Path(shift).read_text())["data"]["alpha"]
         settings = [s.setting["config"] for s in selections if s.group[2] == alpha]
@@ -233,6 +238,29 @@ def write_tables(stem: str, selections: list[Selection], metric: str, folder: Pa
         out[-1].write_text(table_sweep(f"{table}_shift", shift, settings, rounds,
                                       f"The shift table of issue #29: each method at the setting {stem} chose at Dirichlet {alpha}"))
     return exported + out
+
+
+def write_switches(table: str, base: str, chosen: list[str], rounds: int, folder: Path) -> list[Path]:
+    """FedCoE's ablations at the chosen settings: one setting file per (chosen setting, switch), the chosen
+    one with that switch off and the switch's name (``{table}_ablation/``), and the sweep that runs them
+    at the test seeds, seed by seed (``{table}_switches.yaml``)."""
+    files = []
+    (folder / f"{table}_ablation").mkdir(exist_ok=True)
+    for path in chosen:
+        setting = yaml.safe_load(Path(path).read_text())
+        for switch in SWITCHES:
+            variant = yaml.safe_load((HERE / "fedcoe_variants" / f"{switch}.yaml").read_text())
+            init = {**setting["method"]["init_args"], **variant["method"]["init_args"]}
+            files.append(folder / f"{table}_ablation" / f"{Path(path).stem}-{switch}.yaml")
+            files[-1].write_text(f"# {path} with {switch} (fedcoe_variants/{switch}.yaml; written by make_tuning.py)\n"
+                                 + yaml.safe_dump({**setting, "name": variant["name"],
+                                                   "method": {**setting["method"], "init_args": init}}, sort_keys=False))
+    configs = [os.path.relpath(f) for f in files]
+    sweep = folder / f"{table}_switches.yaml"
+    sweep.write_text(table_sweep(f"{table}_switches", base, configs, rounds,
+                                 f"FedCoE's switches one at a time (issue #29's rerun of its ablations), at the settings "
+                                 f"its tuning chose; seed by seed"))
+    return files + [sweep]
 
 
 def main() -> None:
