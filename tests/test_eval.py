@@ -38,6 +38,17 @@ def test_eval_equals_training_with_the_setting(tmp_path, trained, fit_argv, run_
     assert comparable(evaluated["config"]) == comparable(again["config"])
 
 
+def test_an_evaluated_run_costs_what_its_trained_run_cost(tmp_path, trained, run_cli):
+    """No round runs in an evaluation, so its own measure would have no round time and no client report:
+    the cost columns of a table read the trained run's (issue #29: cost in every summary)."""
+    code, _, err = run_cli(["eval", str(trained), "--method.init_args.beta", "adaptive", "--name", "v",
+                            "--run_dir", str(tmp_path / "evaluated")])
+    assert code == 0, err
+    cost, evaluated = read_summary(trained)["cost"], read_summary(tmp_path / "evaluated")["cost"]
+    assert cost["round_time_s"] > 0 and cost["bytes_sent"] > cost["bytes_received"]  # FedCoE reports its routing
+    assert evaluated == cost
+
+
 def test_eval_writes_the_default_run_directory_of_its_name(tmp_path, trained, run_cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     variant = tmp_path / "variant.yaml"  # as in benchmarks/sweeps/fedcoe_variants/

@@ -235,6 +235,10 @@ class Experiment:
         from fedcoe_bench.results import METRICS
 
         fabric, cfg, metrics = self.fabric, self.cfg, result.metrics
+        cost = {**result.cost, "round_time_s": statistics.median(
+            [r["round_time"] for r in result.history if "round_time" in r] or [float("nan")])}
+        if self.trained_run is not None:  # nothing trained here: the state's cost is its training run's
+            cost.update(json.loads((Path(self.trained_run) / "summary.json").read_text()).get("cost", {}))
         summary = {
             "status": "finished",
             "method": short_name(cfg.method.class_path),
@@ -247,8 +251,7 @@ class Experiment:
             **{k: metrics.get(k) for k in METRICS},
             "metrics": metrics,
             "wall_time_s": result.wall_time_s,
-            "cost": {**result.cost, "round_time_s": statistics.median(
-                [r["round_time"] for r in result.history if "round_time" in r] or [float("nan")])},
+            "cost": cost,
             "resumed_from_round": self.resume_state["round"] if self.resume_state else None,
             "extended_from_rounds": self.extended_from(),
             "evaluated_from": str(self.trained_run) if self.trained_run else None,
