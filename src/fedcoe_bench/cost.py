@@ -49,7 +49,7 @@ def method_cost(method: FederatedMethod, x: torch.Tensor, report: int) -> dict[s
         (True, True)
     """
     shared, element = numel(method, "shared"), method.flat["shared"].element_size()
-    read = numel(method, "shared", method.received_only) if method.received_only else 0
+    read = numel(method, "shared", method.received_only)  # no prefixes: nothing (str.startswith of an empty tuple)
     return {
         "server_params": shared + numel(method, "server"),
         "client_params": shared + numel(method, "personal"),

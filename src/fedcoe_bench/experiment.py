@@ -238,7 +238,7 @@ class Experiment:
         cost = {**result.cost, "round_time_s": statistics.median(
             [r["round_time"] for r in result.history if "round_time" in r] or [float("nan")])}
         if self.trained_run is not None:  # nothing trained here: the state's cost is its training run's
-            cost.update(json.loads((Path(self.trained_run) / "summary.json").read_text()).get("cost", {}))
+            cost.update(json.loads(RunDir(self.trained_run).summary_path.read_text()).get("cost", {}))
         summary = {
             "status": "finished",
             "method": short_name(cfg.method.class_path),

@@ -185,7 +185,7 @@ def cost_of(runs: list[Run]) -> dict:
     if not costs:
         return {}
     c = costs[0]
-    # finite only: a run evaluated from a trained one trains no round (its summary says NaN)
+    # finite only: a run evaluated from a trained one before eval wrote the trained run's cost says NaN
     times = [x["round_time_s"] for x in costs if isinstance(x.get("round_time_s"), (int, float)) and math.isfinite(x["round_time_s"])]
     return {**{k: c.get(k) for k in ("server_params", "client_params", "bytes_sent", "bytes_received")},
             "prediction_flops": c.get("personal_prediction_flops"),
